@@ -1,0 +1,452 @@
+//! The device's TOML configuration: jacks, streams, channel maps and limits.
+//!
+//! The same file is read by the worker (what the guest sees) and the broker (which backend serves
+//! each stream). Everything is validated at load time so that the running device can trust it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{self, chmap, format};
+
+/// Upper bounds that keep every table and allocation small, whatever the config says.
+pub const MAX_STREAMS: usize = 32;
+pub const MAX_JACKS: usize = 32;
+pub const MAX_CHMAPS: usize = 32;
+pub const MAX_NAME_LEN: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("cannot parse config: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Output,
+    Input,
+}
+
+impl Direction {
+    pub fn wire(self) -> u8 {
+        match self {
+            Direction::Output => protocol::D_OUTPUT,
+            Direction::Input => protocol::D_INPUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Consumes playback and produces silent capture at the stream's real-time rate.
+    Null,
+    /// Writes playback to a WAV file and reads capture from one, at the real-time rate.
+    Wav,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JackConfig {
+    pub name: String,
+    #[serde(default)]
+    pub hda_fn_nid: u32,
+    /// HDA pin default configuration register.
+    #[serde(default)]
+    pub hda_reg_defconf: u32,
+    /// HDA pin capabilities register.
+    #[serde(default)]
+    pub hda_reg_caps: u32,
+    #[serde(default = "yes")]
+    pub connected: bool,
+    /// Whether the guest may remap the jack (VIRTIO_SND_JACK_F_REMAP).
+    #[serde(default)]
+    pub remap: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub name: String,
+    pub direction: Direction,
+    /// Streams with the same value become substreams of one guest PCM device.
+    #[serde(default)]
+    pub hda_fn_nid: u32,
+    #[serde(default = "default_formats")]
+    pub formats: Vec<String>,
+    #[serde(default = "default_rates")]
+    pub rates: Vec<u32>,
+    #[serde(default = "one")]
+    pub channels_min: u8,
+    #[serde(default = "two")]
+    pub channels_max: u8,
+    #[serde(default = "default_backend")]
+    pub backend: BackendKind,
+    /// For the `wav` backend: the file to write (output) or read (input). `{client}` is replaced
+    /// by the broker's number for the connected worker, so several VMs do not share a file.
+    #[serde(default)]
+    pub wav_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChmapConfig {
+    pub direction: Direction,
+    #[serde(default)]
+    pub hda_fn_nid: u32,
+    /// Channel positions by name, e.g. ["FL", "FR"].
+    pub positions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest buffer_bytes a guest may configure.
+    #[serde(default = "default_max_buffer_bytes")]
+    pub max_buffer_bytes: u32,
+    /// How many periods of playback the worker copies ahead of the backend's position.
+    #[serde(default = "default_lookahead_periods")]
+    pub lookahead_periods: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_buffer_bytes: default_max_buffer_bytes(),
+            lookahead_periods: default_lookahead_periods(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_jacks")]
+    pub jacks: Vec<JackConfig>,
+    #[serde(default = "default_streams")]
+    pub streams: Vec<StreamConfig>,
+    #[serde(default = "default_chmaps")]
+    pub chmaps: Vec<ChmapConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            jacks: default_jacks(),
+            streams: default_streams(),
+            chmaps: default_chmaps(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> u8 {
+    1
+}
+fn two() -> u8 {
+    2
+}
+fn default_formats() -> Vec<String> {
+    vec!["S16".into(), "S32".into(), "FLOAT".into()]
+}
+fn default_rates() -> Vec<u32> {
+    vec![44100, 48000]
+}
+fn default_backend() -> BackendKind {
+    BackendKind::Null
+}
+fn default_max_buffer_bytes() -> u32 {
+    1 << 20
+}
+fn default_lookahead_periods() -> u32 {
+    3
+}
+fn default_jacks() -> Vec<JackConfig> {
+    vec![JackConfig {
+        name: "Line Out".into(),
+        hda_fn_nid: 0,
+        // Line out, rear, green, 1/8" jack, association 1 sequence 0.
+        hda_reg_defconf: 0x0101_4010,
+        hda_reg_caps: 0,
+        connected: true,
+        remap: true,
+    }]
+}
+fn default_streams() -> Vec<StreamConfig> {
+    let stream = |name: &str, direction| StreamConfig {
+        name: name.into(),
+        direction,
+        hda_fn_nid: 0,
+        formats: default_formats(),
+        rates: default_rates(),
+        channels_min: 1,
+        channels_max: 2,
+        backend: BackendKind::Null,
+        wav_path: None,
+    };
+    vec![
+        stream("playback", Direction::Output),
+        stream("capture", Direction::Input),
+    ]
+}
+fn default_chmaps() -> Vec<ChmapConfig> {
+    let stereo = |direction| ChmapConfig {
+        direction,
+        hda_fn_nid: 0,
+        positions: vec!["FL".into(), "FR".into()],
+    };
+    vec![stereo(Direction::Output), stereo(Direction::Input)]
+}
+
+/// Format name (as in the spec, without the VIRTIO_SND_PCM_FMT_ prefix) to its wire value.
+pub fn format_by_name(name: &str) -> Option<u8> {
+    const NAMES: [&str; 25] = [
+        "IMA_ADPCM",
+        "MU_LAW",
+        "A_LAW",
+        "S8",
+        "U8",
+        "S16",
+        "U16",
+        "S18_3",
+        "U18_3",
+        "S20_3",
+        "U20_3",
+        "S24_3",
+        "U24_3",
+        "S20",
+        "U20",
+        "S24",
+        "U24",
+        "S32",
+        "U32",
+        "FLOAT",
+        "FLOAT64",
+        "DSD_U8",
+        "DSD_U16",
+        "DSD_U32",
+        "IEC958_SUBFRAME",
+    ];
+    NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(name))
+        .map(|i| i as u8)
+}
+
+/// Channel position name (spec name without the VIRTIO_SND_CHMAP_ prefix) to its wire value.
+pub fn position_by_name(name: &str) -> Option<u8> {
+    const NAMES: [&str; 37] = [
+        "NONE", "NA", "MONO", "FL", "FR", "RL", "RR", "FC", "LFE", "SL", "SR", "RC", "FLC", "FRC",
+        "RLC", "RRC", "FLW", "FRW", "FLH", "FCH", "FRH", "TC", "TFL", "TFR", "TFC", "TRL", "TRR",
+        "TRC", "TFLC", "TFRC", "TSL", "TSR", "LLFE", "RLFE", "BC", "BLC", "BRC",
+    ];
+    NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(name))
+        .map(|i| i as u8)
+}
+
+impl StreamConfig {
+    /// Bitmask of configured formats (validated at load).
+    pub fn format_mask(&self) -> u64 {
+        self.formats
+            .iter()
+            .filter_map(|f| format_by_name(f))
+            .fold(0, |m, f| m | (1u64 << f))
+    }
+
+    /// Bitmask of configured rates (validated at load).
+    pub fn rate_mask(&self) -> u64 {
+        self.rates
+            .iter()
+            .filter_map(|&r| protocol::rate_index(r))
+            .fold(0, |m, r| m | (1u64 << r))
+    }
+}
+
+impl ChmapConfig {
+    pub fn position_values(&self) -> Vec<u8> {
+        self.positions
+            .iter()
+            .filter_map(|p| position_by_name(p))
+            .collect()
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.streams.is_empty() {
+            return bad("at least one stream is required".into());
+        }
+        if self.streams.len() > MAX_STREAMS
+            || self.jacks.len() > MAX_JACKS
+            || self.chmaps.len() > MAX_CHMAPS
+        {
+            return bad(format!(
+                "at most {MAX_STREAMS} streams, {MAX_JACKS} jacks and {MAX_CHMAPS} chmaps"
+            ));
+        }
+        for jack in &self.jacks {
+            if jack.name.len() > MAX_NAME_LEN {
+                return bad(format!("jack name too long: {}", jack.name));
+            }
+        }
+        for s in &self.streams {
+            if s.name.is_empty() || s.name.len() > MAX_NAME_LEN {
+                return bad(format!("stream name must be 1..={MAX_NAME_LEN} bytes"));
+            }
+            if s.formats.is_empty() || s.rates.is_empty() {
+                return bad(format!("stream {}: needs formats and rates", s.name));
+            }
+            for f in &s.formats {
+                match format_by_name(f) {
+                    Some(v) if protocol::sample_bytes(v).is_some() => {}
+                    Some(_) => {
+                        return bad(format!("stream {}: format {f} is not linear PCM", s.name))
+                    }
+                    None => return bad(format!("stream {}: unknown format {f}", s.name)),
+                }
+            }
+            for &r in &s.rates {
+                if protocol::rate_index(r).is_none() {
+                    return bad(format!("stream {}: unsupported rate {r}", s.name));
+                }
+            }
+            if s.channels_min == 0 || s.channels_min > s.channels_max {
+                return bad(format!(
+                    "stream {}: need 1 <= channels_min <= channels_max",
+                    s.name
+                ));
+            }
+            if s.channels_max as usize > chmap::MAX_SIZE {
+                return bad(format!(
+                    "stream {}: at most {} channels",
+                    s.name,
+                    chmap::MAX_SIZE
+                ));
+            }
+            if s.backend == BackendKind::Wav && s.wav_path.is_none() {
+                return bad(format!("stream {}: the wav backend needs wav_path", s.name));
+            }
+        }
+        for c in &self.chmaps {
+            if c.positions.is_empty() || c.positions.len() > chmap::MAX_SIZE {
+                return bad(format!("chmap needs 1..={} positions", chmap::MAX_SIZE));
+            }
+            for p in &c.positions {
+                if position_by_name(p).is_none() {
+                    return bad(format!("unknown channel position {p}"));
+                }
+            }
+        }
+        if self.limits.lookahead_periods < 2 || self.limits.lookahead_periods > 16 {
+            return bad("limits.lookahead_periods must be 2..=16".into());
+        }
+        if self.limits.max_buffer_bytes == 0 || self.limits.max_buffer_bytes > 16 << 20 {
+            return bad("limits.max_buffer_bytes must be 1..=16 MiB".into());
+        }
+        Ok(())
+    }
+}
+
+/// Sanity: the format names table matches the protocol constants.
+const _: () = assert!(format::IEC958_SUBFRAME == 24 && chmap::BRC == 36);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid_and_has_output_and_input() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert!(c.streams.iter().any(|s| s.direction == Direction::Output));
+        assert!(c.streams.iter().any(|s| s.direction == Direction::Input));
+        let s = &c.streams[0];
+        assert_eq!(
+            s.format_mask(),
+            (1 << format::S16) | (1 << format::S32) | (1 << format::FLOAT)
+        );
+        assert_eq!(
+            s.rate_mask(),
+            (1 << protocol::rate::R44100) | (1 << protocol::rate::R48000)
+        );
+    }
+
+    #[test]
+    fn empty_file_gives_the_default() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.streams.len(), 2);
+        assert_eq!(c.chmaps.len(), 2);
+    }
+
+    #[test]
+    fn names_map_to_spec_values() {
+        assert_eq!(format_by_name("s16"), Some(format::S16));
+        assert_eq!(format_by_name("FLOAT"), Some(format::FLOAT));
+        assert_eq!(format_by_name("nope"), None);
+        assert_eq!(position_by_name("TSL"), Some(chmap::TSL));
+        assert_eq!(position_by_name("BRC"), Some(chmap::BRC));
+        assert_eq!(position_by_name("RLFE"), Some(chmap::RLFE));
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        for text in [
+            "[[streams]]\nname='a'\ndirection='output'\nformats=['DSD_U8']",
+            "[[streams]]\nname='a'\ndirection='output'\nrates=[12345]",
+            "[[streams]]\nname='a'\ndirection='output'\nchannels_min=3\nchannels_max=2",
+            "[[streams]]\nname='a'\ndirection='output'\nchannels_max=19",
+            "[[streams]]\nname='a'\ndirection='output'\nbackend='wav'",
+            "[[chmaps]]\ndirection='output'\npositions=['XX']",
+            "[limits]\nlookahead_periods=1",
+            "unknown_key=1",
+        ] {
+            assert!(Config::parse(text).is_err(), "accepted: {text}");
+        }
+    }
+
+    #[test]
+    fn several_output_buses() {
+        let text = r#"
+            [[streams]]
+            name = "media"
+            direction = "output"
+            hda_fn_nid = 0
+            [[streams]]
+            name = "navigation"
+            direction = "output"
+            hda_fn_nid = 1
+            rates = [48000, 24000]
+        "#;
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.streams[1].hda_fn_nid, 1);
+        assert_eq!(
+            c.streams[1].rate_mask(),
+            (1 << protocol::rate::R48000) | (1 << protocol::rate::R24000)
+        );
+    }
+}

@@ -1,0 +1,739 @@
+//! Control queue requests: parsing, validation, the PCM state machine and the responses.
+//!
+//! Pure logic over bytes: the data path is reached through the [`PcmHost`] trait, so every
+//! request can be unit-tested (and fuzzed) without a broker or guest memory.
+
+use zerocopy::IntoBytes;
+
+use crate::config::Config;
+use crate::protocol::{self as p, Status};
+
+/// Largest `size` a driver may ask per item of an INFO query; bounds the response allocation.
+pub const MAX_INFO_ITEM_SIZE: u32 = 1024;
+
+/// What the device offers for one PCM stream (config intersected with the broker's backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PcmCaps {
+    pub direction: u8,
+    pub hda_fn_nid: u32,
+    pub features: u32,
+    pub formats: u64,
+    pub rates: u64,
+    pub channels_min: u8,
+    pub channels_max: u8,
+}
+
+/// Parameters the driver set for a stream, already validated against its caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PcmParams {
+    pub buffer_bytes: u32,
+    pub period_bytes: u32,
+    pub features: u32,
+    pub channels: u8,
+    pub format: u8,
+    pub rate: u8,
+}
+
+impl PcmParams {
+    /// Bytes per frame; validated params always have a linear format.
+    pub fn frame_bytes(&self) -> u32 {
+        p::sample_bytes(self.format).unwrap_or(1) * u32::from(self.channels)
+    }
+
+    pub fn rate_hz(&self) -> u32 {
+        p::rate_hz(self.rate).unwrap_or(48000)
+    }
+
+    pub fn period_frames(&self) -> u32 {
+        self.period_bytes / self.frame_bytes()
+    }
+
+    /// Checks params against caps and limits; the error is the status to answer with.
+    pub fn validate(&self, caps: &PcmCaps, max_buffer_bytes: u32) -> Result<(), Status> {
+        let sample_bytes = p::sample_bytes(self.format);
+        if self.format > p::format::MAX || self.rate > p::rate::MAX || self.channels == 0 {
+            return Err(Status::BadMsg);
+        }
+        if caps.formats & (1u64 << self.format) == 0
+            || caps.rates & (1u64 << self.rate) == 0
+            || sample_bytes.is_none()
+        {
+            return Err(Status::NotSupp);
+        }
+        if self.channels < caps.channels_min || self.channels > caps.channels_max {
+            return Err(Status::NotSupp);
+        }
+        // Shared-memory transports are placeholders in the spec; anything not offered is refused.
+        if self.features & !caps.features != 0 {
+            return Err(Status::NotSupp);
+        }
+        if self.period_bytes == 0
+            || self.buffer_bytes == 0
+            || self.period_bytes > self.buffer_bytes
+            || self.buffer_bytes % self.period_bytes != 0
+            || self.period_bytes % self.frame_bytes() != 0
+        {
+            return Err(Status::BadMsg);
+        }
+        if self.buffer_bytes > max_buffer_bytes {
+            return Err(Status::NotSupp);
+        }
+        Ok(())
+    }
+}
+
+/// PCM stream states of the spec's command lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PcmState {
+    /// No parameters set yet.
+    Initial,
+    ParamsSet,
+    Prepared,
+    Running,
+    Stopped,
+    Released,
+}
+
+impl PcmState {
+    /// Whether `request` is allowed from this state (VIRTIO sound, PCM command lifecycle).
+    pub fn allows(self, request: u32) -> bool {
+        use PcmState::*;
+        match request {
+            p::R_PCM_SET_PARAMS => matches!(self, Initial | ParamsSet | Prepared | Released),
+            p::R_PCM_PREPARE => matches!(self, ParamsSet | Prepared | Released),
+            p::R_PCM_START => matches!(self, Prepared | Stopped),
+            p::R_PCM_STOP => matches!(self, Running),
+            p::R_PCM_RELEASE => matches!(self, Prepared | Stopped),
+            _ => false,
+        }
+    }
+
+    /// Whether tx/rx buffers are accepted (queued) in this state.
+    pub fn accepts_io(self) -> bool {
+        matches!(
+            self,
+            PcmState::Prepared | PcmState::Running | PcmState::Stopped
+        )
+    }
+}
+
+/// The data path behind PCM control requests (the worker's broker link in production).
+pub trait PcmHost {
+    /// Sets up (or re-sets up) the stream's transport with these params. Pending buffers of the
+    /// stream are completed first.
+    fn prepare(&mut self, stream_id: u32, params: &PcmParams) -> Result<(), Status>;
+    fn start(&mut self, stream_id: u32) -> Result<(), Status>;
+    fn stop(&mut self, stream_id: u32) -> Result<(), Status>;
+    /// Frees the transport; must complete every pending buffer of the stream before returning.
+    fn release(&mut self, stream_id: u32) -> Result<(), Status>;
+}
+
+#[derive(Debug, Clone)]
+struct JackState {
+    info: p::JackInfo,
+    remap: bool,
+}
+
+#[derive(Debug, Clone)]
+struct StreamCtl {
+    caps: PcmCaps,
+    state: PcmState,
+    params: Option<PcmParams>,
+}
+
+/// Control-plane state of the whole device.
+#[derive(Debug, Clone)]
+pub struct ControlState {
+    jacks: Vec<JackState>,
+    streams: Vec<StreamCtl>,
+    chmaps: Vec<p::ChmapInfo>,
+    max_buffer_bytes: u32,
+}
+
+impl ControlState {
+    /// `caps` has one entry per configured stream.
+    pub fn new(config: &Config, caps: &[PcmCaps]) -> ControlState {
+        let jacks = config
+            .jacks
+            .iter()
+            .map(|j| JackState {
+                info: p::JackInfo {
+                    hdr: p::Info {
+                        hda_fn_nid: j.hda_fn_nid.into(),
+                    },
+                    features: (if j.remap { 1u32 << p::JACK_F_REMAP } else { 0 }).into(),
+                    hda_reg_defconf: j.hda_reg_defconf.into(),
+                    hda_reg_caps: j.hda_reg_caps.into(),
+                    connected: u8::from(j.connected),
+                    padding: [0; 7],
+                },
+                remap: j.remap,
+            })
+            .collect();
+        let streams = caps
+            .iter()
+            .map(|&caps| StreamCtl {
+                caps,
+                state: PcmState::Initial,
+                params: None,
+            })
+            .collect();
+        let chmaps = config
+            .chmaps
+            .iter()
+            .map(|c| {
+                let values = c.position_values();
+                let mut positions = [0u8; p::chmap::MAX_SIZE];
+                positions[..values.len()].copy_from_slice(&values);
+                p::ChmapInfo {
+                    hdr: p::Info {
+                        hda_fn_nid: c.hda_fn_nid.into(),
+                    },
+                    direction: c.direction.wire(),
+                    channels: values.len() as u8,
+                    positions,
+                }
+            })
+            .collect();
+        ControlState {
+            jacks,
+            streams,
+            chmaps,
+            max_buffer_bytes: config.limits.max_buffer_bytes,
+        }
+    }
+
+    pub fn config_space(&self) -> p::VirtioSndConfig {
+        p::VirtioSndConfig {
+            jacks: (self.jacks.len() as u32).into(),
+            streams: (self.streams.len() as u32).into(),
+            chmaps: (self.chmaps.len() as u32).into(),
+        }
+    }
+
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn stream_state(&self, stream_id: u32) -> Option<PcmState> {
+        self.streams.get(stream_id as usize).map(|s| s.state)
+    }
+
+    pub fn stream_params(&self, stream_id: u32) -> Option<PcmParams> {
+        self.streams.get(stream_id as usize).and_then(|s| s.params)
+    }
+
+    pub fn stream_caps(&self, stream_id: u32) -> Option<PcmCaps> {
+        self.streams.get(stream_id as usize).map(|s| s.caps)
+    }
+
+    /// Forgets every stream's state, as after a device reset. The caller frees transports.
+    pub fn reset(&mut self) {
+        for s in &mut self.streams {
+            s.state = PcmState::Initial;
+            s.params = None;
+        }
+    }
+
+    /// Handles one control request. `resp_capacity` is the size of the device-writable part of
+    /// the chain; the returned bytes never exceed it (empty if not even a status fits).
+    pub fn handle(&mut self, req: &[u8], resp_capacity: usize, host: &mut dyn PcmHost) -> Vec<u8> {
+        if resp_capacity < 4 {
+            log::warn!("control request without room for a status ({resp_capacity} bytes)");
+            return Vec::new();
+        }
+        let Some(code) = p::request_code(req) else {
+            return p::status_bytes(Status::BadMsg).to_vec();
+        };
+        let response = match code {
+            p::R_JACK_INFO | p::R_PCM_INFO | p::R_CHMAP_INFO => {
+                self.query_info(code, req, resp_capacity)
+            }
+            p::R_JACK_REMAP => self.jack_remap(req).to_vec(),
+            p::R_PCM_SET_PARAMS => self.set_params(req).to_vec(),
+            p::R_PCM_PREPARE | p::R_PCM_START | p::R_PCM_STOP | p::R_PCM_RELEASE => {
+                self.pcm_command(code, req, host).to_vec()
+            }
+            other => {
+                log::debug!("unknown control request {other:#x}");
+                p::status_bytes(Status::BadMsg).to_vec()
+            }
+        };
+        debug_assert!(response.len() <= resp_capacity);
+        response
+    }
+
+    fn query_info(&self, code: u32, req: &[u8], resp_capacity: usize) -> Vec<u8> {
+        let bad = || p::status_bytes(Status::BadMsg).to_vec();
+        let Some(query) = p::read_prefix::<p::QueryInfo>(req) else {
+            return bad();
+        };
+        let (start, count, size) = (query.start_id.get(), query.count.get(), query.size.get());
+        let items: Vec<&[u8]> = match code {
+            p::R_JACK_INFO => self.jacks.iter().map(|j| j.info.as_bytes()).collect(),
+            p::R_PCM_INFO => return self.pcm_info(start, count, size, resp_capacity),
+            _ => self.chmaps.iter().map(|c| c.as_bytes()).collect(),
+        };
+        encode_items(&items, start, count, size, resp_capacity).unwrap_or_else(bad)
+    }
+
+    fn pcm_info(&self, start: u32, count: u32, size: u32, resp_capacity: usize) -> Vec<u8> {
+        let infos: Vec<p::PcmInfo> = self
+            .streams
+            .iter()
+            .map(|s| p::PcmInfo {
+                hdr: p::Info {
+                    hda_fn_nid: s.caps.hda_fn_nid.into(),
+                },
+                features: s.caps.features.into(),
+                formats: s.caps.formats.into(),
+                rates: s.caps.rates.into(),
+                direction: s.caps.direction,
+                channels_min: s.caps.channels_min,
+                channels_max: s.caps.channels_max,
+                padding: [0; 5],
+            })
+            .collect();
+        let items: Vec<&[u8]> = infos.iter().map(|i| i.as_bytes()).collect();
+        encode_items(&items, start, count, size, resp_capacity)
+            .unwrap_or_else(|| p::status_bytes(Status::BadMsg).to_vec())
+    }
+
+    fn jack_remap(&mut self, req: &[u8]) -> [u8; 4] {
+        let Some(remap) = p::read_prefix::<p::JackRemap>(req) else {
+            return p::status_bytes(Status::BadMsg);
+        };
+        let Some(jack) = self.jacks.get_mut(remap.hdr.jack_id.get() as usize) else {
+            return p::status_bytes(Status::BadMsg);
+        };
+        if !jack.remap {
+            return p::status_bytes(Status::NotSupp);
+        }
+        let (association, sequence) = (remap.association.get(), remap.sequence.get());
+        // HDA default configuration: association in bits 4..8, sequence in bits 0..4.
+        if association > 0xF || sequence > 0xF {
+            return p::status_bytes(Status::BadMsg);
+        }
+        let defconf = jack.info.hda_reg_defconf.get();
+        jack.info.hda_reg_defconf = ((defconf & !0xFF) | (association << 4) | sequence).into();
+        p::status_bytes(Status::Ok)
+    }
+
+    fn set_params(&mut self, req: &[u8]) -> [u8; 4] {
+        let Some(msg) = p::read_prefix::<p::PcmSetParams>(req) else {
+            return p::status_bytes(Status::BadMsg);
+        };
+        let max_buffer_bytes = self.max_buffer_bytes;
+        let Some(stream) = self.streams.get_mut(msg.hdr.stream_id.get() as usize) else {
+            return p::status_bytes(Status::BadMsg);
+        };
+        if !stream.state.allows(p::R_PCM_SET_PARAMS) {
+            return p::status_bytes(Status::BadMsg);
+        }
+        let params = PcmParams {
+            buffer_bytes: msg.buffer_bytes.get(),
+            period_bytes: msg.period_bytes.get(),
+            features: msg.features.get(),
+            channels: msg.channels,
+            format: msg.format,
+            rate: msg.rate,
+        };
+        if let Err(status) = params.validate(&stream.caps, max_buffer_bytes) {
+            return p::status_bytes(status);
+        }
+        stream.params = Some(params);
+        stream.state = PcmState::ParamsSet;
+        p::status_bytes(Status::Ok)
+    }
+
+    fn pcm_command(&mut self, code: u32, req: &[u8], host: &mut dyn PcmHost) -> [u8; 4] {
+        let Some(hdr) = p::read_prefix::<p::PcmHdr>(req) else {
+            return p::status_bytes(Status::BadMsg);
+        };
+        let stream_id = hdr.stream_id.get();
+        let Some(stream) = self.streams.get_mut(stream_id as usize) else {
+            return p::status_bytes(Status::BadMsg);
+        };
+        if !stream.state.allows(code) {
+            log::debug!(
+                "stream {stream_id}: request {code:#x} not allowed in {:?}",
+                stream.state
+            );
+            return p::status_bytes(Status::BadMsg);
+        }
+        let result = match code {
+            p::R_PCM_PREPARE => match stream.params {
+                Some(params) => host
+                    .prepare(stream_id, &params)
+                    .map(|()| PcmState::Prepared),
+                None => Err(Status::BadMsg),
+            },
+            p::R_PCM_START => host.start(stream_id).map(|()| PcmState::Running),
+            p::R_PCM_STOP => host.stop(stream_id).map(|()| PcmState::Stopped),
+            _ => host.release(stream_id).map(|()| PcmState::Released),
+        };
+        match result {
+            Ok(next) => {
+                stream.state = next;
+                p::status_bytes(Status::Ok)
+            }
+            Err(status) => p::status_bytes(status),
+        }
+    }
+}
+
+/// Encodes `count` items from `start`, each zero-padded to `size` bytes, after an OK status.
+/// `None` (answer BAD_MSG) for out-of-range ids, a too-small `size` or a too-small buffer.
+/// All arithmetic is checked: `start + count` and `size * count` come from the guest.
+fn encode_items(
+    items: &[&[u8]],
+    start: u32,
+    count: u32,
+    size: u32,
+    resp_capacity: usize,
+) -> Option<Vec<u8>> {
+    let item_len = items.first().map_or(0, |i| i.len());
+    let end = start.checked_add(count)?;
+    if end as usize > items.len() || size > MAX_INFO_ITEM_SIZE || (size as usize) < item_len {
+        return None;
+    }
+    let total = (size as usize)
+        .checked_mul(count as usize)?
+        .checked_add(4)?;
+    if total > resp_capacity {
+        return None;
+    }
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&p::status_bytes(Status::Ok));
+    for item in &items[start as usize..end as usize] {
+        out.extend_from_slice(item);
+        out.resize(out.len() + size as usize - item.len(), 0);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A host that records calls and can be told to fail.
+    #[derive(Default)]
+    struct RecordingHost {
+        calls: Vec<(&'static str, u32)>,
+        fail_with: Option<Status>,
+    }
+
+    impl RecordingHost {
+        fn result(&mut self, name: &'static str, id: u32) -> Result<(), Status> {
+            self.calls.push((name, id));
+            self.fail_with.map_or(Ok(()), Err)
+        }
+    }
+
+    impl PcmHost for RecordingHost {
+        fn prepare(&mut self, id: u32, _: &PcmParams) -> Result<(), Status> {
+            self.result("prepare", id)
+        }
+        fn start(&mut self, id: u32) -> Result<(), Status> {
+            self.result("start", id)
+        }
+        fn stop(&mut self, id: u32) -> Result<(), Status> {
+            self.result("stop", id)
+        }
+        fn release(&mut self, id: u32) -> Result<(), Status> {
+            self.result("release", id)
+        }
+    }
+
+    fn caps_of(config: &Config) -> Vec<PcmCaps> {
+        config
+            .streams
+            .iter()
+            .map(|s| PcmCaps {
+                direction: s.direction.wire(),
+                hda_fn_nid: s.hda_fn_nid,
+                features: 0,
+                formats: s.format_mask(),
+                rates: s.rate_mask(),
+                channels_min: s.channels_min,
+                channels_max: s.channels_max,
+            })
+            .collect()
+    }
+
+    fn device() -> ControlState {
+        let config = Config::default();
+        ControlState::new(&config, &caps_of(&config))
+    }
+
+    fn status(resp: &[u8]) -> u32 {
+        u32::from_le_bytes(resp[..4].try_into().unwrap())
+    }
+
+    fn query(code: u32, start: u32, count: u32, size: u32) -> Vec<u8> {
+        p::QueryInfo {
+            hdr: p::Hdr { code: code.into() },
+            start_id: start.into(),
+            count: count.into(),
+            size: size.into(),
+        }
+        .as_bytes()
+        .to_vec()
+    }
+
+    fn pcm(code: u32, id: u32) -> Vec<u8> {
+        p::PcmHdr {
+            hdr: p::Hdr { code: code.into() },
+            stream_id: id.into(),
+        }
+        .as_bytes()
+        .to_vec()
+    }
+
+    fn set_params(
+        id: u32,
+        buffer: u32,
+        period: u32,
+        channels: u8,
+        format: u8,
+        rate: u8,
+    ) -> Vec<u8> {
+        p::PcmSetParams {
+            hdr: p::PcmHdr {
+                hdr: p::Hdr {
+                    code: p::R_PCM_SET_PARAMS.into(),
+                },
+                stream_id: id.into(),
+            },
+            buffer_bytes: buffer.into(),
+            period_bytes: period.into(),
+            features: 0.into(),
+            channels,
+            format,
+            rate,
+            padding: 0,
+        }
+        .as_bytes()
+        .to_vec()
+    }
+
+    fn good_params(id: u32) -> Vec<u8> {
+        set_params(id, 4 * 1920, 1920, 2, p::format::S16, p::rate::R48000)
+    }
+
+    #[test]
+    fn pcm_info_lists_the_streams() {
+        let mut dev = device();
+        let mut host = RecordingHost::default();
+        let resp = dev.handle(&query(p::R_PCM_INFO, 0, 2, 32), 4 + 64, &mut host);
+        assert_eq!(status(&resp), 0x8000);
+        assert_eq!(resp.len(), 68);
+        let info: p::PcmInfo = p::read_prefix(&resp[4..]).unwrap();
+        assert_eq!(info.direction, p::D_OUTPUT);
+        assert_eq!(info.channels_max, 2);
+        let info: p::PcmInfo = p::read_prefix(&resp[36..]).unwrap();
+        assert_eq!(info.direction, p::D_INPUT);
+    }
+
+    #[test]
+    fn query_with_larger_item_size_is_zero_padded() {
+        let mut dev = device();
+        let resp = dev.handle(
+            &query(p::R_CHMAP_INFO, 1, 1, 40),
+            100,
+            &mut RecordingHost::default(),
+        );
+        assert_eq!(status(&resp), 0x8000);
+        assert_eq!(resp.len(), 44);
+        let info: p::ChmapInfo = p::read_prefix(&resp[4..]).unwrap();
+        assert_eq!(info.direction, p::D_INPUT);
+        assert_eq!(&info.positions[..2], &[p::chmap::FL, p::chmap::FR]);
+        assert!(resp[28..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn bad_queries_get_bad_msg() {
+        let mut dev = device();
+        let mut host = RecordingHost::default();
+        for (req, cap) in [
+            (query(p::R_PCM_INFO, 0, 3, 32), 1000),        // past the end
+            (query(p::R_PCM_INFO, 1, u32::MAX, 32), 1000), // start + count overflows
+            (query(p::R_PCM_INFO, u32::MAX, 2, 32), 1000), // start + count overflows
+            (query(p::R_PCM_INFO, 0, 2, 31), 1000),        // item smaller than the struct
+            (query(p::R_PCM_INFO, 0, 2, u32::MAX), 1000),  // size * count would overflow
+            (query(p::R_JACK_INFO, 0, 1, 24), 20),         // response does not fit
+            (query(p::R_JACK_INFO, 1, 1, 24), 1000),       // no such jack
+            (query(p::R_CHMAP_INFO, 0, 1, 24)[..12].to_vec(), 1000), // short request
+        ] {
+            let resp = dev.handle(&req, cap, &mut host);
+            assert_eq!(resp, 0x8001u32.to_le_bytes(), "request {req:?}");
+        }
+        assert!(host.calls.is_empty());
+    }
+
+    #[test]
+    fn unknown_and_short_requests() {
+        let mut dev = device();
+        let mut host = RecordingHost::default();
+        assert_eq!(
+            status(&dev.handle(&0xdeadu32.to_le_bytes(), 4, &mut host)),
+            0x8001
+        );
+        assert_eq!(status(&dev.handle(&[1, 0], 4, &mut host)), 0x8001);
+        assert_eq!(status(&dev.handle(&[], 4, &mut host)), 0x8001);
+        // No room for a status at all: nothing is written.
+        assert!(dev.handle(&good_params(0), 3, &mut host).is_empty());
+        assert_eq!(dev.stream_state(0), Some(PcmState::Initial));
+    }
+
+    #[test]
+    fn lifecycle_follows_the_spec() {
+        let mut dev = device();
+        let mut host = RecordingHost::default();
+        let mut run =
+            |dev: &mut ControlState, req: Vec<u8>| status(&dev.handle(&req, 4, &mut host));
+        // Nothing but SET_PARAMS before parameters exist.
+        for code in [
+            p::R_PCM_PREPARE,
+            p::R_PCM_START,
+            p::R_PCM_STOP,
+            p::R_PCM_RELEASE,
+        ] {
+            assert_eq!(run(&mut dev, pcm(code, 0)), 0x8001);
+        }
+        assert_eq!(run(&mut dev, good_params(0)), 0x8000);
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_START, 0)), 0x8001);
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_PREPARE, 0)), 0x8000);
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_PREPARE, 0)), 0x8000); // re-prepare is legal
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_STOP, 0)), 0x8001);
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_START, 0)), 0x8000);
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_START, 0)), 0x8001); // repeated START
+        assert_eq!(run(&mut dev, good_params(0)), 0x8001); // params while running
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_RELEASE, 0)), 0x8001);
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_STOP, 0)), 0x8000);
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_STOP, 0)), 0x8001); // repeated STOP
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_START, 0)), 0x8000); // resume
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_STOP, 0)), 0x8000);
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_RELEASE, 0)), 0x8001);
+        assert_eq!(run(&mut dev, pcm(p::R_PCM_PREPARE, 0)), 0x8000); // params survive release
+        assert_eq!(dev.stream_state(0), Some(PcmState::Prepared));
+        assert_eq!(
+            host.calls,
+            vec![
+                ("prepare", 0),
+                ("prepare", 0),
+                ("start", 0),
+                ("stop", 0),
+                ("start", 0),
+                ("stop", 0),
+                ("release", 0),
+                ("prepare", 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn host_errors_are_reported_and_state_kept() {
+        let mut dev = device();
+        let mut host = RecordingHost::default();
+        assert_eq!(status(&dev.handle(&good_params(1), 4, &mut host)), 0x8000);
+        host.fail_with = Some(Status::IoErr);
+        let resp = dev.handle(&pcm(p::R_PCM_PREPARE, 1), 4, &mut host);
+        assert_eq!(status(&resp), 0x8003);
+        assert_eq!(dev.stream_state(1), Some(PcmState::ParamsSet));
+    }
+
+    #[test]
+    fn bad_params_get_their_status() {
+        let mut dev = device();
+        let mut host = RecordingHost::default();
+        let s16 = p::format::S16;
+        let r48 = p::rate::R48000;
+        for (req, want) in [
+            (set_params(2, 7680, 1920, 2, s16, r48), 0x8001), // no such stream
+            (set_params(u32::MAX, 7680, 1920, 2, s16, r48), 0x8001), // no such stream
+            (set_params(0, 7680, 1920, 2, 200, r48), 0x8001), // format out of range
+            (set_params(0, 7680, 1920, 2, s16, 99), 0x8001),  // rate out of range
+            (set_params(0, 7680, 1920, 2, p::format::U8, r48), 0x8002), // format not offered
+            (set_params(0, 7680, 1920, 2, s16, p::rate::R8000), 0x8002), // rate not offered
+            (set_params(0, 7680, 1920, 3, s16, r48), 0x8002), // too many channels
+            (set_params(0, 7680, 1920, 0, s16, r48), 0x8001), // zero channels
+            (set_params(0, 7680, 0, 2, s16, r48), 0x8001),    // period 0
+            (set_params(0, 0, 1920, 2, s16, r48), 0x8001),    // buffer 0
+            (set_params(0, 1920, 3840, 2, s16, r48), 0x8001), // period > buffer
+            (set_params(0, 5000, 1920, 2, s16, r48), 0x8001), // not a period multiple
+            (set_params(0, 7682, 3841, 2, s16, r48), 0x8001), // period not frame aligned
+            (set_params(0, u32::MAX - 3, 4, 1, s16, r48), 0x8002), // huge buffer
+        ] {
+            assert_eq!(status(&dev.handle(&req, 4, &mut host)), want, "{req:?}");
+            assert_eq!(dev.stream_state(0), Some(PcmState::Initial));
+        }
+        // Selecting a feature that was not offered (SHMEM_HOST).
+        let mut req = good_params(0);
+        req[16] = 1 << p::PCM_F_SHMEM_HOST;
+        assert_eq!(status(&dev.handle(&req, 4, &mut host)), 0x8002);
+        // A short SET_PARAMS.
+        assert_eq!(
+            status(&dev.handle(&good_params(0)[..20], 4, &mut host)),
+            0x8001
+        );
+        assert!(host.calls.is_empty());
+    }
+
+    #[test]
+    fn jack_info_and_remap() {
+        let mut dev = device();
+        let mut host = RecordingHost::default();
+        let resp = dev.handle(&query(p::R_JACK_INFO, 0, 1, 24), 28, &mut host);
+        assert_eq!(status(&resp), 0x8000);
+        let info: p::JackInfo = p::read_prefix(&resp[4..]).unwrap();
+        assert_eq!(info.connected, 1);
+        assert_eq!(info.features.get(), 1 << p::JACK_F_REMAP);
+
+        let remap = |jack: u32, association: u32, sequence: u32| {
+            p::JackRemap {
+                hdr: p::JackHdr {
+                    hdr: p::Hdr {
+                        code: p::R_JACK_REMAP.into(),
+                    },
+                    jack_id: jack.into(),
+                },
+                association: association.into(),
+                sequence: sequence.into(),
+            }
+            .as_bytes()
+            .to_vec()
+        };
+        assert_eq!(status(&dev.handle(&remap(0, 2, 3), 4, &mut host)), 0x8000);
+        let resp = dev.handle(&query(p::R_JACK_INFO, 0, 1, 24), 28, &mut host);
+        let info: p::JackInfo = p::read_prefix(&resp[4..]).unwrap();
+        assert_eq!(info.hda_reg_defconf.get() & 0xFF, 0x23);
+        assert_eq!(status(&dev.handle(&remap(1, 2, 3), 4, &mut host)), 0x8001);
+        assert_eq!(status(&dev.handle(&remap(0, 16, 0), 4, &mut host)), 0x8001);
+        assert_eq!(
+            status(&dev.handle(&remap(0, 1, 1)[..12], 4, &mut host)),
+            0x8001
+        );
+    }
+
+    #[test]
+    fn remap_refused_without_the_feature() {
+        let mut config = Config::default();
+        config.jacks[0].remap = false;
+        let mut dev = ControlState::new(&config, &caps_of(&config));
+        let req = p::JackRemap {
+            hdr: p::JackHdr {
+                hdr: p::Hdr {
+                    code: p::R_JACK_REMAP.into(),
+                },
+                jack_id: 0.into(),
+            },
+            association: 1.into(),
+            sequence: 1.into(),
+        };
+        let resp = dev.handle(req.as_bytes(), 4, &mut RecordingHost::default());
+        assert_eq!(status(&resp), 0x8002);
+    }
+}

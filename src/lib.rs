@@ -1,0 +1,9 @@
+//! vsound: a hardened vhost-user virtio-sound device.
+//!
+//! The `worker` serves one VMM's vhost-user socket and parses every guest request; the `broker`
+//! owns the audio backends. PCM crosses between them through sealed memfd rings (`ring`), control
+//! messages through `ipc`.
+
+pub mod config;
+pub mod control;
+pub mod protocol;
