@@ -4,6 +4,9 @@
 //! owns the audio backends. PCM crosses between them through sealed memfd rings (`ring`), control
 //! messages through `ipc`.
 
+pub mod backends;
 pub mod config;
 pub mod control;
+pub mod ipc;
 pub mod protocol;
+pub mod ring;

@@ -1,0 +1,428 @@
+//! Worker ↔ broker control channel: serde + bincode 2 messages over a unix SOCK_SEQPACKET
+//! socket, one message per packet, fds passed by SCM_RIGHTS.
+//!
+//! Both sides treat the other as untrusted: packets are size-limited, decoding is bounded by
+//! bincode's byte limit (so no length prefix can make us allocate more than a packet), truncated
+//! packets or fd lists are errors, and the number of fds must match what the message announces.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::net::{
+    self, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::control::{PcmCaps, PcmParams};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest packet either side sends or accepts.
+pub const MAX_MESSAGE_BYTES: usize = 8192;
+/// Largest number of fds in one packet.
+pub const MAX_FDS: usize = 2;
+/// Longest text in a message (error reasons).
+pub const MAX_REASON_LEN: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerMsg {
+    /// First message: protocol version and the streams the worker wants to offer the guest.
+    Hello {
+        version: u32,
+        streams: Vec<PcmCaps>,
+    },
+    /// Set up a stream's transport; answered by `Prepared` (with fds) or `Failed`.
+    Prepare {
+        stream_id: u32,
+        params: PcmParams,
+    },
+    /// Answered by `Done` or `Failed`.
+    Start {
+        stream_id: u32,
+    },
+    Stop {
+        stream_id: u32,
+    },
+    Release {
+        stream_id: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BrokerMsg {
+    /// Answer to `Hello`: for every requested stream, what the backend really accepts.
+    Welcome {
+        version: u32,
+        client_id: u32,
+        caps: Vec<PcmCaps>,
+    },
+    /// The broker refuses the connection.
+    Refused {
+        reason: String,
+    },
+    /// The stream's ring; carries two fds: the ring memfd and the eventfd the broker signals
+    /// whenever it moved the ring's position.
+    Prepared {
+        stream_id: u32,
+        ring_capacity: u64,
+    },
+    Done {
+        stream_id: u32,
+    },
+    Failed {
+        stream_id: u32,
+        reason: String,
+    },
+    /// The backend under- or overran.
+    Xrun {
+        stream_id: u32,
+    },
+}
+
+impl BrokerMsg {
+    /// Fds that must accompany this message.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            BrokerMsg::Prepared { .. } => 2,
+            _ => 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpcError {
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("message or fd list truncated")]
+    Truncated,
+    #[error("cannot decode message: {0}")]
+    Decode(String),
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+    #[error("expected {expected} fds, got {got}")]
+    FdCount { expected: usize, got: usize },
+    #[error("timed out waiting for the peer")]
+    Timeout,
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, IpcError> {
+    let bytes = bincode::serde::encode_to_vec(msg, bincode_config())
+        .map_err(|e| IpcError::Encode(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(IpcError::Encode("message too large".into()));
+    }
+    Ok(bytes)
+}
+
+/// Decodes exactly one message that must fill the whole packet.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, IpcError> {
+    let (msg, used) = bincode::serde::decode_from_slice(bytes, bincode_config())
+        .map_err(|e| IpcError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(IpcError::Decode("trailing bytes".into()));
+    }
+    Ok(msg)
+}
+
+/// Clips a reason text so it always fits a packet.
+pub fn reason(text: impl Into<String>) -> String {
+    let mut text = text.into();
+    if text.len() > MAX_REASON_LEN {
+        let mut end = MAX_REASON_LEN;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// A connected SOCK_SEQPACKET unix socket carrying one message per packet.
+#[derive(Debug)]
+pub struct Channel {
+    fd: OwnedFd,
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Channel {
+    pub fn from_fd(fd: OwnedFd) -> Channel {
+        Channel { fd }
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    pub fn connect(path: &Path) -> io::Result<Channel> {
+        let fd = net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+        Ok(Channel { fd })
+    }
+
+    /// A connected pair, for a launcher that hands one end to each process.
+    pub fn pair() -> io::Result<(Channel, Channel)> {
+        let (a, b) = net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        Ok((Channel { fd: a }, Channel { fd: b }))
+    }
+
+    pub fn send<T: Serialize>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
+        let bytes = encode(msg)?;
+        if fds.len() > MAX_FDS {
+            return Err(IpcError::Encode("too many fds".into()));
+        }
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(IpcError::Encode("too many fds".into()));
+        }
+        let sent = net::sendmsg(
+            &self.fd,
+            &[IoSlice::new(&bytes)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )
+        .map_err(io::Error::from)?;
+        if sent != bytes.len() {
+            return Err(IpcError::Truncated);
+        }
+        Ok(())
+    }
+
+    /// Waits until a packet is readable, up to `timeout` (forever if `None`).
+    pub fn wait_readable(&self, timeout: Option<Duration>) -> Result<(), IpcError> {
+        let timeout = timeout.map(|t| Timespec {
+            tv_sec: t.as_secs() as i64,
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+        loop {
+            match poll(&mut fds, timeout.as_ref()) {
+                Ok(0) => return Err(IpcError::Timeout),
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(IpcError::Io(e.into())),
+            }
+        }
+    }
+
+    /// Receives one packet (blocking unless the socket is non-blocking) and decodes it.
+    pub fn recv<T: DeserializeOwned>(&self) -> Result<(T, Vec<OwnedFd>), IpcError> {
+        let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let msg = loop {
+            match net::recvmsg(
+                &self.fd,
+                &mut [IoSliceMut::new(&mut buf)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => break other.map_err(io::Error::from)?,
+            }
+        };
+        // Collect fds first so that they are closed (dropped) on every error path.
+        let mut fds = Vec::new();
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = message {
+                fds.extend(received);
+            }
+        }
+        if msg.flags.contains(ReturnFlags::TRUNC)
+            || msg.flags.contains(ReturnFlags::CTRUNC)
+            || fds.len() > MAX_FDS
+        {
+            return Err(IpcError::Truncated);
+        }
+        if msg.bytes == 0 {
+            return Err(IpcError::Closed);
+        }
+        if msg.bytes > MAX_MESSAGE_BYTES {
+            return Err(IpcError::Truncated);
+        }
+        Ok((decode(&buf[..msg.bytes])?, fds))
+    }
+}
+
+/// A listening SOCK_SEQPACKET unix socket.
+pub struct Listener {
+    fd: OwnedFd,
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Listener {
+    /// Binds `path` (replacing a stale socket file) and listens.
+    pub fn bind(path: &Path) -> io::Result<Listener> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path)?;
+            }
+        }
+        let fd = net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+        net::listen(&fd, 16)?;
+        Ok(Listener { fd })
+    }
+
+    pub fn from_fd(fd: OwnedFd) -> Listener {
+        Listener { fd }
+    }
+
+    /// Accepts one connection as a non-blocking channel.
+    pub fn accept(&self) -> io::Result<Channel> {
+        let fd = net::accept_with(&self.fd, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)?;
+        Ok(Channel { fd })
+    }
+
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        rustix::io::ioctl_fionbio(&self.fd, true)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol as p;
+
+    fn caps() -> PcmCaps {
+        PcmCaps {
+            direction: p::D_OUTPUT,
+            hda_fn_nid: 0,
+            features: 0,
+            formats: 1 << p::format::S16,
+            rates: 1 << p::rate::R48000,
+            channels_min: 1,
+            channels_max: 2,
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_with_fds() {
+        let (a, b) = Channel::pair().unwrap();
+        let hello = WorkerMsg::Hello {
+            version: PROTOCOL_VERSION,
+            streams: vec![caps(); 3],
+        };
+        a.send(&hello, &[]).unwrap();
+        let (got, fds) = b.recv::<WorkerMsg>().unwrap();
+        assert_eq!(got, hello);
+        assert!(fds.is_empty());
+
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let msg = BrokerMsg::Prepared {
+            stream_id: 1,
+            ring_capacity: 4096,
+        };
+        b.send(&msg, &[file.as_fd(), file.as_fd()]).unwrap();
+        let (got, fds) = a.recv::<BrokerMsg>().unwrap();
+        assert_eq!(got, msg);
+        assert_eq!(fds.len(), got.fd_count());
+    }
+
+    #[test]
+    fn garbage_and_oversized_packets_are_errors() {
+        let (a, b) = Channel::pair().unwrap();
+        // Not a valid enum tag.
+        net::send(&a, &[0xff, 0xff, 0xff], SendFlags::empty()).unwrap();
+        assert!(matches!(b.recv::<WorkerMsg>(), Err(IpcError::Decode(_))));
+        // A Vec length prefix claiming a huge count must not allocate it.
+        let mut huge = encode(&WorkerMsg::Hello {
+            version: 1,
+            streams: vec![],
+        })
+        .unwrap();
+        huge.truncate(huge.len() - 1);
+        huge.extend_from_slice(&[0xfc, 0xff, 0xff, 0xff, 0x7f]);
+        net::send(&a, &huge, SendFlags::empty()).unwrap();
+        assert!(matches!(b.recv::<WorkerMsg>(), Err(IpcError::Decode(_))));
+        // Longer than the limit.
+        net::send(&a, &vec![0u8; MAX_MESSAGE_BYTES + 100], SendFlags::empty()).unwrap();
+        assert!(matches!(b.recv::<WorkerMsg>(), Err(IpcError::Truncated)));
+        // Trailing bytes after a valid message.
+        let mut extra = encode(&WorkerMsg::Start { stream_id: 0 }).unwrap();
+        extra.push(0);
+        net::send(&a, &extra, SendFlags::empty()).unwrap();
+        assert!(matches!(b.recv::<WorkerMsg>(), Err(IpcError::Decode(_))));
+        // The channel still works afterwards.
+        a.send(&WorkerMsg::Stop { stream_id: 3 }, &[]).unwrap();
+        assert_eq!(
+            b.recv::<WorkerMsg>().unwrap().0,
+            WorkerMsg::Stop { stream_id: 3 }
+        );
+        drop(a);
+        assert!(matches!(b.recv::<WorkerMsg>(), Err(IpcError::Closed)));
+    }
+
+    #[test]
+    fn too_many_fds_are_refused() {
+        let (a, b) = Channel::pair().unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fds = [file.as_fd(); 3];
+        assert!(a.send(&WorkerMsg::Start { stream_id: 0 }, &fds).is_err());
+        // Sent raw with more fds than the receiver has room for: truncated, not accepted.
+        let bytes = encode(&WorkerMsg::Start { stream_id: 0 }).unwrap();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let four = [file.as_fd(); 4];
+        assert!(control.push(SendAncillaryMessage::ScmRights(&four)));
+        net::sendmsg(
+            &a,
+            &[IoSlice::new(&bytes)],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .unwrap();
+        assert!(matches!(b.recv::<WorkerMsg>(), Err(IpcError::Truncated)));
+    }
+
+    #[test]
+    fn reasons_are_clipped() {
+        assert_eq!(reason("é".repeat(200)).len(), MAX_REASON_LEN);
+    }
+
+    #[test]
+    fn wait_readable_times_out() {
+        let (a, _b) = Channel::pair().unwrap();
+        assert!(matches!(
+            a.wait_readable(Some(Duration::from_millis(10))),
+            Err(IpcError::Timeout)
+        ));
+    }
+}

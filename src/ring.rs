@@ -1,0 +1,407 @@
+//! Single-producer single-consumer byte rings in sealed memfds, shared by worker and broker.
+//!
+//! Layout: a 4 KiB header page with one 64-byte line per field, then `capacity` data bytes.
+//! Positions are free-running 64-bit byte counters; `pos % capacity` is the offset in the data.
+//! Each side owns one counter and keeps its own authoritative copy of it; the peer's counter is
+//! read once per operation, checked against what it could legally be, and only then used. Data
+//! is copied out of the mapping before anyone looks at it. Nothing in the mapping is a lock.
+//!
+//! The memfd is sealed against shrinking and growing, so the peer can never make our mapping
+//! fault (SIGBUS); the side that maps it checks those seals and the size first.
+//! Mapping and volatile access go through vm-memory's `MmapRegion`, so this module needs no
+//! `unsafe`.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memfd::{FileSeal, Memfd, MemfdOptions};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, VolatileMemory};
+
+pub const HEADER_BYTES: usize = 4096;
+/// Largest ring the broker creates or the worker accepts.
+pub const MAX_CAPACITY: u64 = 16 << 20;
+
+const OFF_WRITE_POS: usize = 64;
+const OFF_READ_POS: usize = 128;
+/// Frames buffered in the backend after leaving (playback) or before entering (capture) the ring.
+const OFF_BACKEND_DELAY: usize = 192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("ring capacity {0} out of range")]
+    Capacity(u64),
+    #[error("memfd: {0}")]
+    Memfd(String),
+    #[error("ring memfd is missing the shrink/grow/seal seals")]
+    NotSealed,
+    #[error("ring memfd has {actual} bytes, expected {expected}")]
+    Size { actual: u64, expected: u64 },
+    #[error("mapping the ring failed: {0}")]
+    Map(String),
+    #[error("peer published an impossible position {pos} (valid {min}..={max})")]
+    BadPeerPosition { pos: u64, min: u64, max: u64 },
+    #[error("shared memory access failed: {0}")]
+    Access(String),
+}
+
+/// One mapping of a ring; used through [`Producer`] or [`Consumer`].
+pub struct SharedRing {
+    region: MmapRegion<()>,
+    capacity: u64,
+}
+
+fn total_len(capacity: u64) -> u64 {
+    HEADER_BYTES as u64 + capacity
+}
+
+impl SharedRing {
+    /// Creates a sealed ring; returns our mapping and the fd to hand to the peer.
+    pub fn create(capacity: u64) -> Result<(SharedRing, OwnedFd), RingError> {
+        if capacity == 0 || capacity > MAX_CAPACITY {
+            return Err(RingError::Capacity(capacity));
+        }
+        let memfd = MemfdOptions::default()
+            .allow_sealing(true)
+            .close_on_exec(true)
+            .create("vsound-ring")
+            .map_err(|e| RingError::Memfd(e.to_string()))?;
+        memfd
+            .as_file()
+            .set_len(total_len(capacity))
+            .map_err(|e| RingError::Memfd(e.to_string()))?;
+        memfd
+            .add_seals(&[FileSeal::SealShrink, FileSeal::SealGrow, FileSeal::SealSeal])
+            .map_err(|e| RingError::Memfd(e.to_string()))?;
+        let peer_fd = memfd
+            .as_file()
+            .try_clone()
+            .map_err(|e| RingError::Memfd(e.to_string()))?;
+        let ring = SharedRing::map_file(memfd.into_file(), capacity)?;
+        Ok((ring, peer_fd.into()))
+    }
+
+    /// Maps a ring received from the peer, after checking that it is a sealed memfd of exactly
+    /// the announced size.
+    pub fn open(fd: OwnedFd, capacity: u64) -> Result<SharedRing, RingError> {
+        if capacity == 0 || capacity > MAX_CAPACITY {
+            return Err(RingError::Capacity(capacity));
+        }
+        let memfd =
+            Memfd::try_from_fd(fd).map_err(|_| RingError::Memfd("the fd is not a memfd".into()))?;
+        let seals = memfd.seals().map_err(|e| RingError::Memfd(e.to_string()))?;
+        if !(seals.contains(&FileSeal::SealShrink)
+            && seals.contains(&FileSeal::SealGrow)
+            && seals.contains(&FileSeal::SealSeal))
+        {
+            return Err(RingError::NotSealed);
+        }
+        let actual = memfd
+            .as_file()
+            .metadata()
+            .map_err(|e| RingError::Memfd(e.to_string()))?
+            .len();
+        if actual != total_len(capacity) {
+            return Err(RingError::Size {
+                actual,
+                expected: total_len(capacity),
+            });
+        }
+        SharedRing::map_file(memfd.into_file(), capacity)
+    }
+
+    fn map_file(file: File, capacity: u64) -> Result<SharedRing, RingError> {
+        let region =
+            MmapRegion::<()>::from_file(FileOffset::new(file, 0), total_len(capacity) as usize)
+                .map_err(|e| RingError::Map(e.to_string()))?;
+        Ok(SharedRing { region, capacity })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn counter(&self, offset: usize) -> Result<&AtomicU64, RingError> {
+        self.region
+            .get_atomic_ref::<AtomicU64>(offset)
+            .map_err(|e| RingError::Access(e.to_string()))
+    }
+
+    fn load(&self, offset: usize) -> Result<u64, RingError> {
+        Ok(self.counter(offset)?.load(Ordering::Acquire))
+    }
+
+    fn store(&self, offset: usize, value: u64) -> Result<(), RingError> {
+        self.counter(offset)?.store(value, Ordering::Release);
+        Ok(())
+    }
+
+    /// The two contiguous pieces of `len` bytes starting at position `pos`.
+    fn pieces(&self, pos: u64, len: usize) -> [(usize, usize); 2] {
+        let start = (pos % self.capacity) as usize;
+        let first = len.min(self.capacity as usize - start);
+        [(HEADER_BYTES + start, first), (HEADER_BYTES, len - first)]
+    }
+
+    fn write_at(&self, pos: u64, data: &[u8]) -> Result<(), RingError> {
+        let mut done = 0;
+        for (offset, len) in self.pieces(pos, data.len()) {
+            if len > 0 {
+                let slice = self
+                    .region
+                    .get_slice(offset, len)
+                    .map_err(|e| RingError::Access(e.to_string()))?;
+                slice.copy_from(&data[done..done + len]);
+                done += len;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_at(&self, pos: u64, out: &mut [u8]) -> Result<(), RingError> {
+        let mut done = 0;
+        for (offset, len) in self.pieces(pos, out.len()) {
+            if len > 0 {
+                let slice = self
+                    .region
+                    .get_slice(offset, len)
+                    .map_err(|e| RingError::Access(e.to_string()))?;
+                slice.copy_to(&mut out[done..done + len]);
+                done += len;
+            }
+        }
+        Ok(())
+    }
+
+    /// Backend delay in frames, published by the broker (a hint: the worker clamps its use).
+    pub fn backend_delay(&self) -> u64 {
+        self.load(OFF_BACKEND_DELAY).unwrap_or(0)
+    }
+
+    pub fn set_backend_delay(&self, frames: u64) {
+        let _ = self.store(OFF_BACKEND_DELAY, frames);
+    }
+}
+
+/// The writing side of a ring.
+pub struct Producer {
+    ring: SharedRing,
+    write_pos: u64,
+    /// Last read position the consumer published; it may only grow.
+    seen_read_pos: u64,
+}
+
+impl Producer {
+    pub fn new(ring: SharedRing) -> Producer {
+        Producer {
+            ring,
+            write_pos: 0,
+            seen_read_pos: 0,
+        }
+    }
+
+    pub fn ring(&self) -> &SharedRing {
+        &self.ring
+    }
+
+    pub fn write_pos(&self) -> u64 {
+        self.write_pos
+    }
+
+    /// The consumer's position, read once and checked to lie in `seen..=write_pos`.
+    pub fn read_pos(&mut self) -> Result<u64, RingError> {
+        let pos = self.ring.load(OFF_READ_POS)?;
+        if pos < self.seen_read_pos || pos > self.write_pos {
+            return Err(RingError::BadPeerPosition {
+                pos,
+                min: self.seen_read_pos,
+                max: self.write_pos,
+            });
+        }
+        self.seen_read_pos = pos;
+        Ok(pos)
+    }
+
+    /// Bytes queued and not yet consumed.
+    pub fn queued(&mut self) -> Result<u64, RingError> {
+        Ok(self.write_pos - self.read_pos()?)
+    }
+
+    pub fn free(&mut self) -> Result<u64, RingError> {
+        Ok(self.ring.capacity - self.queued()?)
+    }
+
+    /// Appends `data` if it fits entirely; returns whether it did.
+    pub fn push(&mut self, data: &[u8]) -> Result<bool, RingError> {
+        if data.len() as u64 > self.free()? {
+            return Ok(false);
+        }
+        self.ring.write_at(self.write_pos, data)?;
+        self.write_pos += data.len() as u64;
+        self.ring.store(OFF_WRITE_POS, self.write_pos)?;
+        Ok(true)
+    }
+}
+
+/// The reading side of a ring.
+pub struct Consumer {
+    ring: SharedRing,
+    read_pos: u64,
+    /// Last write position the producer published; it may only grow.
+    seen_write_pos: u64,
+}
+
+impl Consumer {
+    pub fn new(ring: SharedRing) -> Consumer {
+        Consumer {
+            ring,
+            read_pos: 0,
+            seen_write_pos: 0,
+        }
+    }
+
+    pub fn ring(&self) -> &SharedRing {
+        &self.ring
+    }
+
+    pub fn read_pos(&self) -> u64 {
+        self.read_pos
+    }
+
+    /// The producer's position, read once and checked to lie in
+    /// `max(seen, read_pos)..=read_pos + capacity`.
+    pub fn write_pos(&mut self) -> Result<u64, RingError> {
+        let pos = self.ring.load(OFF_WRITE_POS)?;
+        let min = self.seen_write_pos.max(self.read_pos);
+        let max = self.read_pos + self.ring.capacity;
+        if pos < min || pos > max {
+            return Err(RingError::BadPeerPosition { pos, min, max });
+        }
+        self.seen_write_pos = pos;
+        Ok(pos)
+    }
+
+    pub fn available(&mut self) -> Result<u64, RingError> {
+        Ok(self.write_pos()? - self.read_pos)
+    }
+
+    /// Copies up to `out.len()` available bytes out and consumes them; returns how many.
+    pub fn pop(&mut self, out: &mut [u8]) -> Result<usize, RingError> {
+        let n = (self.available()? as usize).min(out.len());
+        self.ring.read_at(self.read_pos, &mut out[..n])?;
+        self.read_pos += n as u64;
+        self.ring.store(OFF_READ_POS, self.read_pos)?;
+        Ok(n)
+    }
+
+    /// Consumes `n` available bytes without copying them (`n` must not exceed `available`).
+    pub fn skip(&mut self, n: u64) -> Result<(), RingError> {
+        let n = n.min(self.available()?);
+        self.read_pos += n;
+        self.ring.store(OFF_READ_POS, self.read_pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn pair(capacity: u64) -> (Producer, Consumer) {
+        let (ring, fd) = SharedRing::create(capacity).unwrap();
+        let peer = SharedRing::open(fd, capacity).unwrap();
+        (Producer::new(ring), Consumer::new(peer))
+    }
+
+    #[test]
+    fn bytes_cross_with_wrap_around() {
+        let (mut tx, mut rx) = pair(10);
+        let mut out = [0u8; 10];
+        let mut expected = Vec::new();
+        let mut got = Vec::new();
+        for round in 0u8..50 {
+            let chunk: Vec<u8> = (0..7)
+                .map(|i| round.wrapping_mul(7).wrapping_add(i))
+                .collect();
+            assert!(tx.push(&chunk).unwrap());
+            expected.extend_from_slice(&chunk);
+            assert!(!tx.push(&chunk).unwrap(), "must not overfill");
+            let n = rx.pop(&mut out).unwrap();
+            got.extend_from_slice(&out[..n]);
+        }
+        assert_eq!(got, expected);
+        assert_eq!(tx.queued().unwrap(), 0);
+    }
+
+    #[test]
+    fn open_rejects_unsealed_or_wrong_size() {
+        let memfd = MemfdOptions::default()
+            .allow_sealing(true)
+            .create("x")
+            .unwrap();
+        memfd.as_file().set_len(total_len(64)).unwrap();
+        let fd: OwnedFd = memfd.as_file().try_clone().unwrap().into();
+        assert!(matches!(
+            SharedRing::open(fd, 64),
+            Err(RingError::NotSealed)
+        ));
+
+        let (_ring, fd) = SharedRing::create(64).unwrap();
+        assert!(matches!(
+            SharedRing::open(fd, 128),
+            Err(RingError::Size { .. })
+        ));
+        let (_ring, fd) = SharedRing::create(64).unwrap();
+        assert!(matches!(
+            SharedRing::open(fd, MAX_CAPACITY + 1),
+            Err(RingError::Capacity(_))
+        ));
+        let file: OwnedFd = File::open("/dev/null").unwrap().into();
+        assert!(SharedRing::open(file, 64).is_err());
+        assert!(SharedRing::create(0).is_err());
+    }
+
+    #[test]
+    fn sealed_ring_cannot_be_resized() {
+        let (_ring, fd) = SharedRing::create(64).unwrap();
+        let file = File::from(fd);
+        assert!(file.set_len(1).is_err());
+        assert!(file.set_len(1 << 20).is_err());
+        let _ = file.as_fd();
+    }
+
+    #[test]
+    fn hostile_positions_are_detected() {
+        let (mut tx, mut rx) = pair(16);
+        assert!(tx.push(&[1; 8]).unwrap());
+        // The producer claims more than the capacity ahead of the reader.
+        tx.ring.store(OFF_WRITE_POS, 100).unwrap();
+        assert!(matches!(
+            rx.available(),
+            Err(RingError::BadPeerPosition { pos: 100, .. })
+        ));
+        // The consumer claims to have read more than was written.
+        tx.ring.store(OFF_WRITE_POS, 8).unwrap();
+        rx.ring.store(OFF_READ_POS, 9).unwrap();
+        assert!(tx.queued().is_err());
+        // Or moves backwards.
+        rx.ring.store(OFF_READ_POS, 4).unwrap();
+        assert_eq!(tx.queued().unwrap(), 4);
+        rx.ring.store(OFF_READ_POS, 3).unwrap();
+        assert!(tx.queued().is_err());
+        // A write position going backwards is refused too.
+        let (mut tx, mut rx) = pair(16);
+        tx.push(&[0; 8]).unwrap();
+        assert_eq!(rx.available().unwrap(), 8);
+        tx.ring.store(OFF_WRITE_POS, 7).unwrap();
+        assert!(rx.available().is_err());
+    }
+
+    #[test]
+    fn backend_delay_is_shared() {
+        let (tx, rx) = pair(16);
+        rx.ring().set_backend_delay(480);
+        assert_eq!(tx.ring().backend_delay(), 480);
+    }
+}
