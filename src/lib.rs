@@ -5,8 +5,11 @@
 //! messages through `ipc`.
 
 pub mod backends;
+pub mod broker;
 pub mod config;
 pub mod control;
+pub mod guest;
 pub mod ipc;
 pub mod protocol;
 pub mod ring;
+pub mod worker;

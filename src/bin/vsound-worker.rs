@@ -1,1 +1,89 @@
-fn main() {}
+//! vsound-worker: serves one VMM's vhost-user socket as a virtio-sound device and feeds the
+//! audio broker. Never touches an audio device itself.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+
+use clap::Parser;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+
+use vsound::config::Config;
+use vsound::ipc::Channel;
+use vsound::worker::{GuestMemory, SoundDevice, DEVICE_EVENT};
+
+#[derive(Parser)]
+#[command(version, about = "vhost-user virtio-sound worker (one per VM)")]
+struct Args {
+    /// vhost-user socket the VMM connects to.
+    #[arg(long)]
+    socket: PathBuf,
+    /// The audio broker's socket.
+    #[arg(long)]
+    broker: PathBuf,
+    /// Device configuration (TOML); the built-in default without it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let config = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    let channel = Channel::connect(&args.broker).map_err(|e| {
+        format!(
+            "cannot connect to the broker at {}: {e}",
+            args.broker.display()
+        )
+    })?;
+    let device = SoundDevice::new(&config, channel).map_err(|e| e.to_string())?;
+    log::info!(
+        "worker: broker client {}, {} streams",
+        device.broker_client_id(),
+        config.streams.len()
+    );
+    let device_fd = std::os::fd::AsRawFd::as_raw_fd(&device.device_fd());
+    let device = Arc::new(RwLock::new(device));
+    let mut daemon = VhostUserDaemon::new(
+        "vsound".to_string(),
+        device.clone(),
+        GuestMemoryAtomic::new(GuestMemory::new()),
+    )
+    .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
+    for handler in daemon.get_epoll_handlers() {
+        handler
+            .register_listener(device_fd, EventSet::IN, u64::from(DEVICE_EVENT))
+            .map_err(|e| format!("cannot watch the broker: {e}"))?;
+    }
+    let mut listener = Listener::new(&args.socket, true)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+    log::info!("worker: waiting for the VMM on {}", args.socket.display());
+    daemon
+        .start(&mut listener)
+        .map_err(|e| format!("vhost-user: {e}"))?;
+    log::info!("worker: VMM connected");
+    let result = daemon.wait();
+    let _ = std::fs::remove_file(&args.socket);
+    match result {
+        Ok(()) => {
+            log::info!("worker: VMM disconnected");
+            Ok(())
+        }
+        Err(e) => Err(format!("vhost-user: {e}")),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
