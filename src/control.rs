@@ -70,8 +70,8 @@ impl PcmParams {
         if self.period_bytes == 0
             || self.buffer_bytes == 0
             || self.period_bytes > self.buffer_bytes
-            || self.buffer_bytes % self.period_bytes != 0
-            || self.period_bytes % self.frame_bytes() != 0
+            || !self.buffer_bytes.is_multiple_of(self.period_bytes)
+            || !self.period_bytes.is_multiple_of(self.frame_bytes())
         {
             return Err(Status::BadMsg);
         }
