@@ -1,0 +1,833 @@
+//! In-process vhost-user frontend (the VMM side) for integration tests.
+//!
+//! [`GuestVm`] connects to a vhost-user backend socket, negotiates features, shares a
+//! memfd-backed guest memory with the backend and drives split virtqueues that it lays out
+//! itself in that memory. Tests then submit descriptor chains and collect used buffers
+//! synchronously:
+//!
+//! ```ignore
+//! let mut vm = GuestVm::connect(&socket, FrontendOptions::default())?;
+//! let resp = vm.request(0, b"hello", 64);
+//! ```
+//!
+//! Guest memory layout (guest physical address 0 is the start of the memfd):
+//!
+//! ```text
+//! [queue 0 area][queue 1 area]...[queue n-1 area][data buffers ........................]
+//!  each area (page aligned): descriptor table | avail ring (+used_event) | used ring (+avail_event)
+//! ```
+//!
+//! Descriptors are recycled through a per-queue free list and data buffers through a first-fit
+//! allocator, both released as soon as the chain comes back in the used ring, so tests can
+//! run any number of chains as long as the number in flight fits.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::num::Wrapping;
+use std::os::fd::BorrowedFd;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::EfdFlags;
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// How long [`GuestVm::connect`] keeps retrying to reach the socket.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Socket read/write timeout for vhost-user control messages, so that a stuck backend makes the
+/// test fail instead of hanging forever.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout used by [`GuestVm::request`].
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest single sleep in [`GuestVm::wait_used`] before re-checking the used ring even without
+/// a notification.
+const POLL_SLICE: Duration = Duration::from_millis(20);
+
+const PAGE_SIZE: u64 = 4096;
+/// Data buffers are allocated in multiples of this.
+const BUF_ALIGN: u64 = 16;
+
+/// Options of [`GuestVm::connect`].
+#[derive(Clone, Debug)]
+pub struct FrontendOptions {
+    /// Size of every virtqueue (power of two, at most 32768). Default 64.
+    pub queue_size: u16,
+    /// Number of virtqueues to set up. Default 4.
+    pub num_queues: usize,
+    /// Negotiate `VIRTIO_RING_F_EVENT_IDX` if the backend offers it. Default false.
+    pub event_idx: bool,
+    /// Guest memory size in bytes. Default 16 MiB.
+    pub mem_size: usize,
+    /// Extra device feature bits to acknowledge if offered (in addition to `VIRTIO_F_VERSION_1`,
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` and, if requested, `EVENT_IDX`). Default 0.
+    pub extra_features: u64,
+}
+
+impl Default for FrontendOptions {
+    fn default() -> Self {
+        FrontendOptions {
+            queue_size: 64,
+            num_queues: 4,
+            event_idx: false,
+            mem_size: 16 << 20,
+            extra_features: 0,
+        }
+    }
+}
+
+/// One element taken from a used ring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsedBuf {
+    /// Head descriptor index of the chain.
+    pub head: u16,
+    /// Length reported by the device.
+    pub len: u32,
+    /// The first `len` bytes of the chain's device-writable descriptors, in order (truncated
+    /// to the total writable size if the device reported more).
+    pub written: Vec<u8>,
+}
+
+/// A descriptor for [`GuestVm::submit_raw`]: arbitrary guest address and length.
+#[derive(Clone, Copy, Debug)]
+pub struct RawDesc {
+    pub addr: u64,
+    pub len: u32,
+    /// Device-writable (`VRING_DESC_F_WRITE`).
+    pub write: bool,
+}
+
+/// Bookkeeping for a chain that is in flight.
+struct Chain {
+    descs: Vec<u16>,
+    /// Data buffers owned by the chain: (guest address, allocated size).
+    bufs: Vec<(u64, u64)>,
+    /// Device-writable descriptors: (guest address, length).
+    writable: Vec<(u64, u32)>,
+}
+
+struct Queue {
+    size: u16,
+    desc_addr: u64,
+    avail_addr: u64,
+    used_addr: u64,
+    free_descs: Vec<u16>,
+    /// Indexed by head descriptor.
+    chains: Vec<Option<Chain>>,
+    in_flight: usize,
+    next_avail: Wrapping<u16>,
+    last_used: Wrapping<u16>,
+    call: EventFd,
+    kick: EventFd,
+    notifications: u64,
+}
+
+impl Queue {
+    fn avail_idx_addr(&self) -> GuestAddress {
+        GuestAddress(self.avail_addr + 2)
+    }
+    fn avail_ring_addr(&self, slot: u16) -> GuestAddress {
+        GuestAddress(self.avail_addr + 4 + 2 * u64::from(slot % self.size))
+    }
+    fn used_event_addr(&self) -> GuestAddress {
+        GuestAddress(self.avail_addr + 4 + 2 * u64::from(self.size))
+    }
+    fn used_idx_addr(&self) -> GuestAddress {
+        GuestAddress(self.used_addr + 2)
+    }
+    fn used_elem_addr(&self, slot: u16) -> GuestAddress {
+        GuestAddress(self.used_addr + 4 + 8 * u64::from(slot % self.size))
+    }
+    fn desc_entry_addr(&self, index: u16) -> GuestAddress {
+        GuestAddress(self.desc_addr + 16 * u64::from(index))
+    }
+}
+
+/// First-fit allocator over a guest address range, with coalescing on free.
+struct BufAllocator {
+    /// start -> length of every free range.
+    free: BTreeMap<u64, u64>,
+}
+
+impl BufAllocator {
+    fn new(start: u64, len: u64) -> Self {
+        let mut free = BTreeMap::new();
+        if len > 0 {
+            free.insert(start, len);
+        }
+        BufAllocator { free }
+    }
+
+    fn round(len: u64) -> u64 {
+        len.max(1).div_ceil(BUF_ALIGN) * BUF_ALIGN
+    }
+
+    /// Returns (address, allocated size).
+    fn alloc(&mut self, len: u64) -> Option<(u64, u64)> {
+        let size = Self::round(len);
+        let (&start, &flen) = self.free.iter().find(|(_, &l)| l >= size)?;
+        self.free.remove(&start);
+        if flen > size {
+            self.free.insert(start + size, flen - size);
+        }
+        Some((start, size))
+    }
+
+    fn release(&mut self, mut start: u64, mut size: u64) {
+        if let Some((&pstart, &plen)) = self.free.range(..start).next_back() {
+            assert!(
+                pstart + plen <= start,
+                "double free of guest buffer {start:#x}"
+            );
+            if pstart + plen == start {
+                self.free.remove(&pstart);
+                start = pstart;
+                size += plen;
+            }
+        }
+        if let Some(nlen) = self.free.remove(&(start + size)) {
+            size += nlen;
+        }
+        assert!(
+            self.free.range(start..start + size).next().is_none(),
+            "double free of guest buffer {start:#x}"
+        );
+        self.free.insert(start, size);
+    }
+
+    fn free_bytes(&self) -> u64 {
+        self.free.values().sum()
+    }
+}
+
+fn vhost_err(what: &str, e: vhost::Error) -> io::Error {
+    io::Error::other(format!("vhost-user {what} failed: {e}"))
+}
+
+fn new_eventfd() -> io::Result<EventFd> {
+    // Like QEMU's event notifiers: non-blocking and close-on-exec.
+    EventFd::new((EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).bits())
+}
+
+fn connect_with_retry(socket: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("connecting to {}: {e}", socket.display()),
+                ))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A fake guest plus VMM: owns the vhost-user connection, the guest memory and the virtqueues.
+pub struct GuestVm {
+    frontend: Frontend,
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    alloc: BufAllocator,
+    offered_features: u64,
+    negotiated_features: u64,
+    offered_protocol_features: VhostUserProtocolFeatures,
+    negotiated_protocol_features: VhostUserProtocolFeatures,
+    event_idx: bool,
+}
+
+impl GuestVm {
+    /// Connects to the backend at `socket` (retrying for up to 5 s) and brings up
+    /// `opts.num_queues` queues: SET_OWNER, GET/SET_FEATURES, GET/SET_PROTOCOL_FEATURES,
+    /// SET_MEM_TABLE, then SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for every queue.
+    pub fn connect(socket: &Path, opts: FrontendOptions) -> io::Result<GuestVm> {
+        let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
+        let qsize = opts.queue_size;
+        if qsize == 0 || !qsize.is_power_of_two() || qsize > 32768 {
+            return Err(invalid(format!("bad queue size {qsize}")));
+        }
+        if opts.num_queues == 0 {
+            return Err(invalid("num_queues must be at least 1".into()));
+        }
+
+        // Layout of one queue area.
+        let q = u64::from(qsize);
+        let desc_off = 0u64;
+        let avail_off = 16 * q;
+        let used_off = (avail_off + 6 + 2 * q).next_multiple_of(4);
+        let area = (used_off + 6 + 8 * q).next_multiple_of(PAGE_SIZE);
+        let data_start = area * opts.num_queues as u64;
+        let mem_size = (opts.mem_size as u64).next_multiple_of(PAGE_SIZE);
+        if data_start + PAGE_SIZE > mem_size {
+            return Err(invalid(format!(
+                "mem_size {mem_size:#x} too small for {} queues of size {qsize}",
+                opts.num_queues
+            )));
+        }
+
+        // Guest memory: one memfd region at guest physical address 0.
+        let memfd = memfd::MemfdOptions::default()
+            .close_on_exec(true)
+            .create("vsound-test-guest")
+            .map_err(|e| io::Error::other(format!("memfd_create: {e}")))?;
+        let file = memfd.into_file();
+        file.set_len(mem_size)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            mem_size as usize,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(|e| io::Error::other(format!("mapping guest memory: {e}")))?;
+
+        // Control connection.
+        let sock = connect_with_retry(socket, CONNECT_TIMEOUT)?;
+        sock.set_read_timeout(Some(CONTROL_TIMEOUT))?;
+        sock.set_write_timeout(Some(CONTROL_TIMEOUT))?;
+        let mut frontend = Frontend::from_stream(sock, opts.num_queues as u64);
+        // Ask for an ack on every message that has no reply of its own. This only has an
+        // effect once REPLY_ACK is negotiated; it makes backend errors surface as errors here.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+
+        frontend
+            .set_owner()
+            .map_err(|e| vhost_err("SET_OWNER", e))?;
+        let offered_features = frontend
+            .get_features()
+            .map_err(|e| vhost_err("GET_FEATURES", e))?;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let mut wanted = (1u64 << VIRTIO_F_VERSION_1) | protocol_bit | opts.extra_features;
+        if opts.event_idx {
+            wanted |= 1u64 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        let negotiated_features = wanted & offered_features;
+        frontend
+            .set_features(negotiated_features)
+            .map_err(|e| vhost_err("SET_FEATURES", e))?;
+
+        let mut offered_protocol_features = VhostUserProtocolFeatures::empty();
+        let mut negotiated_protocol_features = VhostUserProtocolFeatures::empty();
+        if negotiated_features & protocol_bit != 0 {
+            offered_protocol_features = frontend
+                .get_protocol_features()
+                .map_err(|e| vhost_err("GET_PROTOCOL_FEATURES", e))?;
+            negotiated_protocol_features = offered_protocol_features
+                & (VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK);
+            frontend
+                .set_protocol_features(negotiated_protocol_features)
+                .map_err(|e| vhost_err("SET_PROTOCOL_FEATURES", e))?;
+        }
+        if negotiated_protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+            let n = frontend
+                .get_queue_num()
+                .map_err(|e| vhost_err("GET_QUEUE_NUM", e))?;
+            if n < opts.num_queues as u64 {
+                return Err(invalid(format!(
+                    "backend has {n} queues, {} requested",
+                    opts.num_queues
+                )));
+            }
+        }
+
+        let region = mem.iter().next().expect("guest memory has one region");
+        let region_info = VhostUserMemoryRegionInfo::from_guest_region(region)
+            .map_err(|e| vhost_err("SET_MEM_TABLE (region info)", e))?;
+        let host_base = region_info.userspace_addr;
+        frontend
+            .set_mem_table(&[region_info])
+            .map_err(|e| vhost_err("SET_MEM_TABLE", e))?;
+
+        let mut queues = Vec::with_capacity(opts.num_queues);
+        for i in 0..opts.num_queues {
+            let base = area * i as u64;
+            let queue = Queue {
+                size: qsize,
+                desc_addr: base + desc_off,
+                avail_addr: base + avail_off,
+                used_addr: base + used_off,
+                // Pop from the end: hand out low indices first.
+                free_descs: (0..qsize).rev().collect(),
+                chains: (0..qsize).map(|_| None).collect(),
+                in_flight: 0,
+                next_avail: Wrapping(0),
+                last_used: Wrapping(0),
+                call: new_eventfd()?,
+                kick: new_eventfd()?,
+                notifications: 0,
+            };
+            // The memfd starts zeroed, so the rings are already empty (flags, idx, used_event
+            // and avail_event all 0), which the backend relies on: it reads used->idx on
+            // SET_VRING_ADDR.
+            frontend
+                .set_vring_num(i, qsize)
+                .map_err(|e| vhost_err("SET_VRING_NUM", e))?;
+            // Ring addresses are in the frontend's virtual address space, like QEMU does;
+            // the backend translates them through the SET_MEM_TABLE user_addr.
+            let config = VringConfigData {
+                queue_max_size: qsize,
+                queue_size: qsize,
+                flags: 0,
+                desc_table_addr: host_base + queue.desc_addr,
+                used_ring_addr: host_base + queue.used_addr,
+                avail_ring_addr: host_base + queue.avail_addr,
+                log_addr: None,
+            };
+            frontend
+                .set_vring_addr(i, &config)
+                .map_err(|e| vhost_err("SET_VRING_ADDR", e))?;
+            frontend
+                .set_vring_base(i, 0)
+                .map_err(|e| vhost_err("SET_VRING_BASE", e))?;
+            frontend
+                .set_vring_call(i, &queue.call)
+                .map_err(|e| vhost_err("SET_VRING_CALL", e))?;
+            frontend
+                .set_vring_kick(i, &queue.kick)
+                .map_err(|e| vhost_err("SET_VRING_KICK", e))?;
+            if negotiated_features & protocol_bit != 0 {
+                frontend
+                    .set_vring_enable(i, true)
+                    .map_err(|e| vhost_err("SET_VRING_ENABLE", e))?;
+            }
+            queues.push(queue);
+        }
+
+        Ok(GuestVm {
+            frontend,
+            mem,
+            queues,
+            alloc: BufAllocator::new(data_start, mem_size - data_start),
+            offered_features,
+            negotiated_features,
+            offered_protocol_features,
+            negotiated_protocol_features,
+            event_idx: negotiated_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0,
+        })
+    }
+
+    /// Virtio features acknowledged with SET_FEATURES.
+    pub fn negotiated_features(&self) -> u64 {
+        self.negotiated_features
+    }
+
+    /// Virtio features returned by GET_FEATURES.
+    pub fn offered_features(&self) -> u64 {
+        self.offered_features
+    }
+
+    /// Protocol features returned by GET_PROTOCOL_FEATURES (empty if not negotiated).
+    pub fn offered_protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.offered_protocol_features
+    }
+
+    /// Protocol features acknowledged with SET_PROTOCOL_FEATURES.
+    pub fn negotiated_protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.negotiated_protocol_features
+    }
+
+    /// Whether `VIRTIO_RING_F_EVENT_IDX` was negotiated.
+    pub fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    pub fn queue_size(&self) -> u16 {
+        self.queues[0].size
+    }
+
+    /// VHOST_USER_GET_CONFIG for `len` bytes at `offset` (requires the CONFIG protocol
+    /// feature). A backend that returns a payload of the wrong size gets an error here.
+    pub fn get_config(&mut self, offset: u32, len: u32) -> io::Result<Vec<u8>> {
+        let buf = vec![0u8; len as usize];
+        let (_, payload) = self
+            .frontend
+            .get_config(offset, len, VhostUserConfigFlags::empty(), &buf)
+            .map_err(|e| vhost_err("GET_CONFIG", e))?;
+        Ok(payload)
+    }
+
+    /// VHOST_USER_SET_CONFIG (requires the CONFIG protocol feature).
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) -> io::Result<()> {
+        self.frontend
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+            .map_err(|e| vhost_err("SET_CONFIG", e))
+    }
+
+    /// The underlying vhost-user frontend, for sending messages the harness has no helper for.
+    pub fn frontend_mut(&mut self) -> &mut Frontend {
+        &mut self.frontend
+    }
+
+    /// The guest memory (guest physical address 0 .. mem_size).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Lays out one descriptor chain (see [`GuestVm::submit_no_kick`]) and kicks the queue.
+    pub fn submit(&mut self, queue: u16, readable: &[&[u8]], writable_lens: &[u32]) -> u16 {
+        let head = self.submit_no_kick(queue, readable, writable_lens);
+        self.kick(queue);
+        head
+    }
+
+    /// Lays out one descriptor chain: each readable buffer is copied into guest memory as a
+    /// device-readable descriptor, followed by one zero-filled device-writable descriptor per
+    /// entry of `writable_lens`. Publishes the head in the avail ring without kicking.
+    /// Panics if the queue has too few free descriptors or guest memory is exhausted.
+    pub fn submit_no_kick(&mut self, queue: u16, readable: &[&[u8]], writable_lens: &[u32]) -> u16 {
+        let n = readable.len() + writable_lens.len();
+        assert!(
+            n > 0,
+            "queue {queue}: cannot submit an empty descriptor chain"
+        );
+        self.check_fits(queue, n);
+
+        let mut bufs = Vec::with_capacity(n);
+        let mut descs = Vec::with_capacity(n);
+        let mut writable = Vec::with_capacity(writable_lens.len());
+        for data in readable {
+            let (addr, size) = self.alloc_buf(&format!("queue {queue}"), data.len() as u64);
+            self.mem
+                .write_slice(data, GuestAddress(addr))
+                .expect("write readable buffer");
+            bufs.push((addr, size));
+            descs.push(RawDesc {
+                addr,
+                len: u32::try_from(data.len()).expect("readable buffer larger than 4 GiB"),
+                write: false,
+            });
+        }
+        for &len in writable_lens {
+            let (addr, size) = self.alloc_buf(&format!("queue {queue}"), u64::from(len));
+            self.mem
+                .write_slice(&vec![0u8; size as usize], GuestAddress(addr))
+                .expect("zero writable buffer");
+            bufs.push((addr, size));
+            writable.push((addr, len));
+            descs.push(RawDesc {
+                addr,
+                len,
+                write: true,
+            });
+        }
+        self.publish_chain(queue, &descs, bufs, writable)
+    }
+
+    /// Submits a chain of descriptors pointing at arbitrary guest addresses (which the harness
+    /// neither allocates nor frees; see [`GuestVm::alloc_guest`]), without kicking. Useful for
+    /// malformed requests (out-of-range addresses, readable-after-writable, ...).
+    pub fn submit_raw(&mut self, queue: u16, descs: &[RawDesc]) -> u16 {
+        assert!(
+            !descs.is_empty(),
+            "queue {queue}: cannot submit an empty descriptor chain"
+        );
+        self.check_fits(queue, descs.len());
+        let writable = descs
+            .iter()
+            .filter(|d| d.write)
+            .map(|d| (d.addr, d.len))
+            .collect();
+        self.publish_chain(queue, descs, Vec::new(), writable)
+    }
+
+    /// Allocates a zero-filled guest buffer that the caller owns (free with
+    /// [`GuestVm::free_guest`]). Returns its guest physical address.
+    pub fn alloc_guest(&mut self, len: u64) -> u64 {
+        let (addr, size) = self.alloc_buf("alloc_guest", len);
+        self.mem
+            .write_slice(&vec![0u8; size as usize], GuestAddress(addr))
+            .expect("zero guest buffer");
+        addr
+    }
+
+    /// Frees a buffer returned by [`GuestVm::alloc_guest`] (`len` as passed to it).
+    pub fn free_guest(&mut self, addr: u64, len: u64) {
+        self.alloc.release(addr, BufAllocator::round(len));
+    }
+
+    pub fn write_guest(&self, addr: u64, data: &[u8]) {
+        self.mem
+            .write_slice(data, GuestAddress(addr))
+            .expect("write_guest out of range");
+    }
+
+    pub fn read_guest(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem
+            .read_slice(&mut buf, GuestAddress(addr))
+            .expect("read_guest out of range");
+        buf
+    }
+
+    /// Free bytes in the data buffer area (for leak checks).
+    pub fn free_guest_bytes(&self) -> u64 {
+        self.alloc.free_bytes()
+    }
+
+    /// Signals the queue's kick eventfd.
+    pub fn kick(&self, queue: u16) {
+        self.queue(queue)
+            .kick
+            .write(1)
+            .unwrap_or_else(|e| panic!("queue {queue}: kick failed: {e}"));
+    }
+
+    /// Returns the next used element of the queue if the device has published one.
+    pub fn try_used(&mut self, queue: u16) -> Option<UsedBuf> {
+        let event_idx = self.event_idx;
+        let mem = &self.mem;
+        let q = self
+            .queues
+            .get_mut(queue as usize)
+            .unwrap_or_else(|| panic!("no queue {queue}"));
+
+        // Order our earlier used_event store before the used->idx load (the device does the
+        // mirror image: store used->idx, fence, load used_event).
+        fence(Ordering::SeqCst);
+        // Acquire: the used element and the data written by the device are visible once we
+        // observe the index that publishes them.
+        let used_idx: u16 = mem
+            .load(q.used_idx_addr(), Ordering::Acquire)
+            .expect("read used idx");
+        let used_idx = Wrapping(used_idx);
+        if used_idx == q.last_used {
+            return None;
+        }
+        let pending = (used_idx - q.last_used).0;
+        assert!(
+            pending <= q.size,
+            "queue {queue}: device advanced used idx to {} but we consumed {} (size {})",
+            used_idx.0,
+            q.last_used.0,
+            q.size
+        );
+
+        let elem = q.used_elem_addr(q.last_used.0);
+        let id = u32::from_le(mem.read_obj::<u32>(elem).expect("read used elem id"));
+        let len = u32::from_le(
+            mem.read_obj::<u32>(GuestAddress(elem.0 + 4))
+                .expect("read used elem len"),
+        );
+        let chain = usize::try_from(id)
+            .ok()
+            .and_then(|i| q.chains.get_mut(i))
+            .and_then(Option::take)
+            .unwrap_or_else(|| {
+                panic!(
+                    "queue {queue}: device returned head {id} (len {len}) which is not in flight"
+                )
+            });
+        q.last_used += Wrapping(1);
+        q.in_flight -= 1;
+        if event_idx {
+            // Ask to be notified when the next element is published.
+            mem.store(
+                q.last_used.0.to_le(),
+                q.used_event_addr(),
+                Ordering::Release,
+            )
+            .expect("write used_event");
+        }
+
+        let mut written = Vec::new();
+        let mut remaining = len as usize;
+        for &(addr, dlen) in &chain.writable {
+            if remaining == 0 {
+                break;
+            }
+            let n = remaining.min(dlen as usize);
+            let mut buf = vec![0u8; n];
+            if mem.read_slice(&mut buf, GuestAddress(addr)).is_err() {
+                break;
+            }
+            written.extend_from_slice(&buf);
+            remaining -= n;
+        }
+
+        q.free_descs.extend(chain.descs.iter().rev());
+        for (addr, size) in chain.bufs {
+            self.alloc.release(addr, size);
+        }
+
+        Some(UsedBuf {
+            head: id as u16,
+            len,
+            written,
+        })
+    }
+
+    /// Waits up to `timeout` for the next used element, sleeping on the call eventfd (and
+    /// re-checking the used ring at least every 20 ms, so a missing notification only slows
+    /// this down; use [`GuestVm::notifications`] to check notifications explicitly).
+    pub fn wait_used(&mut self, queue: u16, timeout: Duration) -> Option<UsedBuf> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(used) = self.try_used(queue) {
+                return Some(used);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            self.wait_call(queue, (deadline - now).min(POLL_SLICE));
+        }
+    }
+
+    /// Waits up to `timeout` for the call eventfd of `queue` to be signalled; returns whether
+    /// it was. Consumes the notification (it is counted in [`GuestVm::notifications`]).
+    pub fn wait_call(&mut self, queue: u16, timeout: Duration) -> bool {
+        let q = self
+            .queues
+            .get_mut(queue as usize)
+            .unwrap_or_else(|| panic!("no queue {queue}"));
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(n) = q.call.read() {
+                q.notifications += n;
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let ms = (deadline - now).as_millis().clamp(1, 1000) as u16;
+            // SAFETY: the eventfd outlives this borrow.
+            let fd = unsafe { BorrowedFd::borrow_raw(q.call.as_raw_fd()) };
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::from(ms));
+        }
+    }
+
+    /// Total number of call notifications observed on `queue` so far (eventfd counter values
+    /// consumed by [`GuestVm::wait_used`] / [`GuestVm::wait_call`]), plus any pending one.
+    pub fn notifications(&mut self, queue: u16) -> u64 {
+        let q = &mut self.queues[queue as usize];
+        if let Ok(n) = q.call.read() {
+            q.notifications += n;
+        }
+        q.notifications
+    }
+
+    /// Submits one readable buffer `req` and one writable buffer of `resp_len` bytes, waits
+    /// up to 5 s for the reply and returns the bytes written. Panics on timeout.
+    pub fn request(&mut self, queue: u16, req: &[u8], resp_len: u32) -> Vec<u8> {
+        let head = self.submit(queue, &[req], &[resp_len]);
+        let used = self.wait_used(queue, REQUEST_TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "queue {queue}: no used buffer for request head {head} within {REQUEST_TIMEOUT:?}"
+            )
+        });
+        assert_eq!(
+            used.head, head,
+            "queue {queue}: used head differs from the request just submitted"
+        );
+        used.written
+    }
+
+    /// Number of chains submitted on `queue` and not yet returned as used.
+    pub fn in_flight(&self, queue: u16) -> usize {
+        self.queue(queue).in_flight
+    }
+
+    fn queue(&self, queue: u16) -> &Queue {
+        self.queues
+            .get(queue as usize)
+            .unwrap_or_else(|| panic!("no queue {queue}"))
+    }
+
+    fn check_fits(&self, queue: u16, n: usize) {
+        let q = self.queue(queue);
+        if q.free_descs.len() < n {
+            panic!(
+                "queue {queue}: descriptor chain of {n} descriptors does not fit: only {} of {} \
+                 descriptors free ({} chains in flight); consume used buffers first",
+                q.free_descs.len(),
+                q.size,
+                q.in_flight
+            );
+        }
+    }
+
+    fn alloc_buf(&mut self, what: &str, len: u64) -> (u64, u64) {
+        self.alloc.alloc(len).unwrap_or_else(|| {
+            panic!(
+                "{what}: guest memory exhausted allocating {len} bytes ({} bytes free in \
+                 total, maybe fragmented); raise FrontendOptions::mem_size or consume used \
+                 buffers",
+                self.alloc.free_bytes()
+            )
+        })
+    }
+
+    /// Writes the descriptors, records the chain and publishes the head in the avail ring.
+    fn publish_chain(
+        &mut self,
+        queue: u16,
+        descs: &[RawDesc],
+        bufs: Vec<(u64, u64)>,
+        writable: Vec<(u64, u32)>,
+    ) -> u16 {
+        let mem = &self.mem;
+        let q = &mut self.queues[queue as usize];
+        let indices: Vec<u16> = (0..descs.len())
+            .map(|_| q.free_descs.pop().expect("checked by check_fits"))
+            .collect();
+        for (i, d) in descs.iter().enumerate() {
+            let mut flags = 0u16;
+            let mut next = 0u16;
+            if i + 1 < descs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+                next = indices[i + 1];
+            }
+            if d.write {
+                flags |= VRING_DESC_F_WRITE as u16;
+            }
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&raw, q.desc_entry_addr(indices[i]))
+                .expect("write descriptor");
+        }
+        let head = indices[0];
+        q.chains[head as usize] = Some(Chain {
+            descs: indices,
+            bufs,
+            writable,
+        });
+        q.in_flight += 1;
+
+        mem.write_obj(head.to_le(), q.avail_ring_addr(q.next_avail.0))
+            .expect("write avail ring");
+        q.next_avail += Wrapping(1);
+        // Release: descriptors, buffers and the ring entry are visible before the new index.
+        mem.store(
+            q.next_avail.0.to_le(),
+            q.avail_idx_addr(),
+            Ordering::Release,
+        )
+        .expect("write avail idx");
+        // Full barrier before a following kick / avail_event check (virtio spec 2.7.13).
+        fence(Ordering::SeqCst);
+        head
+    }
+}

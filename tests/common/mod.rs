@@ -1,0 +1,5 @@
+// Shared helpers for integration tests. Each test crate only uses part of them.
+#![allow(dead_code)]
+
+pub mod frontend;
+pub mod vsound;

@@ -1,0 +1,370 @@
+//! Starts the real broker and worker binaries for integration tests, and speaks the guest
+//! driver's side of the virtio-sound protocol through the in-process frontend.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vsound::protocol as p;
+use zerocopy::IntoBytes;
+
+use super::frontend::{FrontendOptions, GuestVm, UsedBuf};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+pub fn wait_for_path(path: &Path, proc: &mut Proc) {
+    let deadline = Instant::now() + WAIT;
+    while !path.exists() {
+        assert!(
+            proc.is_running(),
+            "process exited before creating {}",
+            path.display()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn log_level() -> String {
+    std::env::var("VSOUND_TEST_LOG").unwrap_or_else(|_| "warn".into())
+}
+
+pub fn spawn_broker(dir: &Path, config: Option<&Path>) -> (Proc, PathBuf) {
+    let socket = dir.join("broker.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound-broker"));
+    cmd.arg("--socket")
+        .arg(&socket)
+        .env("RUST_LOG", log_level());
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let mut proc = Proc {
+        child: cmd.stdin(Stdio::null()).spawn().expect("start broker"),
+    };
+    wait_for_path(&socket, &mut proc);
+    (proc, socket)
+}
+
+pub fn spawn_worker(
+    dir: &Path,
+    name: &str,
+    broker: &Path,
+    config: Option<&Path>,
+) -> (Proc, PathBuf) {
+    let socket = dir.join(format!("{name}.sock"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound-worker"));
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--broker")
+        .arg(broker)
+        .env("RUST_LOG", log_level());
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let mut proc = Proc {
+        child: cmd.stdin(Stdio::null()).spawn().expect("start worker"),
+    };
+    wait_for_path(&socket, &mut proc);
+    (proc, socket)
+}
+
+/// A broker, one worker and a connected guest.
+pub struct Rig {
+    pub dir: tempfile::TempDir,
+    pub broker: Proc,
+    pub broker_socket: PathBuf,
+    pub worker: Proc,
+    pub vm: GuestVm,
+}
+
+impl Rig {
+    pub fn start(config_text: Option<&str>, opts: FrontendOptions) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_text.map(|text| {
+            let path = dir.path().join("vsound.toml");
+            std::fs::write(&path, text.replace("$DIR", &dir.path().to_string_lossy())).unwrap();
+            path
+        });
+        let (broker, broker_socket) = spawn_broker(dir.path(), config.as_deref());
+        let (worker, socket) = spawn_worker(dir.path(), "vm", &broker_socket, config.as_deref());
+        let vm = GuestVm::connect(&socket, opts).expect("connect to the worker");
+        Rig {
+            dir,
+            broker,
+            broker_socket,
+            worker,
+            vm,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+pub fn status_of(resp: &[u8]) -> u32 {
+    assert!(resp.len() >= 4, "response too short: {resp:?}");
+    u32::from_le_bytes(resp[..4].try_into().unwrap())
+}
+
+pub fn query(code: u32, start: u32, count: u32, size: u32) -> Vec<u8> {
+    p::QueryInfo {
+        hdr: p::Hdr { code: code.into() },
+        start_id: start.into(),
+        count: count.into(),
+        size: size.into(),
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+pub fn pcm(code: u32, stream: u32) -> Vec<u8> {
+    p::PcmHdr {
+        hdr: p::Hdr { code: code.into() },
+        stream_id: stream.into(),
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    pub stream: u32,
+    pub channels: u8,
+    pub format: u8,
+    pub rate: u8,
+    pub period_bytes: u32,
+    pub periods: u32,
+    pub features: u32,
+}
+
+impl Params {
+    /// 48 kHz stereo S16 with 10 ms periods.
+    pub fn s16_48k(stream: u32) -> Params {
+        Params {
+            stream,
+            channels: 2,
+            format: p::format::S16,
+            rate: p::rate::R48000,
+            period_bytes: 1920,
+            periods: 4,
+            features: 0,
+        }
+    }
+
+    pub fn request(&self) -> Vec<u8> {
+        p::PcmSetParams {
+            hdr: p::PcmHdr {
+                hdr: p::Hdr {
+                    code: p::R_PCM_SET_PARAMS.into(),
+                },
+                stream_id: self.stream.into(),
+            },
+            buffer_bytes: (self.period_bytes * self.periods).into(),
+            period_bytes: self.period_bytes.into(),
+            features: self.features.into(),
+            channels: self.channels,
+            format: self.format,
+            rate: self.rate,
+            padding: 0,
+        }
+        .as_bytes()
+        .to_vec()
+    }
+
+    pub fn period(&self) -> Duration {
+        let frame = vsound::protocol::sample_bytes(self.format).unwrap() * u32::from(self.channels);
+        let frames = u64::from(self.period_bytes / frame);
+        let hz = u64::from(vsound::protocol::rate_hz(self.rate).unwrap());
+        Duration::from_nanos(frames * 1_000_000_000 / hz)
+    }
+}
+
+/// Sends a control request and returns its status.
+pub fn control(vm: &mut GuestVm, req: &[u8]) -> u32 {
+    status_of(&vm.request(p::CONTROL_QUEUE, req, 4))
+}
+
+pub fn prepare(vm: &mut GuestVm, params: &Params) {
+    assert_eq!(control(vm, &params.request()), 0x8000, "SET_PARAMS");
+    assert_eq!(
+        control(vm, &pcm(p::R_PCM_PREPARE, params.stream)),
+        0x8000,
+        "PREPARE"
+    );
+}
+
+/// The parts of a completed tx/rx buffer.
+#[derive(Debug)]
+pub struct Completion {
+    pub head: u16,
+    pub at: Instant,
+    pub status: u32,
+    pub latency_bytes: u32,
+    pub data: Vec<u8>,
+}
+
+pub fn split_status(used: &UsedBuf, payload_len: usize) -> Completion {
+    let written = &used.written;
+    let status_at = if written.len() >= payload_len + 8 {
+        payload_len
+    } else {
+        written.len().saturating_sub(8)
+    };
+    assert!(written.len() >= 8, "completion without a status: {used:?}");
+    Completion {
+        head: used.head,
+        at: Instant::now(),
+        status: u32::from_le_bytes(written[status_at..status_at + 4].try_into().unwrap()),
+        latency_bytes: u32::from_le_bytes(
+            written[status_at + 4..status_at + 8].try_into().unwrap(),
+        ),
+        data: written[..status_at].to_vec(),
+    }
+}
+
+pub fn tx_submit(vm: &mut GuestVm, stream: u32, data: &[u8]) -> u16 {
+    vm.submit(p::TX_QUEUE, &[&stream.to_le_bytes(), data], &[8])
+}
+
+pub fn rx_submit(vm: &mut GuestVm, stream: u32, len: u32) -> u16 {
+    vm.submit(p::RX_QUEUE, &[&stream.to_le_bytes()], &[len, 8])
+}
+
+/// Plays `data` in periods the way the guest driver does: `periods` buffers in flight, START
+/// after the first ones are queued, a new buffer whenever one completes. Returns each
+/// completion with its time and the START instant.
+pub fn play(vm: &mut GuestVm, params: &Params, data: &[u8]) -> (Instant, Vec<Completion>) {
+    let period = params.period_bytes as usize;
+    let mut chunks = data.chunks(period);
+    let mut in_flight = 0;
+    for chunk in chunks.by_ref().take(params.periods as usize) {
+        tx_submit(vm, params.stream, chunk);
+        in_flight += 1;
+    }
+    let started = Instant::now();
+    assert_eq!(
+        control(vm, &pcm(p::R_PCM_START, params.stream)),
+        0x8000,
+        "START"
+    );
+    let mut done = Vec::new();
+    while in_flight > 0 {
+        let used = vm
+            .wait_used(p::TX_QUEUE, WAIT)
+            .expect("tx completion within the timeout");
+        done.push(split_status(&used, 0));
+        in_flight -= 1;
+        if let Some(chunk) = chunks.next() {
+            tx_submit(vm, params.stream, chunk);
+            in_flight += 1;
+        }
+    }
+    (started, done)
+}
+
+/// Records `count` periods: `periods` rx buffers in flight, re-queued as they complete.
+pub fn record(vm: &mut GuestVm, params: &Params, count: usize) -> (Instant, Vec<Completion>) {
+    let period = params.period_bytes;
+    let mut submitted = 0;
+    while submitted < count.min(params.periods as usize) {
+        rx_submit(vm, params.stream, period);
+        submitted += 1;
+    }
+    let started = Instant::now();
+    assert_eq!(
+        control(vm, &pcm(p::R_PCM_START, params.stream)),
+        0x8000,
+        "START"
+    );
+    let mut done = Vec::new();
+    while done.len() < count {
+        let used = vm
+            .wait_used(p::RX_QUEUE, WAIT)
+            .expect("rx completion within the timeout");
+        done.push(split_status(&used, period as usize));
+        if submitted < count {
+            rx_submit(vm, params.stream, period);
+            submitted += 1;
+        }
+    }
+    (started, done)
+}
+
+/// A deterministic, non-repeating test signal.
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Reads a WAV file's sample bytes (S16 little-endian).
+pub fn wav_s16_bytes(path: &Path) -> Vec<u8> {
+    let mut reader = hound::WavReader::open(path).expect("open wav");
+    reader
+        .samples::<i16>()
+        .flat_map(|s| s.unwrap().to_le_bytes())
+        .collect()
+}
+
+pub fn write_wav_s16(path: &Path, channels: u16, rate: u32, bytes: &[u8]) {
+    let spec = hound::WavSpec {
+        channels,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec).unwrap();
+    for s in bytes.chunks_exact(2) {
+        writer
+            .write_sample(i16::from_le_bytes([s[0], s[1]]))
+            .unwrap();
+    }
+    writer.finalize().unwrap();
+}
+
+/// CPU time (user + system) a process has used, from /proc/PID/stat.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line (11 and 12 after the name).
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}

@@ -1,0 +1,558 @@
+//! The worker and broker binaries driven by an in-process vhost-user frontend (the guest's side),
+//! over real virtqueues in shared memfd guest memory.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::frontend::{FrontendOptions, RawDesc};
+use common::vsound::*;
+use vsound::protocol as p;
+
+const WAV_CONFIG: &str = r#"
+[[streams]]
+name = "media"
+direction = "output"
+backend = "wav"
+wav_path = "$DIR/played-{client}.wav"
+formats = ["S16"]
+rates = [48000]
+[[streams]]
+name = "mic"
+direction = "input"
+backend = "wav"
+wav_path = "$DIR/source.wav"
+formats = ["S16"]
+rates = [48000]
+"#;
+
+#[test]
+fn probe_sees_the_configured_device() {
+    let mut rig = Rig::start(None, FrontendOptions::default());
+    let config = rig.vm.get_config(0, 12).unwrap();
+    assert_eq!(config, [1, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0]);
+    // A VMM with VIRTIO 1.3 headers reads 16 bytes: controls must read as 0.
+    assert_eq!(rig.vm.get_config(0, 16).unwrap()[12..], [0, 0, 0, 0]);
+    let features = rig.vm.offered_features();
+    assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1");
+
+    let resp = rig
+        .vm
+        .request(p::CONTROL_QUEUE, &query(p::R_JACK_INFO, 0, 1, 24), 28);
+    assert_eq!(status_of(&resp), 0x8000);
+    let resp = rig
+        .vm
+        .request(p::CONTROL_QUEUE, &query(p::R_PCM_INFO, 0, 2, 32), 68);
+    assert_eq!(status_of(&resp), 0x8000);
+    let out: p::PcmInfo = p::read_prefix(&resp[4..]).unwrap();
+    let input: p::PcmInfo = p::read_prefix(&resp[36..]).unwrap();
+    assert_eq!((out.direction, input.direction), (p::D_OUTPUT, p::D_INPUT));
+    let want_formats = (1 << p::format::S16) | (1 << p::format::S32) | (1 << p::format::FLOAT);
+    assert_eq!(out.formats.get(), want_formats);
+    assert_eq!(
+        out.rates.get(),
+        (1 << p::rate::R44100) | (1 << p::rate::R48000)
+    );
+    assert_eq!((out.channels_min, out.channels_max), (1, 2));
+    let resp = rig
+        .vm
+        .request(p::CONTROL_QUEUE, &query(p::R_CHMAP_INFO, 0, 2, 24), 52);
+    assert_eq!(status_of(&resp), 0x8000);
+    let chmap: p::ChmapInfo = p::read_prefix(&resp[4..]).unwrap();
+    assert_eq!(
+        (chmap.channels, chmap.positions[0], chmap.positions[1]),
+        (2, p::chmap::FL, p::chmap::FR)
+    );
+}
+
+#[test]
+fn playback_reaches_the_wav_file_intact() {
+    let mut rig = Rig::start(Some(WAV_CONFIG), FrontendOptions::default());
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    let data = pattern(params.period_bytes as usize * 40, 1);
+    let (_, done) = play(&mut rig.vm, &params, &data);
+    assert_eq!(done.len(), 40);
+    assert!(
+        done.iter().all(|c| c.status == 0x8000),
+        "all tx statuses OK"
+    );
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    let played = wav_s16_bytes(&rig.path("played-1.wav"));
+    assert_eq!(played.len(), data.len());
+    assert!(played == data, "played samples differ from the guest's");
+}
+
+#[test]
+fn completions_are_paced_by_the_backend_clock() {
+    let mut rig = Rig::start(None, FrontendOptions::default());
+    // 5.5 ms periods (ARCVM's 1056 bytes) must not be rounded to whole milliseconds.
+    let params = Params {
+        period_bytes: 1056,
+        periods: 4,
+        ..Params::s16_48k(0)
+    };
+    prepare(&mut rig.vm, &params);
+    let count = 60;
+    let data = pattern(params.period_bytes as usize * count, 2);
+    let (started, done) = play(&mut rig.vm, &params, &data);
+    assert_eq!(done.len(), count);
+    let period = params.period();
+    assert_eq!(period, Duration::from_micros(5500));
+    for (i, c) in done.iter().enumerate() {
+        // Buffer i ends (i + 1) periods after START: it may never complete before that.
+        let earliest = period * (i as u32 + 1);
+        let at = c.at - started;
+        assert!(
+            at + Duration::from_millis(1) >= earliest,
+            "buffer {i} completed at {at:?}, before its end at {earliest:?}"
+        );
+    }
+    // latency_bytes is what was queued ahead of the buffer, not its own size.
+    // The ring holds 3 periods ahead (the default lookahead).
+    assert!(done
+        .iter()
+        .all(|c| c.latency_bytes <= 3 * params.period_bytes));
+    assert!(done
+        .iter()
+        .skip(4)
+        .any(|c| c.latency_bytes >= params.period_bytes));
+    assert_eq!(done[0].latency_bytes, 0);
+}
+
+#[test]
+fn capture_returns_the_source_wav() {
+    let dir_config = WAV_CONFIG;
+    let mut rig = Rig::start(Some(dir_config), FrontendOptions::default());
+    let params = Params::s16_48k(1);
+    let source = pattern(params.period_bytes as usize * 30, 3);
+    write_wav_s16(&rig.path("source.wav"), 2, 48000, &source);
+    prepare(&mut rig.vm, &params);
+    let (started, done) = record(&mut rig.vm, &params, 30);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    let captured: Vec<u8> = done.iter().flat_map(|c| c.data.iter().copied()).collect();
+    assert_eq!(captured.len(), source.len());
+    assert!(
+        captured == source,
+        "captured bytes differ from the source file"
+    );
+    // An rx buffer is complete only when its period has been captured.
+    let last = done.last().unwrap().at - started;
+    assert!(
+        last + Duration::from_millis(1) >= params.period() * 30,
+        "capture too early: {last:?}"
+    );
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
+}
+
+#[test]
+fn two_workers_share_one_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vsound.toml");
+    std::fs::write(
+        &config,
+        WAV_CONFIG.replace("$DIR", &dir.path().to_string_lossy()),
+    )
+    .unwrap();
+    let (_broker, broker_socket) = spawn_broker(dir.path(), Some(&config));
+    let (_w1, s1) = spawn_worker(dir.path(), "vm1", &broker_socket, Some(&config));
+    let (_w2, s2) = spawn_worker(dir.path(), "vm2", &broker_socket, Some(&config));
+    let params = Params::s16_48k(0);
+    let threads: Vec<_> = [(s1, 10u32), (s2, 20u32)]
+        .into_iter()
+        .map(|(socket, seed)| {
+            std::thread::spawn(move || {
+                let mut vm =
+                    common::frontend::GuestVm::connect(&socket, FrontendOptions::default())
+                        .unwrap();
+                prepare(&mut vm, &params);
+                let data = pattern(params.period_bytes as usize * 30, seed);
+                let (_, done) = play(&mut vm, &params, &data);
+                assert!(done.iter().all(|c| c.status == 0x8000));
+                assert_eq!(control(&mut vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+                assert_eq!(control(&mut vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+                data
+            })
+        })
+        .collect();
+    let mut inputs: Vec<Vec<u8>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut outputs = vec![
+        wav_s16_bytes(&dir.path().join("played-1.wav")),
+        wav_s16_bytes(&dir.path().join("played-2.wav")),
+    ];
+    inputs.sort();
+    outputs.sort();
+    assert!(
+        inputs == outputs,
+        "each VM's audio must reach its own file intact"
+    );
+}
+
+#[test]
+fn release_completes_every_pending_buffer_first() {
+    let mut rig = Rig::start(None, FrontendOptions::default());
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    // More buffers than the ring holds, never started: none may complete on its own.
+    for i in 0..6 {
+        tx_submit(&mut rig.vm, 0, &pattern(params.period_bytes as usize, i));
+    }
+    std::thread::sleep(params.period() * 6);
+    assert!(
+        rig.vm.try_used(p::TX_QUEUE).is_none(),
+        "completed before playback"
+    );
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    // Completed before the RELEASE answer was written, so they are all there now.
+    for _ in 0..6 {
+        let used = rig.vm.try_used(p::TX_QUEUE).expect("flushed by RELEASE");
+        assert_eq!(split_status(&used, 0).status, 0x8000);
+    }
+    // Also after STOP.
+    prepare(&mut rig.vm, &params);
+    let (_, done) = play(
+        &mut rig.vm,
+        &params,
+        &pattern(params.period_bytes as usize * 4, 9),
+    );
+    assert_eq!(done.len(), 4);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    tx_submit(&mut rig.vm, 0, &pattern(params.period_bytes as usize, 5));
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    assert!(rig.vm.try_used(p::TX_QUEUE).is_some());
+}
+
+#[test]
+fn rx_pending_at_release_is_completed() {
+    let mut rig = Rig::start(None, FrontendOptions::default());
+    let params = Params::s16_48k(1);
+    prepare(&mut rig.vm, &params);
+    rx_submit(&mut rig.vm, 1, params.period_bytes);
+    rx_submit(&mut rig.vm, 1, params.period_bytes);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
+    for _ in 0..2 {
+        let used = rig.vm.try_used(p::RX_QUEUE).expect("flushed by RELEASE");
+        assert_eq!(used.len, 8, "nothing captured, just the status");
+    }
+}
+
+#[test]
+fn malformed_control_requests_get_their_status_and_the_device_goes_on() {
+    let mut rig = Rig::start(None, FrontendOptions::default());
+    let vm = &mut rig.vm;
+    let bad = 0x8001;
+    let cases: Vec<(Vec<u8>, u32, u32)> = vec![
+        (0x7777u32.to_le_bytes().to_vec(), 4, bad), // unknown code
+        (vec![0x00, 0x01], 4, bad),                 // short header
+        (query(p::R_PCM_INFO, 0, 3, 32), 200, bad), // past the last stream
+        (query(p::R_PCM_INFO, u32::MAX, 2, 32), 200, bad), // start_id + count overflows
+        (query(p::R_JACK_INFO, 0, u32::MAX, 24), 200, bad), // huge count
+        (query(p::R_CHMAP_INFO, 0, 1, u32::MAX), 200, bad), // huge size
+        (query(p::R_PCM_INFO, 0, 2, 32), 40, bad),  // response too small
+        (pcm(p::R_PCM_PREPARE, 2), 4, bad),         // no such stream
+        (pcm(p::R_PCM_START, 0), 4, bad),           // START before params
+        (pcm(p::R_PCM_STOP, 0), 4, bad),            // STOP while not running
+        (pcm(p::R_PCM_RELEASE, 1), 4, bad),         // RELEASE unprepared
+        (
+            Params {
+                period_bytes: 0,
+                ..Params::s16_48k(0)
+            }
+            .request(),
+            4,
+            bad,
+        ),
+        (
+            Params {
+                periods: 0,
+                ..Params::s16_48k(0)
+            }
+            .request(),
+            4,
+            bad,
+        ),
+        (
+            Params {
+                format: 77,
+                ..Params::s16_48k(0)
+            }
+            .request(),
+            4,
+            bad,
+        ),
+        (
+            Params {
+                rate: 40,
+                ..Params::s16_48k(0)
+            }
+            .request(),
+            4,
+            bad,
+        ),
+        (
+            Params {
+                channels: 9,
+                ..Params::s16_48k(0)
+            }
+            .request(),
+            4,
+            0x8002,
+        ),
+        (
+            Params {
+                format: p::format::U8,
+                ..Params::s16_48k(0)
+            }
+            .request(),
+            4,
+            0x8002,
+        ),
+        (
+            Params {
+                period_bytes: 1 << 20,
+                periods: 1000,
+                ..Params::s16_48k(0)
+            }
+            .request(),
+            4,
+            0x8002,
+        ),
+        (
+            Params {
+                features: 1 << p::PCM_F_SHMEM_GUEST,
+                ..Params::s16_48k(0)
+            }
+            .request(),
+            4,
+            0x8002,
+        ),
+        (Params::s16_48k(0).request()[..20].to_vec(), 4, bad), // short SET_PARAMS
+    ];
+    for (req, resp_len, want) in cases {
+        let resp = vm.request(p::CONTROL_QUEUE, &req, resp_len);
+        assert_eq!(status_of(&resp), want, "request {req:x?}");
+    }
+    // A request with no room for the status is completed empty.
+    let head = vm.submit(p::CONTROL_QUEUE, &[&pcm(p::R_PCM_START, 0)], &[]);
+    let used = vm.wait_used(p::CONTROL_QUEUE, WAIT).unwrap();
+    assert_eq!((used.head, used.len), (head, 0));
+    // Readable after writable: a malformed chain, completed empty.
+    let a = vm.alloc_guest(64);
+    let head = vm.submit_raw(
+        p::CONTROL_QUEUE,
+        &[
+            RawDesc {
+                addr: a,
+                len: 4,
+                write: true,
+            },
+            RawDesc {
+                addr: a + 16,
+                len: 4,
+                write: false,
+            },
+        ],
+    );
+    vm.kick(p::CONTROL_QUEUE);
+    let used = vm.wait_used(p::CONTROL_QUEUE, WAIT).unwrap();
+    assert_eq!((used.head, used.len), (head, 0));
+    // A descriptor outside guest memory: the request cannot be read, so BAD_MSG.
+    let head = vm.submit_raw(
+        p::CONTROL_QUEUE,
+        &[
+            RawDesc {
+                addr: 1 << 40,
+                len: 8,
+                write: false,
+            },
+            RawDesc {
+                addr: a + 32,
+                len: 4,
+                write: true,
+            },
+        ],
+    );
+    vm.kick(p::CONTROL_QUEUE);
+    let used = vm.wait_used(p::CONTROL_QUEUE, WAIT).unwrap();
+    assert_eq!(used.head, head);
+    assert_eq!(status_of(&used.written), bad);
+    // A batch: the unknown request in the middle does not stop the others.
+    vm.submit_no_kick(p::CONTROL_QUEUE, &[&Params::s16_48k(0).request()], &[4]);
+    vm.submit_no_kick(p::CONTROL_QUEUE, &[&0xabcdu32.to_le_bytes()], &[4]);
+    vm.submit_no_kick(p::CONTROL_QUEUE, &[&pcm(p::R_PCM_PREPARE, 0)], &[4]);
+    vm.kick(p::CONTROL_QUEUE);
+    let statuses: Vec<u32> = (0..3)
+        .map(|_| status_of(&vm.wait_used(p::CONTROL_QUEUE, WAIT).unwrap().written))
+        .collect();
+    assert_eq!(statuses, [0x8000, bad, 0x8000]);
+    // Still serving: repeated START/STOP get BAD_MSG, the real ones OK.
+    assert_eq!(control(vm, &pcm(p::R_PCM_START, 0)), 0x8000);
+    assert_eq!(control(vm, &pcm(p::R_PCM_START, 0)), bad);
+    assert_eq!(control(vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(vm, &pcm(p::R_PCM_STOP, 0)), bad);
+    assert!(rig.worker.is_running());
+}
+
+#[test]
+fn bad_tx_and_rx_buffers_are_completed_with_bad_msg() {
+    let mut rig = Rig::start(None, FrontendOptions::default());
+    let params = Params::s16_48k(0);
+    let period = vec![0u8; params.period_bytes as usize];
+    let vm = &mut rig.vm;
+    let expect_bad = |vm: &mut common::frontend::GuestVm, queue: u16, payload: usize| {
+        let used = vm.wait_used(queue, WAIT).expect("completed");
+        let c = split_status(&used, payload);
+        assert_eq!(c.status, 0x8001, "queue {queue}: {used:?}");
+    };
+    // Unprepared stream.
+    tx_submit(vm, 0, &period);
+    expect_bad(vm, p::TX_QUEUE, 0);
+    prepare(vm, &params);
+    prepare(vm, &Params::s16_48k(1));
+    // tx on the input stream, rx on the output stream, unknown streams.
+    tx_submit(vm, 1, &period);
+    expect_bad(vm, p::TX_QUEUE, 0);
+    tx_submit(vm, 99, &period);
+    expect_bad(vm, p::TX_QUEUE, 0);
+    rx_submit(vm, 0, params.period_bytes);
+    expect_bad(vm, p::RX_QUEUE, params.period_bytes as usize);
+    rx_submit(vm, u32::MAX, params.period_bytes);
+    expect_bad(vm, p::RX_QUEUE, params.period_bytes as usize);
+    // Short header, empty payload, payload larger than the ring.
+    vm.submit(p::TX_QUEUE, &[&[0, 0]], &[8]);
+    expect_bad(vm, p::TX_QUEUE, 0);
+    tx_submit(vm, 0, &[]);
+    expect_bad(vm, p::TX_QUEUE, 0);
+    tx_submit(vm, 0, &vec![0u8; 1 << 20]);
+    expect_bad(vm, p::TX_QUEUE, 0);
+    // No room for the status: completed empty.
+    vm.submit(p::TX_QUEUE, &[&0u32.to_le_bytes(), &period], &[4]);
+    assert_eq!(vm.wait_used(p::TX_QUEUE, WAIT).unwrap().len, 0);
+    // Payload outside guest memory.
+    let status = vm.alloc_guest(8);
+    let header = vm.alloc_guest(4);
+    vm.submit_raw(
+        p::TX_QUEUE,
+        &[
+            RawDesc {
+                addr: header,
+                len: 4,
+                write: false,
+            },
+            RawDesc {
+                addr: 1 << 40,
+                len: 1920,
+                write: false,
+            },
+            RawDesc {
+                addr: status,
+                len: 8,
+                write: true,
+            },
+        ],
+    );
+    vm.kick(p::TX_QUEUE);
+    // Queued like a normal buffer (its bytes are unreadable): completed in order with BAD_MSG
+    // once played, so the guest's position still advances.
+    assert_eq!(control(vm, &pcm(p::R_PCM_START, 0)), 0x8000);
+    expect_bad(vm, p::TX_QUEUE, 0);
+    // The stream still plays.
+    let (_, done) = play_more(vm, &params, 3);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    assert!(rig.worker.is_running());
+}
+
+/// Plays `count` more periods on an already running stream.
+fn play_more(
+    vm: &mut common::frontend::GuestVm,
+    params: &Params,
+    count: usize,
+) -> (Instant, Vec<Completion>) {
+    let started = Instant::now();
+    for i in 0..count {
+        tx_submit(
+            vm,
+            params.stream,
+            &pattern(params.period_bytes as usize, i as u32),
+        );
+    }
+    let done = (0..count)
+        .map(|_| split_status(&vm.wait_used(p::TX_QUEUE, WAIT).expect("played"), 0))
+        .collect();
+    (started, done)
+}
+
+#[test]
+fn held_event_buffers_do_not_spin_the_worker_with_event_idx() {
+    let opts = FrontendOptions {
+        event_idx: true,
+        ..FrontendOptions::default()
+    };
+    let mut rig = Rig::start(None, opts);
+    assert!(
+        rig.vm.event_idx(),
+        "EVENT_IDX must be offered and negotiated"
+    );
+    // The driver fills the event queue at probe; the device keeps those buffers.
+    for _ in 0..32 {
+        rig.vm.submit_no_kick(p::EVENT_QUEUE, &[], &[8]);
+    }
+    rig.vm.kick(p::EVENT_QUEUE);
+    let before = cpu_time(rig.worker.pid());
+    let wall = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = cpu_time(rig.worker.pid()) - before;
+    // A spinning worker burns a whole core; an idle one almost nothing.
+    assert!(
+        used < wall.elapsed() / 4,
+        "worker used {used:?} of CPU in {:?} while idle",
+        wall.elapsed()
+    );
+    assert!(
+        rig.vm.try_used(p::EVENT_QUEUE).is_none(),
+        "no event happened"
+    );
+    // And the control queue is served meanwhile.
+    let resp = rig
+        .vm
+        .request(p::CONTROL_QUEUE, &query(p::R_PCM_INFO, 0, 1, 32), 36);
+    assert_eq!(status_of(&resp), 0x8000);
+}
+
+#[test]
+fn playback_works_with_event_idx_and_indirect_descriptors_offered() {
+    let opts = FrontendOptions {
+        event_idx: true,
+        ..FrontendOptions::default()
+    };
+    let mut rig = Rig::start(Some(WAV_CONFIG), opts);
+    let offered = rig.vm.offered_features();
+    assert_ne!(offered & (1 << 28), 0, "INDIRECT_DESC offered");
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    let data = pattern(params.period_bytes as usize * 20, 4);
+    let (_, done) = play(&mut rig.vm, &params, &data);
+    assert_eq!(done.len(), 20);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    assert!(wav_s16_bytes(&rig.path("played-1.wav")) == data);
+}
+
+#[test]
+fn broker_loss_fails_buffers_instead_of_hanging() {
+    let mut rig = Rig::start(None, FrontendOptions::default());
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    tx_submit(&mut rig.vm, 0, &pattern(params.period_bytes as usize, 1));
+    let _ = rig.broker.child.kill();
+    let _ = rig.broker.child.wait();
+    let used = rig
+        .vm
+        .wait_used(p::TX_QUEUE, WAIT)
+        .expect("failed, not held forever");
+    assert_eq!(split_status(&used, 0).status, 0x8003);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_START, 0)), 0x8003);
+    assert!(rig.worker.is_running());
+}
