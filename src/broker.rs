@@ -27,6 +27,8 @@ use crate::ring::{Consumer, Producer, RingError, SharedRing};
 pub const MAX_CLIENTS: usize = 64;
 /// Messages handled per client per wake-up, so one chatty worker cannot starve the others.
 const MESSAGES_PER_WAKE: usize = 16;
+/// PCM features the broker implements: xrun reports.
+const BROKER_PCM_FEATURES: u32 = 1 << crate::protocol::PCM_F_EVT_XRUNS;
 /// Largest chunk moved between a ring and a backend in one copy.
 const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -327,7 +329,7 @@ impl Broker {
                 let offered = PcmCaps {
                     direction: cfg.direction.wire(),
                     hda_fn_nid: want.hda_fn_nid,
-                    features: 0,
+                    features: want.features & BROKER_PCM_FEATURES,
                     formats: cfg.format_mask() & want.formats,
                     rates: cfg.rate_mask() & want.rates,
                     channels_min: cfg.channels_min.max(want.channels_min),

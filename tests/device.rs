@@ -416,10 +416,41 @@ fn bad_tx_and_rx_buffers_are_completed_with_bad_msg() {
     expect_bad(vm, p::TX_QUEUE, 0);
     tx_submit(vm, 99, &period);
     expect_bad(vm, p::TX_QUEUE, 0);
-    rx_submit(vm, 0, params.period_bytes);
-    expect_bad(vm, p::RX_QUEUE, params.period_bytes as usize);
-    rx_submit(vm, u32::MAX, params.period_bytes);
-    expect_bad(vm, p::RX_QUEUE, params.period_bytes as usize);
+    for stream in [0, u32::MAX] {
+        // The status sits after the frames: read it where the driver would.
+        let header = vm.alloc_guest(4);
+        vm.write_guest(header, &stream.to_le_bytes());
+        let frames = vm.alloc_guest(u64::from(params.period_bytes));
+        let status = vm.alloc_guest(8);
+        vm.submit_raw(
+            p::RX_QUEUE,
+            &[
+                RawDesc {
+                    addr: header,
+                    len: 4,
+                    write: false,
+                },
+                RawDesc {
+                    addr: frames,
+                    len: params.period_bytes,
+                    write: true,
+                },
+                RawDesc {
+                    addr: status,
+                    len: 8,
+                    write: true,
+                },
+            ],
+        );
+        vm.kick(p::RX_QUEUE);
+        let used = vm.wait_used(p::RX_QUEUE, WAIT).expect("completed");
+        assert_eq!(used.len, 8, "no frames, only the status");
+        assert_eq!(
+            status_of(&vm.read_guest(status, 8)),
+            0x8001,
+            "rx on stream {stream}"
+        );
+    }
     // Short header, empty payload, payload larger than the ring.
     vm.submit(p::TX_QUEUE, &[&[0, 0]], &[8]);
     expect_bad(vm, p::TX_QUEUE, 0);
@@ -555,4 +586,60 @@ fn broker_loss_fails_buffers_instead_of_hanging() {
     assert_eq!(split_status(&used, 0).status, 0x8003);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_START, 0)), 0x8003);
     assert!(rig.worker.is_running());
+}
+
+#[test]
+fn underrun_is_reported_as_an_xrun_event_when_selected() {
+    let mut rig = Rig::start(None, FrontendOptions::default());
+    let resp = rig
+        .vm
+        .request(p::CONTROL_QUEUE, &query(p::R_PCM_INFO, 0, 1, 32), 36);
+    let info: p::PcmInfo = p::read_prefix(&resp[4..]).unwrap();
+    assert_eq!(info.features.get(), 1 << p::PCM_F_EVT_XRUNS);
+    for _ in 0..8 {
+        rig.vm.submit_no_kick(p::EVENT_QUEUE, &[], &[8]);
+    }
+    rig.vm.kick(p::EVENT_QUEUE);
+    let params = Params {
+        features: 1 << p::PCM_F_EVT_XRUNS,
+        ..Params::s16_48k(0)
+    };
+    prepare(&mut rig.vm, &params);
+    // Two periods, then nothing: the backend runs dry.
+    let (_, done) = play(
+        &mut rig.vm,
+        &Params {
+            periods: 2,
+            ..params
+        },
+        &pattern(params.period_bytes as usize * 2, 6),
+    );
+    assert_eq!(done.len(), 2);
+    let event = rig
+        .vm
+        .wait_used(p::EVENT_QUEUE, WAIT)
+        .expect("an xrun event");
+    assert_eq!(event.len, 8);
+    let code = u32::from_le_bytes(event.written[..4].try_into().unwrap());
+    let data = u32::from_le_bytes(event.written[4..8].try_into().unwrap());
+    assert_eq!((code, data), (p::EVT_PCM_XRUN, 0));
+    // Without the feature selected, no event is sent.
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    while rig.vm.try_used(p::EVENT_QUEUE).is_some() {}
+    prepare(&mut rig.vm, &Params::s16_48k(0));
+    let plain = Params {
+        periods: 2,
+        ..Params::s16_48k(0)
+    };
+    play(
+        &mut rig.vm,
+        &plain,
+        &pattern(plain.period_bytes as usize * 2, 7),
+    );
+    std::thread::sleep(plain.period() * 5);
+    assert!(
+        rig.vm.try_used(p::EVENT_QUEUE).is_none(),
+        "xrun sent without the feature"
+    );
 }

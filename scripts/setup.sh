@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs what vsound needs to build, run and test on Debian bookworm. Idempotent: installs
+# only what is missing. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+# Debian packages the build and the tests need.
+PACKAGES=(
+  build-essential   # cc and the linker for crates that build C
+  pkg-config        # finds system libraries for -sys crates
+  binutils          # readelf: the linkage test reads the worker's ELF dynamic section
+)
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Adds Debian's bookworm-backports suite on the same archive as the system's own sources.
+enable_backports() {
+  if grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    return
+  fi
+  local uri
+  uri=$(grep -rhs -A3 "^Types: deb" /etc/apt/sources.list.d/*.sources \
+          | awk '/^URIs:/ {print $2}' | grep -v security | head -n 1 || true)
+  if [ -z "$uri" ]; then
+    uri=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  fi
+  if [ -z "$uri" ]; then
+    echo "setup: cannot find the Debian archive in the apt sources" >&2
+    return 1
+  fi
+  echo "deb $uri bookworm-backports main" | as_root tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+  APT_UPDATED=""
+}
+
+APT_UPDATED=""
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ -z "$APT_UPDATED" ]; then
+    as_root apt-get update -qq
+    APT_UPDATED=1
+  fi
+  echo "setup: installing ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+if [ "${1:-}" = "--backports" ]; then
+  enable_backports
+fi
+apt_install "${PACKAGES[@]}"
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo is missing: install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+for component in fmt clippy; do
+  if ! cargo "$component" --version >/dev/null 2>&1; then
+    echo "setup: cargo $component is missing: rustup component add ${component/fmt/rustfmt}" >&2
+    exit 1
+  fi
+done
