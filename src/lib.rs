@@ -12,4 +12,5 @@ pub mod guest;
 pub mod ipc;
 pub mod protocol;
 pub mod ring;
+pub mod sandbox;
 pub mod worker;

@@ -8,8 +8,11 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use vsound::broker::Broker;
+use vsound::config::BackendKind;
 use vsound::config::Config;
 use vsound::ipc::Listener;
+use vsound::protocol::D_OUTPUT;
+use vsound::sandbox::{self, Mode, PathRule, Role};
 
 #[derive(Parser)]
 #[command(version, about = "vsound audio broker")]
@@ -20,6 +23,33 @@ struct Args {
     /// Device configuration (TOML), the same file the workers read.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// `strict` refuses to start if any sandbox layer cannot be applied.
+    #[arg(long, value_enum, default_value = "strict")]
+    sandbox: Mode,
+    /// When started as root: the unprivileged user to become (optional for the broker).
+    #[arg(long)]
+    user: Option<String>,
+    /// Group to become (default: the user's primary group).
+    #[arg(long)]
+    group: Option<String>,
+}
+
+/// What the backends need of the filesystem once the broker is confined.
+fn backend_paths(config: &Config) -> Vec<PathRule> {
+    config
+        .streams
+        .iter()
+        .filter(|s| s.backend == BackendKind::Wav)
+        .filter_map(|s| {
+            let path = s.wav_path.as_ref()?;
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+            Some(if s.direction.wire() == D_OUTPUT {
+                PathRule::ReadWrite(dir.to_path_buf())
+            } else {
+                PathRule::Read(dir.to_path_buf())
+            })
+        })
+        .collect()
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -43,14 +73,25 @@ fn run(args: Args) -> Result<(), String> {
             stream.backend
         );
     }
+    let paths = backend_paths(&config);
     let mut broker = Broker::new(config, listener).map_err(|e| e.to_string())?;
+    sandbox::apply(&sandbox::Options {
+        mode: args.sandbox,
+        role: Role::Broker,
+        user: args.user.clone(),
+        group: args.group.clone(),
+        paths,
+    })
+    .map_err(|e| e.to_string())?;
+    sandbox::run_probe_if_asked();
     log::info!("broker: listening on {}", args.socket.display());
-    let result = broker.run(Some(std::os::fd::AsFd::as_fd(&stop)));
-    let _ = std::fs::remove_file(&args.socket);
-    result.map_err(|e| e.to_string())
+    broker
+        .run(Some(std::os::fd::AsFd::as_fd(&stop)))
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
+    sandbox::close_inherited_fds();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use vsound::config::Config;
 use vsound::ipc::Channel;
+use vsound::sandbox::{self, Mode, Role};
 use vsound::worker::{GuestMemory, SoundDevice, DEVICE_EVENT};
 
 #[derive(Parser)]
@@ -27,6 +28,15 @@ struct Args {
     /// Device configuration (TOML); the built-in default without it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// `strict` refuses to start if any sandbox layer cannot be applied.
+    #[arg(long, value_enum, default_value = "strict")]
+    sandbox: Mode,
+    /// When started as root: the unprivileged user to become.
+    #[arg(long)]
+    user: Option<String>,
+    /// Group to become (default: the user's primary group).
+    #[arg(long)]
+    group: Option<String>,
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -46,6 +56,19 @@ fn run(args: Args) -> Result<(), String> {
         device.broker_client_id(),
         config.streams.len()
     );
+    // Everything the worker will ever open is open now: confine it before any guest byte.
+    let mut listener = Listener::new(&args.socket, true)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+    sandbox::apply(&sandbox::Options {
+        mode: args.sandbox,
+        role: Role::Worker,
+        user: args.user.clone(),
+        group: args.group.clone(),
+        paths: Vec::new(),
+    })
+    .map_err(|e| e.to_string())?;
+    sandbox::run_probe_if_asked();
+
     let device_fd = std::os::fd::AsRawFd::as_raw_fd(&device.device_fd());
     let device = Arc::new(RwLock::new(device));
     let mut daemon = VhostUserDaemon::new(
@@ -59,16 +82,13 @@ fn run(args: Args) -> Result<(), String> {
             .register_listener(device_fd, EventSet::IN, u64::from(DEVICE_EVENT))
             .map_err(|e| format!("cannot watch the broker: {e}"))?;
     }
-    let mut listener = Listener::new(&args.socket, true)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
     log::info!("worker: waiting for the VMM on {}", args.socket.display());
     daemon
         .start(&mut listener)
         .map_err(|e| format!("vhost-user: {e}"))?;
     log::info!("worker: VMM connected");
-    let result = daemon.wait();
-    let _ = std::fs::remove_file(&args.socket);
-    match result {
+    // The socket file stays (no filesystem access now); the next worker replaces it.
+    match daemon.wait() {
         Ok(()) => {
             log::info!("worker: VMM disconnected");
             Ok(())
@@ -78,6 +98,7 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    sandbox::close_inherited_fds();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,6 +34,15 @@ enum Cmd {
         /// Where the broker's socket goes (default: beside the vhost-user socket).
         #[arg(long)]
         broker_socket: Option<PathBuf>,
+        /// Sandbox mode for both processes.
+        #[arg(long, default_value = "strict")]
+        sandbox: String,
+        /// The user the worker becomes when the launcher runs as root.
+        #[arg(long, default_value = "nobody")]
+        worker_user: String,
+        /// The worker's group when the launcher runs as root.
+        #[arg(long, default_value = "nogroup")]
+        worker_group: String,
     },
 }
 
@@ -79,11 +88,24 @@ fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
-fn run(
+struct RunOptions {
     socket: PathBuf,
     config: Option<PathBuf>,
     broker_socket: Option<PathBuf>,
-) -> Result<(), String> {
+    sandbox: String,
+    worker_user: String,
+    worker_group: String,
+}
+
+fn run(options: RunOptions) -> Result<(), String> {
+    let RunOptions {
+        socket,
+        config,
+        broker_socket,
+        sandbox,
+        worker_user,
+        worker_group,
+    } = options;
     let broker_socket = broker_socket.unwrap_or_else(|| {
         let mut name = socket.file_name().unwrap_or_default().to_os_string();
         name.push(".broker");
@@ -97,8 +119,12 @@ fn run(
         .map_err(|e| e.to_string())?;
 
     let _ = std::fs::remove_file(&broker_socket);
-    let mut broker_args = vec![broker_socket.as_os_str()];
-    broker_args.insert(0, "--socket".as_ref());
+    let mut broker_args: Vec<&std::ffi::OsStr> = vec![
+        "--socket".as_ref(),
+        broker_socket.as_os_str(),
+        "--sandbox".as_ref(),
+        sandbox.as_ref(),
+    ];
     if let Some(config) = &config {
         broker_args.extend(["--config".as_ref(), config.as_os_str()]);
     }
@@ -113,7 +139,17 @@ fn run(
         socket.as_os_str(),
         "--broker".as_ref(),
         broker_socket.as_os_str(),
+        "--sandbox".as_ref(),
+        sandbox.as_ref(),
     ];
+    if nix::unistd::Uid::effective().is_root() {
+        worker_args.extend::<[&std::ffi::OsStr; 4]>([
+            "--user".as_ref(),
+            worker_user.as_ref(),
+            "--group".as_ref(),
+            worker_group.as_ref(),
+        ]);
+    }
     if let Some(config) = &config {
         worker_args.extend(["--config".as_ref(), config.as_os_str()]);
     }
@@ -165,7 +201,17 @@ fn main() -> ExitCode {
             socket,
             config,
             broker_socket,
-        } => run(socket, config, broker_socket),
+            sandbox,
+            worker_user,
+            worker_group,
+        } => run(RunOptions {
+            socket,
+            config,
+            broker_socket,
+            sandbox,
+            worker_user,
+            worker_group,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -84,6 +84,9 @@ pub fn spawn_worker(
         .arg("--broker")
         .arg(broker)
         .env("RUST_LOG", log_level());
+    if nix::unistd::Uid::effective().is_root() {
+        cmd.args(["--user", "nobody", "--group", "nogroup"]);
+    }
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
     }
