@@ -8,15 +8,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::time::TimeSpec;
-use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use rustix::event::{eventfd, EventfdFlags};
 
-use crate::backends::{self, Backend, BackendStream, StreamSpec};
+use crate::backends::{self, Backend, BackendStream, RingPort, StreamRing, StreamSpec};
 use crate::config::Config;
 use crate::control::{PcmCaps, PcmParams};
 use crate::ipc::{self, BrokerMsg, Channel, IpcError, Listener, WorkerMsg};
@@ -29,8 +26,6 @@ pub const MAX_CLIENTS: usize = 64;
 const MESSAGES_PER_WAKE: usize = 16;
 /// PCM features the broker implements: xrun reports.
 const BROKER_PCM_FEATURES: u32 = 1 << crate::protocol::PCM_F_EVT_XRUNS;
-/// Largest chunk moved between a ring and a backend in one copy.
-const SCRATCH_BYTES: usize = 64 * 1024;
 
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_STOP: u64 = 1;
@@ -57,28 +52,10 @@ enum Violation {
     Protocol(String),
 }
 
-enum StreamRing {
-    /// Playback: the worker produces, we consume.
-    Playback(Consumer),
-    /// Capture: we produce, the worker consumes.
-    Capture(Producer),
-}
-
 struct BrokerStream {
-    params: PcmParams,
-    ring: StreamRing,
-    /// Signalled whenever we move the ring's position.
-    notify: OwnedFd,
-    backend: Box<dyn BackendStream>,
-    timer: TimerFd,
+    stream: Box<dyn BackendStream>,
     running: bool,
-    clock_start: Instant,
-    /// Frames the clock has accounted for since `clock_start`.
-    frames_done: u64,
-    /// Whether data was flowing at the last tick (xruns are reported on the edge).
-    flowing: bool,
     xruns: u64,
-    scratch: Vec<u8>,
 }
 
 struct Client {
@@ -204,7 +181,7 @@ impl Broker {
         if let Some(client) = self.clients.remove(&id) {
             log::warn!("broker: dropping worker {id}: {why}");
             for stream in client.streams.values() {
-                let _ = self.epoll.delete(&stream.timer);
+                let _ = self.epoll.delete(stream.stream.wake_fd());
             }
             let _ = self.epoll.delete(&client.channel);
         }
@@ -366,37 +343,31 @@ impl Broker {
         let (ring, ring_fd) = SharedRing::create(capacity).map_err(|e| e.to_string())?;
         let notify = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(|e| format!("eventfd: {e}"))?;
+        let worker_notify = notify.try_clone().map_err(|e| format!("eventfd: {e}"))?;
         let spec = StreamSpec {
             client_id: id,
             stream_id,
             direction: caps.direction,
             params,
         };
-        let backend = self.backends[stream_id as usize]
-            .open(&spec)
-            .map_err(|e| format!("backend: {e}"))?;
-        let timer = TimerFd::new(
-            ClockId::CLOCK_MONOTONIC,
-            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
-        )
-        .map_err(|e| format!("timerfd: {e}"))?;
         let ring = if caps.direction == D_OUTPUT {
             StreamRing::Playback(Consumer::new(ring))
         } else {
             StreamRing::Capture(Producer::new(ring))
         };
+        let backend_stream = self.backends[stream_id as usize]
+            .open(&spec, RingPort::new(ring, notify))
+            .map_err(|e| format!("backend: {e}"))?;
+        self.epoll
+            .add(
+                backend_stream.wake_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, timer_token(id, stream_id)),
+            )
+            .map_err(|e| format!("epoll: {e}"))?;
         let stream = BrokerStream {
-            params,
-            ring,
-            notify,
-            backend,
-            timer,
+            stream: backend_stream,
             running: false,
-            clock_start: Instant::now(),
-            frames_done: 0,
-            flowing: false,
             xruns: 0,
-            scratch: vec![0; SCRATCH_BYTES.min(capacity as usize)],
         };
         let client = self.clients.get_mut(&id).ok_or("client vanished")?;
         client
@@ -406,7 +377,7 @@ impl Broker {
                     stream_id,
                     ring_capacity: capacity,
                 },
-                &[ring_fd.as_fd(), stream.notify.as_fd()],
+                &[ring_fd.as_fd(), worker_notify.as_fd()],
             )
             .map_err(|e| e.to_string())?;
         client.streams.insert(stream_id, stream);
@@ -421,57 +392,34 @@ impl Broker {
         Ok(())
     }
 
-    /// The stream and the epoll set, borrowed together.
-    fn stream_mut(
-        &mut self,
-        id: u32,
-        stream_id: u32,
-    ) -> Result<(&mut BrokerStream, &Epoll), String> {
-        let stream = self
-            .clients
+    fn stream_mut(&mut self, id: u32, stream_id: u32) -> Result<&mut BrokerStream, String> {
+        self.clients
             .get_mut(&id)
             .and_then(|c| c.streams.get_mut(&stream_id))
-            .ok_or_else(|| "stream is not prepared".to_string())?;
-        Ok((stream, &self.epoll))
+            .ok_or_else(|| "stream is not prepared".to_string())
     }
 
     fn start(&mut self, id: u32, stream_id: u32) -> Result<(), String> {
-        let token = timer_token(id, stream_id);
-        let (stream, epoll) = self.stream_mut(id, stream_id)?;
+        let stream = self.stream_mut(id, stream_id)?;
         if stream.running {
             return Err("already running".into());
         }
         stream
-            .backend
+            .stream
             .start()
             .map_err(|e| format!("backend start: {e}"))?;
-        let period_ns = u64::from(stream.params.period_frames()) * 1_000_000_000
-            / u64::from(stream.params.rate_hz());
-        let interval = TimeSpec::from_duration(Duration::from_nanos(period_ns.max(1_000_000)));
-        stream
-            .timer
-            .set(Expiration::Interval(interval), TimerSetTimeFlags::empty())
-            .map_err(|e| format!("timer: {e}"))?;
         stream.running = true;
-        stream.clock_start = Instant::now();
-        stream.frames_done = 0;
-        stream.flowing = true;
-        epoll
-            .add(&stream.timer, EpollEvent::new(EpollFlags::EPOLLIN, token))
-            .map_err(|e| format!("epoll: {e}"))?;
         Ok(())
     }
 
     fn stop(&mut self, id: u32, stream_id: u32) -> Result<(), String> {
-        let (stream, epoll) = self.stream_mut(id, stream_id)?;
+        let stream = self.stream_mut(id, stream_id)?;
         if !stream.running {
             return Err("not running".into());
         }
         stream.running = false;
-        let _ = stream.timer.unset();
-        let _ = epoll.delete(&stream.timer);
         stream
-            .backend
+            .stream
             .stop()
             .map_err(|e| format!("backend stop: {e}"))
     }
@@ -492,7 +440,7 @@ impl Broker {
         else {
             return false;
         };
-        let _ = self.epoll.delete(&stream.timer);
+        let _ = self.epoll.delete(stream.stream.wake_fd());
         if stream.xruns > 0 {
             log::info!(
                 "broker: worker {id} stream {stream_id} released after {} xruns",
@@ -510,15 +458,10 @@ impl Broker {
         else {
             return;
         };
-        let mut expirations = [0u8; 8];
-        let _ = rustix::io::read(&stream.timer, &mut expirations);
-        if !stream.running {
-            return;
-        }
-        match stream.advance() {
-            Ok(xrun) => {
-                let _ = rustix::io::write(&stream.notify, &1u64.to_ne_bytes());
-                if xrun {
+        match stream.stream.on_wake() {
+            Ok(wake) => {
+                if wake.xrun {
+                    stream.xruns += 1;
                     if let Some(client) = self.clients.get(&id) {
                         if let Err(e) = client.channel.send(&BrokerMsg::Xrun { stream_id }, &[]) {
                             log::debug!("broker: cannot report xrun: {e}");
@@ -526,77 +469,7 @@ impl Broker {
                     }
                 }
             }
-            Err(e) => self.drop_client(id, &e),
-        }
-    }
-}
-
-impl BrokerStream {
-    /// Moves the frames the clock says are due; returns whether an xrun began.
-    fn advance(&mut self) -> Result<bool, Violation> {
-        let rate = u128::from(self.params.rate_hz());
-        // Integer frames from integer nanoseconds since START: no rounding error accumulates.
-        let due_total = (self.clock_start.elapsed().as_nanos() * rate / 1_000_000_000) as u64;
-        let due_frames = due_total.saturating_sub(self.frames_done);
-        self.frames_done = due_total;
-        let frame_bytes = u64::from(self.params.frame_bytes());
-        let want = due_frames * frame_bytes;
-        let chunk_max = (self.scratch.len() as u64 / frame_bytes * frame_bytes).max(frame_bytes);
-        let moved = match &mut self.ring {
-            StreamRing::Playback(consumer) => {
-                let available = consumer.available()? / frame_bytes * frame_bytes;
-                let total = want.min(available);
-                let mut left = total;
-                while left > 0 {
-                    let n = left.min(chunk_max) as usize;
-                    let got = consumer.pop(&mut self.scratch[..n])?;
-                    if let Err(e) = self.backend.play(&self.scratch[..got]) {
-                        log::warn!("broker: backend playback error: {e}");
-                    }
-                    left -= got as u64;
-                    if got < n {
-                        break;
-                    }
-                }
-                total
-            }
-            StreamRing::Capture(producer) => {
-                let free = producer.free()? / frame_bytes * frame_bytes;
-                let total = want.min(free);
-                let mut left = want;
-                let mut stored = 0;
-                while left > 0 {
-                    let n = left.min(chunk_max) as usize;
-                    if let Err(e) = self.backend.capture(&mut self.scratch[..n]) {
-                        log::warn!("broker: backend capture error: {e}");
-                        self.scratch[..n].fill(0);
-                    }
-                    // Frames that do not fit are lost (an overrun), as on real hardware.
-                    let keep = (total - stored).min(n as u64) as usize;
-                    if keep > 0 {
-                        producer.push(&self.scratch[..keep])?;
-                        stored += keep as u64;
-                    }
-                    left -= n as u64;
-                }
-                total
-            }
-        };
-        self.ring_ref()
-            .set_backend_delay(self.backend.delay_frames());
-        let short = moved < want;
-        let xrun = short && self.flowing;
-        if xrun {
-            self.xruns += 1;
-        }
-        self.flowing = !short;
-        Ok(xrun)
-    }
-
-    fn ring_ref(&self) -> &SharedRing {
-        match &self.ring {
-            StreamRing::Playback(c) => c.ring(),
-            StreamRing::Capture(p) => p.ring(),
+            Err(e) => self.drop_client(id, &Violation::Ring(e)),
         }
     }
 }

@@ -1,13 +1,18 @@
 //! Audio backends of the broker, behind one trait.
 //!
-//! `null` and `wav` are clocked by the broker (a timer moves frames at the stream's real-time
-//! rate); real audio backends plug in behind the same traits.
+//! A backend opens a [`BackendStream`] at every PREPARE and is handed the broker's end of the
+//! stream's ring ([`RingPort`]). Whatever clock drives the backend moves frames through the ring
+//! and signals the worker's eventfd. `null` and `wav` are driven by the broker's own timer
+//! ([`clocked`]); real audio backends are driven by their device's clock.
 
 use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use crate::config::{BackendKind, StreamConfig};
 use crate::control::{PcmCaps, PcmParams};
+use crate::ring::{Consumer, Producer, RingError, SharedRing};
 
+pub mod clocked;
 pub mod null;
 pub mod wav;
 
@@ -29,30 +34,69 @@ pub enum BackendError {
     Unsupported(String),
 }
 
-/// A configured backend for one stream slot; opens a [`BackendStream`] at every PREPARE.
+/// The broker's end of a stream's ring.
+pub enum StreamRing {
+    /// Playback: the worker produces, the backend consumes.
+    Playback(Consumer),
+    /// Capture: the backend produces, the worker consumes.
+    Capture(Producer),
+}
+
+impl StreamRing {
+    pub fn shared(&self) -> &SharedRing {
+        match self {
+            StreamRing::Playback(c) => c.ring(),
+            StreamRing::Capture(p) => p.ring(),
+        }
+    }
+}
+
+/// Everything a backend stream needs to move frames: the ring and the worker's eventfd.
+pub struct RingPort {
+    pub ring: StreamRing,
+    notify: OwnedFd,
+}
+
+impl RingPort {
+    pub fn new(ring: StreamRing, notify: OwnedFd) -> RingPort {
+        RingPort { ring, notify }
+    }
+
+    /// Tells the worker the ring moved (non-blocking; safe on a real-time thread).
+    pub fn notify_worker(&self) {
+        let _ = rustix::io::write(&self.notify, &1u64.to_ne_bytes());
+    }
+}
+
+/// What a wake-up produced, for the broker to pass on to the worker.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Wake {
+    /// An under- or overrun began.
+    pub xrun: bool,
+}
+
+/// A configured backend for one stream slot.
 pub trait Backend: Send {
     fn name(&self) -> &'static str;
     /// Narrows the config's offer to what this backend really accepts.
     fn caps(&self, offered: &PcmCaps) -> PcmCaps;
-    fn open(&self, spec: &StreamSpec) -> Result<Box<dyn BackendStream>, BackendError>;
+    fn open(
+        &self,
+        spec: &StreamSpec,
+        port: RingPort,
+    ) -> Result<Box<dyn BackendStream>, BackendError>;
 }
 
-/// One open stream. Frames passed are whole frames in the stream's format.
+/// One open stream.
 pub trait BackendStream: Send {
-    /// Playback: the frames the clock says are being played now.
-    fn play(&mut self, frames: &[u8]) -> io::Result<()>;
-    /// Capture: fills `out` with the frames captured now.
-    fn capture(&mut self, out: &mut [u8]) -> io::Result<()>;
-    fn start(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn stop(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    /// Frames buffered inside the backend (after the ring for playback, before it for capture).
-    fn delay_frames(&self) -> u64 {
-        0
-    }
+    fn start(&mut self) -> io::Result<()>;
+    fn stop(&mut self) -> io::Result<()>;
+    /// The fd the broker watches for this stream; when readable it calls [`on_wake`].
+    ///
+    /// [`on_wake`]: BackendStream::on_wake
+    fn wake_fd(&self) -> BorrowedFd<'_>;
+    /// Does the work that is due. A ring error means the worker broke the ring protocol.
+    fn on_wake(&mut self) -> Result<Wake, RingError>;
 }
 
 /// Builds the backend a stream's config asks for.

@@ -2,7 +2,8 @@
 
 use std::io;
 
-use super::{Backend, BackendError, BackendStream, StreamSpec};
+use super::clocked::{ClockedIo, ClockedStream};
+use super::{Backend, BackendError, BackendStream, RingPort, StreamSpec};
 use crate::control::PcmCaps;
 
 pub struct NullBackend;
@@ -16,10 +17,15 @@ impl Backend for NullBackend {
         *offered
     }
 
-    fn open(&self, spec: &StreamSpec) -> Result<Box<dyn BackendStream>, BackendError> {
-        Ok(Box::new(NullStream {
+    fn open(
+        &self,
+        spec: &StreamSpec,
+        port: RingPort,
+    ) -> Result<Box<dyn BackendStream>, BackendError> {
+        let io = Box::new(NullIo {
             silence: silence_sample(spec.params.format),
-        }))
+        });
+        Ok(Box::new(ClockedStream::new(spec, port, io)?))
     }
 }
 
@@ -41,11 +47,11 @@ pub fn silence_sample(format: u8) -> Vec<u8> {
     sample
 }
 
-struct NullStream {
+struct NullIo {
     silence: Vec<u8>,
 }
 
-impl BackendStream for NullStream {
+impl ClockedIo for NullIo {
     fn play(&mut self, _frames: &[u8]) -> io::Result<()> {
         Ok(())
     }

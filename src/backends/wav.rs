@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use hound::{SampleFormat, WavReader, WavSpec, WavWriter};
 
-use super::{Backend, BackendError, BackendStream, StreamSpec};
+use super::clocked::{ClockedIo, ClockedStream};
+use super::{Backend, BackendError, BackendStream, RingPort, StreamSpec};
 use crate::control::PcmCaps;
 use crate::protocol::{format, D_OUTPUT};
 
@@ -58,7 +59,18 @@ impl Backend for WavBackend {
         }
     }
 
-    fn open(&self, spec: &StreamSpec) -> Result<Box<dyn BackendStream>, BackendError> {
+    fn open(
+        &self,
+        spec: &StreamSpec,
+        port: RingPort,
+    ) -> Result<Box<dyn BackendStream>, BackendError> {
+        let io = self.open_io(spec)?;
+        Ok(Box::new(ClockedStream::new(spec, port, io)?))
+    }
+}
+
+impl WavBackend {
+    fn open_io(&self, spec: &StreamSpec) -> Result<Box<dyn ClockedIo>, BackendError> {
         let wav = wav_spec(spec)?;
         let path = self.path_for(spec.client_id);
         if spec.direction == D_OUTPUT {
@@ -99,7 +111,7 @@ struct WavPlayback {
     format: u8,
 }
 
-impl BackendStream for WavPlayback {
+impl ClockedIo for WavPlayback {
     fn play(&mut self, frames: &[u8]) -> io::Result<()> {
         match self.format {
             format::S16 => {
@@ -131,7 +143,7 @@ impl BackendStream for WavPlayback {
         Err(io::Error::other("playback stream"))
     }
 
-    fn stop(&mut self) -> io::Result<()> {
+    fn pause(&mut self) -> io::Result<()> {
         // Keep the header's sizes true whenever the stream pauses.
         self.writer.flush().map_err(to_io)
     }
@@ -150,7 +162,7 @@ struct WavCapture {
     format: u8,
 }
 
-impl BackendStream for WavCapture {
+impl ClockedIo for WavCapture {
     fn play(&mut self, _frames: &[u8]) -> io::Result<()> {
         Err(io::Error::other("capture stream"))
     }
@@ -222,13 +234,13 @@ mod tests {
             let data: Vec<u8> = (0..4000u32).map(|i| (i * 7 % 251) as u8).collect();
             let data = &data[..data.len() / 8 * 8];
             {
-                let mut out = backend.open(&spec(D_OUTPUT, fmt)).unwrap();
+                let mut out = backend.open_io(&spec(D_OUTPUT, fmt)).unwrap();
                 out.play(&data[..1000]).unwrap();
                 out.play(&data[1000..]).unwrap();
             }
             let path = dir.path().join("out-7.wav");
             assert!(path.exists());
-            let mut input = backend.open(&spec(D_INPUT, fmt)).unwrap();
+            let mut input = backend.open_io(&spec(D_INPUT, fmt)).unwrap();
             let mut got = vec![0u8; data.len() + 8];
             input.capture(&mut got).unwrap();
             assert_eq!(&got[..data.len()], data, "format {fmt}");
@@ -242,12 +254,12 @@ mod tests {
         let backend = WavBackend {
             path_template: dir.path().join("in.wav"),
         };
-        drop(backend.open(&spec(D_OUTPUT, format::S16)).unwrap());
-        assert!(backend.open(&spec(D_INPUT, format::S32)).is_err());
+        drop(backend.open_io(&spec(D_OUTPUT, format::S16)).unwrap());
+        assert!(backend.open_io(&spec(D_INPUT, format::S32)).is_err());
         let missing = WavBackend {
             path_template: dir.path().join("missing.wav"),
         };
-        assert!(missing.open(&spec(D_INPUT, format::S16)).is_err());
-        assert!(backend.open(&spec(D_OUTPUT, format::U8)).is_err());
+        assert!(missing.open_io(&spec(D_INPUT, format::S16)).is_err());
+        assert!(backend.open_io(&spec(D_OUTPUT, format::U8)).is_err());
     }
 }
