@@ -8,6 +8,13 @@ PACKAGES=(
   build-essential   # cc and the linker for crates that build C
   pkg-config        # finds system libraries for -sys crates
   binutils          # readelf: the linkage test reads the worker's ELF dynamic section
+  libclang-dev      # bindgen, for the PipeWire bindings
+)
+
+# From bookworm-backports: PipeWire 1.4 (the broker's backend, and the tests' private daemon).
+BACKPORTS_PACKAGES=(
+  libpipewire-0.3-dev libspa-0.2-dev   # the broker links libpipewire
+  pipewire pipewire-bin wireplumber    # tests: a private daemon, pw-record, pw-play, pw-cli
 )
 
 as_root() {
@@ -35,6 +42,11 @@ enable_backports() {
 
 APT_UPDATED=""
 apt_install() {
+  local target=()
+  if [ "${1:-}" = "--backports" ]; then
+    target=(-t bookworm-backports)
+    shift
+  fi
   local missing=()
   for pkg in "$@"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -45,13 +57,13 @@ apt_install() {
     APT_UPDATED=1
   fi
   echo "setup: installing ${missing[*]}"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${target[@]}" "${missing[@]}"
 }
 
-if [ "${1:-}" = "--backports" ]; then
-  enable_backports
-fi
+enable_backports
 apt_install "${PACKAGES[@]}"
+apt_install --backports "${BACKPORTS_PACKAGES[@]}"
 
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo is missing: install a Rust toolchain (rustup) first" >&2

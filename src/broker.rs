@@ -76,7 +76,7 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(config: Config, listener: Listener) -> io::Result<Broker> {
-        let backends = config.streams.iter().map(backends::for_stream).collect();
+        let backends = backends::build(&config).map_err(io::Error::other)?;
         listener.set_nonblocking()?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(

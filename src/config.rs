@@ -44,6 +44,10 @@ impl Direction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
+    /// PipeWire if a daemon answers, otherwise `null`.
+    Auto,
+    /// A PipeWire stream per virtio stream.
+    Pipewire,
     /// Consumes playback and produces silent capture at the stream's real-time rate.
     Null,
     /// Writes playback to a WAV file and reads capture from one, at the real-time rate.
@@ -91,6 +95,21 @@ pub struct StreamConfig {
     /// by the broker's number for the connected worker, so several VMs do not share a file.
     #[serde(default)]
     pub wav_path: Option<PathBuf>,
+    /// PipeWire: node.name (default `vsound.vmN.NAME`).
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// PipeWire: node.description.
+    #[serde(default)]
+    pub node_description: Option<String>,
+    /// PipeWire: media.role, for the host's routing policy (e.g. Music, Navigation, Phone).
+    #[serde(default)]
+    pub media_role: Option<String>,
+    /// PipeWire: target.object, the node to link to (default: the session manager's choice).
+    #[serde(default)]
+    pub target_object: Option<String>,
+    /// PipeWire: for an input stream whose target is a sink, capture that sink's monitor.
+    #[serde(default)]
+    pub capture_sink: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,7 +182,7 @@ fn default_rates() -> Vec<u32> {
     vec![44100, 48000]
 }
 fn default_backend() -> BackendKind {
-    BackendKind::Null
+    BackendKind::Auto
 }
 fn default_max_buffer_bytes() -> u32 {
     1 << 20
@@ -191,8 +210,13 @@ fn default_streams() -> Vec<StreamConfig> {
         rates: default_rates(),
         channels_min: 1,
         channels_max: 2,
-        backend: BackendKind::Null,
+        backend: BackendKind::Auto,
         wav_path: None,
+        node_name: None,
+        node_description: None,
+        media_role: None,
+        target_object: None,
+        capture_sink: false,
     };
     vec![
         stream("playback", Direction::Output),

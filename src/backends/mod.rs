@@ -8,12 +8,15 @@
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
-use crate::config::{BackendKind, StreamConfig};
+use std::sync::Arc;
+
+use crate::config::{BackendKind, Config, StreamConfig};
 use crate::control::{PcmCaps, PcmParams};
 use crate::ring::{Consumer, Producer, RingError, SharedRing};
 
 pub mod clocked;
 pub mod null;
+pub mod pipewire;
 pub mod wav;
 
 /// What the broker tells a backend about a stream it opens.
@@ -99,12 +102,58 @@ pub trait BackendStream: Send {
     fn on_wake(&mut self) -> Result<Wake, RingError>;
 }
 
-/// Builds the backend a stream's config asks for.
-pub fn for_stream(config: &StreamConfig) -> Box<dyn Backend> {
-    match config.backend {
-        BackendKind::Null => Box::new(null::NullBackend),
-        BackendKind::Wav => Box::new(wav::WavBackend {
-            path_template: config.wav_path.clone().unwrap_or_default(),
+/// Builds the backend each configured stream asks for. `auto` streams get PipeWire when a
+/// daemon answers, otherwise `null`; an explicit `pipewire` stream needs the daemon.
+pub fn build(config: &Config) -> Result<Vec<Box<dyn Backend>>, String> {
+    let wants = |kind| config.streams.iter().any(|s| s.backend == kind);
+    let pipewire_thread = if wants(BackendKind::Pipewire) || wants(BackendKind::Auto) {
+        match pipewire::PipewireThread::start() {
+            Ok(thread) => Some(thread),
+            Err(e) if wants(BackendKind::Pipewire) => return Err(e),
+            Err(e) => {
+                log::info!("backends: no PipeWire ({e}); auto streams use null");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok(config
+        .streams
+        .iter()
+        .map(|stream| for_stream(config, stream, pipewire_thread.as_ref()))
+        .collect())
+}
+
+fn for_stream(
+    config: &Config,
+    stream: &StreamConfig,
+    pipewire_thread: Option<&Arc<pipewire::PipewireThread>>,
+) -> Box<dyn Backend> {
+    match (stream.backend, pipewire_thread) {
+        (BackendKind::Wav, _) => Box::new(wav::WavBackend {
+            path_template: stream.wav_path.clone().unwrap_or_default(),
         }),
+        (BackendKind::Pipewire | BackendKind::Auto, Some(thread)) => {
+            let positions = config
+                .chmaps
+                .iter()
+                .find(|c| c.direction == stream.direction && c.hda_fn_nid == stream.hda_fn_nid)
+                .map(|c| c.position_values())
+                .unwrap_or_default();
+            Box::new(pipewire::PipewireBackend {
+                thread: thread.clone(),
+                props: pipewire::NodeProps {
+                    node_name: stream.node_name.clone(),
+                    description: stream.node_description.clone(),
+                    media_role: stream.media_role.clone(),
+                    target: stream.target_object.clone(),
+                    capture_sink: stream.capture_sink,
+                    positions,
+                    stream_name: stream.name.clone(),
+                },
+            })
+        }
+        _ => Box::new(null::NullBackend),
     }
 }

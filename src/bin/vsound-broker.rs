@@ -36,6 +36,23 @@ struct Args {
 
 /// What the backends need of the filesystem once the broker is confined.
 fn backend_paths(config: &Config) -> Vec<PathRule> {
+    let mut rules = Vec::new();
+    if config
+        .streams
+        .iter()
+        .any(|s| matches!(s.backend, BackendKind::Pipewire | BackendKind::Auto))
+    {
+        rules.extend(
+            vsound::backends::pipewire::sandbox_read_paths()
+                .into_iter()
+                .map(PathRule::Read),
+        );
+    }
+    rules.extend(wav_paths(config));
+    rules
+}
+
+fn wav_paths(config: &Config) -> Vec<PathRule> {
     config
         .streams
         .iter()
@@ -74,7 +91,7 @@ fn run(args: Args) -> Result<(), String> {
         );
     }
     let paths = backend_paths(&config);
-    let mut broker = Broker::new(config, listener).map_err(|e| e.to_string())?;
+    // Backends start after the sandbox so that every thread they create is confined too.
     sandbox::apply(&sandbox::Options {
         mode: args.sandbox,
         role: Role::Broker,
@@ -84,6 +101,7 @@ fn run(args: Args) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     sandbox::run_probe_if_asked();
+    let mut broker = Broker::new(config, listener).map_err(|e| e.to_string())?;
     log::info!("broker: listening on {}", args.socket.display());
     broker
         .run(Some(std::os::fd::AsFd::as_fd(&stop)))

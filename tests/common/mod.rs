@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod frontend;
+pub mod pipewire;
 pub mod vsound;

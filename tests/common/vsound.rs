@@ -56,11 +56,23 @@ fn log_level() -> String {
 }
 
 pub fn spawn_broker(dir: &Path, config: Option<&Path>) -> (Proc, PathBuf) {
+    spawn_broker_with_env(dir, config, &[])
+}
+
+pub fn spawn_broker_with_env(
+    dir: &Path,
+    config: Option<&Path>,
+    env: &[(&str, PathBuf)],
+) -> (Proc, PathBuf) {
     let socket = dir.join("broker.sock");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound-broker"));
     cmd.arg("--socket")
         .arg(&socket)
-        .env("RUST_LOG", log_level());
+        .env("RUST_LOG", log_level())
+        // Only the PipeWire tests' private daemon, never a developer's session.
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("PIPEWIRE_RUNTIME_DIR")
+        .envs(env.iter().map(|(k, v)| (*k, v)));
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
     }

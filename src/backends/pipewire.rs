@@ -1,0 +1,631 @@
+//! The PipeWire backend: one PipeWire stream per virtio stream, driven by the PipeWire graph's
+//! clock. Formats pass through unconverted (PipeWire converts and resamples where needed).
+//!
+//! PipeWire's main loop runs on one thread of its own, owned by the broker; the broker talks to
+//! it through a PipeWire channel. Each stream's real-time process callback only moves frames
+//! between its ring and PipeWire's buffer: it never blocks and never allocates, and reports
+//! xruns and ring violations through atomics and an eventfd the broker watches.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use pipewire as pw;
+use pw::spa;
+use pw::spa::param::audio::{AudioFormat, AudioInfoRaw};
+use rustix::event::{eventfd, EventfdFlags};
+
+use super::{Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake};
+use crate::control::{PcmCaps, PcmParams};
+use crate::protocol::{chmap, format, D_OUTPUT};
+use crate::ring::RingError;
+
+/// How long the broker waits for the PipeWire thread to create a stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Per-stream PipeWire properties from the config.
+#[derive(Debug, Clone, Default)]
+pub struct NodeProps {
+    pub node_name: Option<String>,
+    pub description: Option<String>,
+    pub media_role: Option<String>,
+    pub target: Option<String>,
+    pub capture_sink: bool,
+    /// Channel positions of the stream's channel map, if the config has one.
+    pub positions: Vec<u8>,
+    pub stream_name: String,
+}
+
+/// What a PipeWire client reads once the broker is confined: its plugins and modules (loaded
+/// as streams are created) and its configuration.
+pub fn sandbox_read_paths() -> Vec<std::path::PathBuf> {
+    let mut paths: Vec<std::path::PathBuf> = Vec::new();
+    for var in [
+        "SPA_PLUGIN_DIR",
+        "PIPEWIRE_MODULE_DIR",
+        "PIPEWIRE_CONFIG_DIR",
+    ] {
+        if let Some(dir) = std::env::var_os(var) {
+            paths.push(dir.into());
+        }
+    }
+    // Plugins are loaded with dlopen, which also resolves their own library dependencies.
+    for lib in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+    ] {
+        paths.push(lib.into());
+    }
+    paths.push("/etc/ld.so.cache".into());
+    paths.extend(["/usr/share/pipewire", "/etc/pipewire", "/usr/share/spa-0.2"].map(Into::into));
+    paths.retain(|p| p.exists());
+    paths
+}
+
+/// The virtio format's SPA equivalent, for the formats PipeWire carries unconverted.
+fn spa_format(fmt: u8) -> Option<AudioFormat> {
+    Some(match fmt {
+        format::MU_LAW => AudioFormat::ULAW,
+        format::A_LAW => AudioFormat::ALAW,
+        format::S8 => AudioFormat::S8,
+        format::U8 => AudioFormat::U8,
+        format::S16 => AudioFormat::S16LE,
+        format::U16 => AudioFormat::U16LE,
+        format::S24_3 => AudioFormat::S24LE,
+        format::U24_3 => AudioFormat::U24LE,
+        format::S24 => AudioFormat::S24_32LE,
+        format::U24 => AudioFormat::U24_32LE,
+        format::S32 => AudioFormat::S32LE,
+        format::U32 => AudioFormat::U32LE,
+        format::FLOAT => AudioFormat::F32LE,
+        format::FLOAT64 => AudioFormat::F64LE,
+        _ => return None,
+    })
+}
+
+/// The SPA channel position of a virtio one.
+fn spa_position(position: u8) -> u32 {
+    use spa::sys::*;
+    match position {
+        chmap::MONO => SPA_AUDIO_CHANNEL_MONO,
+        chmap::FL => SPA_AUDIO_CHANNEL_FL,
+        chmap::FR => SPA_AUDIO_CHANNEL_FR,
+        chmap::RL => SPA_AUDIO_CHANNEL_RL,
+        chmap::RR => SPA_AUDIO_CHANNEL_RR,
+        chmap::FC => SPA_AUDIO_CHANNEL_FC,
+        chmap::LFE => SPA_AUDIO_CHANNEL_LFE,
+        chmap::SL => SPA_AUDIO_CHANNEL_SL,
+        chmap::SR => SPA_AUDIO_CHANNEL_SR,
+        chmap::RC => SPA_AUDIO_CHANNEL_RC,
+        chmap::FLC => SPA_AUDIO_CHANNEL_FLC,
+        chmap::FRC => SPA_AUDIO_CHANNEL_FRC,
+        chmap::RLC => SPA_AUDIO_CHANNEL_RLC,
+        chmap::RRC => SPA_AUDIO_CHANNEL_RRC,
+        chmap::FLW => SPA_AUDIO_CHANNEL_FLW,
+        chmap::FRW => SPA_AUDIO_CHANNEL_FRW,
+        chmap::FLH => SPA_AUDIO_CHANNEL_FLH,
+        chmap::FCH => SPA_AUDIO_CHANNEL_FCH,
+        chmap::FRH => SPA_AUDIO_CHANNEL_FRH,
+        chmap::TC => SPA_AUDIO_CHANNEL_TC,
+        chmap::TFL => SPA_AUDIO_CHANNEL_TFL,
+        chmap::TFR => SPA_AUDIO_CHANNEL_TFR,
+        chmap::TFC => SPA_AUDIO_CHANNEL_TFC,
+        chmap::TRL => SPA_AUDIO_CHANNEL_TRL,
+        chmap::TRR => SPA_AUDIO_CHANNEL_TRR,
+        chmap::TRC => SPA_AUDIO_CHANNEL_TRC,
+        chmap::TSL => SPA_AUDIO_CHANNEL_TSL,
+        chmap::TSR => SPA_AUDIO_CHANNEL_TSR,
+        chmap::LLFE => SPA_AUDIO_CHANNEL_LLFE,
+        chmap::RLFE => SPA_AUDIO_CHANNEL_RLFE,
+        chmap::BC => SPA_AUDIO_CHANNEL_BC,
+        chmap::BLC => SPA_AUDIO_CHANNEL_BLC,
+        chmap::BRC => SPA_AUDIO_CHANNEL_BRC,
+        _ => SPA_AUDIO_CHANNEL_UNKNOWN,
+    }
+}
+
+/// State shared between the broker's handle and the real-time callback.
+struct Shared {
+    running: AtomicBool,
+    xruns: AtomicU64,
+    violation: AtomicBool,
+    /// Signalled by the real-time callback on an xrun or a violation.
+    wake: OwnedFd,
+}
+
+impl Shared {
+    fn signal(&self) {
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+}
+
+/// Everything the real-time callback touches.
+struct RtState {
+    port: RingPort,
+    shared: Arc<Shared>,
+    frame_bytes: usize,
+    rate: u32,
+    flowing: bool,
+}
+
+impl RtState {
+    fn violated(&mut self, e: RingError) {
+        if !self.shared.violation.swap(true, Ordering::AcqRel) {
+            self.shared.signal();
+        }
+        // Nothing more moves through this ring.
+        self.shared.running.store(false, Ordering::Release);
+        let _ = e;
+    }
+
+    fn xrun_edge(&mut self, short: bool) {
+        if short && self.flowing {
+            self.shared.xruns.fetch_add(1, Ordering::AcqRel);
+            self.shared.signal();
+        }
+        self.flowing = !short;
+    }
+
+    fn publish_delay(&self, stream: &pw::stream::Stream) {
+        if let Ok(time) = stream.time() {
+            let rate = time.rate();
+            let delay = time.delay().max(0) as u64;
+            // `delay` counts graph ticks of `rate`; convert to our frames.
+            let frames = if rate.denom > 0 {
+                delay * u64::from(rate.num) * u64::from(self.rate) / u64::from(rate.denom)
+            } else {
+                0
+            };
+            self.port.ring.shared().set_backend_delay(frames);
+        }
+    }
+
+    fn process_playback(&mut self, stream: &pw::stream::Stream) {
+        let Some(mut buffer) = stream.dequeue_buffer() else {
+            return;
+        };
+        let requested = buffer.requested() as usize;
+        let stride = self.frame_bytes;
+        let running = self.shared.running.load(Ordering::Acquire);
+        let datas = buffer.datas_mut();
+        let Some(data) = datas.first_mut() else {
+            return;
+        };
+        let mut filled = 0;
+        let mut frames = 0;
+        if let Some(slice) = data.data() {
+            let max_frames = slice.len() / stride;
+            frames = if requested > 0 {
+                requested.min(max_frames)
+            } else {
+                max_frames
+            };
+            let out = &mut slice[..frames * stride];
+            if running {
+                if let StreamRing::Playback(consumer) = &mut self.port.ring {
+                    let result = consumer.available().and_then(|avail| {
+                        let take = (avail as usize / stride * stride).min(out.len());
+                        consumer.pop(&mut out[..take])
+                    });
+                    match result {
+                        Ok(n) => filled = n,
+                        Err(e) => self.violated(e),
+                    }
+                }
+            }
+            out[filled..].fill(0);
+        }
+        let chunk = data.chunk_mut();
+        *chunk.offset_mut() = 0;
+        *chunk.stride_mut() = stride as i32;
+        *chunk.size_mut() = (frames * stride) as u32;
+        drop(buffer);
+        if running {
+            self.xrun_edge(filled < frames * stride);
+            self.publish_delay(stream);
+            if filled > 0 {
+                self.port.notify_worker();
+            }
+        }
+    }
+
+    fn process_capture(&mut self, stream: &pw::stream::Stream) {
+        let Some(mut buffer) = stream.dequeue_buffer() else {
+            return;
+        };
+        let stride = self.frame_bytes;
+        if !self.shared.running.load(Ordering::Acquire) {
+            return;
+        }
+        let datas = buffer.datas_mut();
+        let Some(data) = datas.first_mut() else {
+            return;
+        };
+        let (offset, size) = (data.chunk().offset() as usize, data.chunk().size() as usize);
+        let mut short = false;
+        if let Some(slice) = data.data() {
+            let end = offset.saturating_add(size).min(slice.len());
+            let start = offset.min(end);
+            let frames = &slice[start..end];
+            let len = frames.len() / stride * stride;
+            if let StreamRing::Capture(producer) = &mut self.port.ring {
+                let result = producer.free().and_then(|free| {
+                    let keep = (free as usize / stride * stride).min(len);
+                    producer.push(&frames[..keep]).map(|_| keep)
+                });
+                match result {
+                    Ok(kept) => short = kept < len,
+                    Err(e) => self.violated(e),
+                }
+            }
+        }
+        drop(buffer);
+        self.xrun_edge(short);
+        self.publish_delay(stream);
+        self.port.notify_worker();
+    }
+}
+
+enum Command {
+    Open(Box<OpenRequest>),
+    SetActive { key: u64, active: bool },
+    Close { key: u64 },
+}
+
+struct OpenRequest {
+    key: u64,
+    props: NodeProps,
+    spec: StreamSpec,
+    rt: RtState,
+    reply: mpsc::SyncSender<Result<(), String>>,
+}
+
+/// The broker's PipeWire thread.
+pub struct PipewireThread {
+    sender: pw::channel::Sender<Command>,
+    connected: Arc<AtomicBool>,
+    next_key: AtomicU64,
+}
+
+impl PipewireThread {
+    /// Connects to the PipeWire daemon (from `PIPEWIRE_RUNTIME_DIR`/`XDG_RUNTIME_DIR`) on a new
+    /// thread. Fails if no daemon answers.
+    pub fn start() -> Result<Arc<PipewireThread>, String> {
+        let (sender, receiver) = pw::channel::channel::<Command>();
+        let connected = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+        let flag = connected.clone();
+        std::thread::Builder::new()
+            .name("pipewire".into())
+            .spawn(move || run_loop(receiver, flag, ready_tx))
+            .map_err(|e| format!("cannot start the PipeWire thread: {e}"))?;
+        ready_rx
+            .recv_timeout(OPEN_TIMEOUT)
+            .map_err(|_| "the PipeWire thread did not answer".to_string())??;
+        Ok(Arc::new(PipewireThread {
+            sender,
+            connected,
+            next_key: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    fn send(&self, command: Command) -> Result<(), String> {
+        self.sender
+            .send(command)
+            .map_err(|_| "the PipeWire thread is gone".to_string())
+    }
+}
+
+fn run_loop(
+    receiver: pw::channel::Receiver<Command>,
+    connected: Arc<AtomicBool>,
+    ready: mpsc::SyncSender<Result<(), String>>,
+) {
+    pw::init();
+    let setup = || -> Result<_, pw::Error> {
+        let mainloop = pw::main_loop::MainLoopRc::new(None)?;
+        let context = pw::context::ContextRc::new(&mainloop, None)?;
+        let core = context.connect_rc(None)?;
+        Ok((mainloop, context, core))
+    };
+    let (mainloop, _context, core) = match setup() {
+        Ok(parts) => parts,
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot connect to PipeWire: {e}")));
+            return;
+        }
+    };
+    connected.store(true, Ordering::Release);
+    let lost = connected.clone();
+    let _core_listener = core
+        .add_listener_local()
+        .error(move |id, _seq, res, message| {
+            if id == pw::core::PW_ID_CORE {
+                log::error!("pipewire: connection lost ({res}: {message})");
+                lost.store(false, Ordering::Release);
+            }
+        })
+        .register();
+    let streams: Rc<RefCell<HashMap<u64, StreamEntry>>> = Rc::new(RefCell::new(HashMap::new()));
+    let table = streams.clone();
+    let core_for_open = core.clone();
+    let _attached = receiver.attach(mainloop.loop_(), move |command| match command {
+        Command::Open(request) => {
+            let OpenRequest {
+                key,
+                props,
+                spec,
+                rt,
+                reply,
+            } = *request;
+            let result = open_stream(&core_for_open, &props, &spec, rt);
+            let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
+            if let Ok(entry) = result {
+                table.borrow_mut().insert(key, entry);
+            }
+        }
+        Command::SetActive { key, active } => {
+            if let Some(entry) = table.borrow().get(&key) {
+                if let Err(e) = entry.stream.set_active(active) {
+                    log::warn!("pipewire: set_active({active}): {e}");
+                }
+            }
+        }
+        Command::Close { key } => {
+            if let Some(entry) = table.borrow_mut().remove(&key) {
+                let _ = entry.stream.disconnect();
+            }
+        }
+    });
+    let _ = ready.send(Ok(()));
+    mainloop.run();
+}
+
+struct StreamEntry {
+    stream: pw::stream::StreamRc,
+    _listener: pw::stream::StreamListener<RtState>,
+}
+
+fn open_stream(
+    core: &pw::core::CoreRc,
+    props: &NodeProps,
+    spec: &StreamSpec,
+    rt: RtState,
+) -> Result<StreamEntry, String> {
+    let params = &spec.params;
+    let output = spec.direction == D_OUTPUT;
+    let node_name = props
+        .node_name
+        .clone()
+        .unwrap_or_else(|| format!("vsound.vm{}.{}", spec.client_id, props.stream_name));
+    let description = props
+        .description
+        .clone()
+        .unwrap_or_else(|| format!("vsound VM {} {}", spec.client_id, props.stream_name));
+    let mut properties = pw::properties::properties! {
+        *pw::keys::MEDIA_TYPE => "Audio",
+        *pw::keys::MEDIA_CATEGORY => if output { "Playback" } else { "Capture" },
+        *pw::keys::NODE_NAME => node_name.as_str(),
+        *pw::keys::NODE_DESCRIPTION => description.as_str(),
+        *pw::keys::APP_NAME => "vsound",
+        // The graph's quantum follows the guest's period.
+        *pw::keys::NODE_LATENCY => format!("{}/{}", params.period_frames(), params.rate_hz()).as_str(),
+    };
+    if let Some(role) = &props.media_role {
+        properties.insert(*pw::keys::MEDIA_ROLE, role.as_str());
+    }
+    if let Some(target) = &props.target {
+        properties.insert(*pw::keys::TARGET_OBJECT, target.as_str());
+    }
+    if props.capture_sink && !output {
+        properties.insert("stream.capture.sink", "true");
+    }
+    let stream = pw::stream::StreamRc::new(core.clone(), &node_name, properties)
+        .map_err(|e| format!("cannot create a PipeWire stream: {e}"))?;
+    let listener = stream
+        .add_local_listener_with_user_data(rt)
+        .process(move |stream, rt| {
+            if output {
+                rt.process_playback(stream)
+            } else {
+                rt.process_capture(stream)
+            }
+        })
+        .register()
+        .map_err(|e| format!("cannot listen to the PipeWire stream: {e}"))?;
+    let pod = format_pod(params, &props.positions)?;
+    let mut pods = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
+    stream
+        .connect(
+            if output {
+                spa::utils::Direction::Output
+            } else {
+                spa::utils::Direction::Input
+            },
+            None,
+            pw::stream::StreamFlags::AUTOCONNECT
+                | pw::stream::StreamFlags::MAP_BUFFERS
+                | pw::stream::StreamFlags::RT_PROCESS
+                | pw::stream::StreamFlags::INACTIVE,
+            &mut pods,
+        )
+        .map_err(|e| format!("cannot connect the PipeWire stream: {e}"))?;
+    Ok(StreamEntry {
+        stream,
+        _listener: listener,
+    })
+}
+
+fn format_pod(params: &PcmParams, positions: &[u8]) -> Result<Vec<u8>, String> {
+    let mut info = AudioInfoRaw::new();
+    info.set_format(spa_format(params.format).ok_or("format not supported by PipeWire")?);
+    info.set_rate(params.rate_hz());
+    info.set_channels(u32::from(params.channels));
+    let mut position = [0u32; spa::param::audio::MAX_CHANNELS];
+    let channels = usize::from(params.channels);
+    let chosen: Vec<u8> = if positions.len() == channels {
+        positions.to_vec()
+    } else if channels == 1 {
+        vec![chmap::MONO]
+    } else if channels == 2 {
+        vec![chmap::FL, chmap::FR]
+    } else {
+        Vec::new()
+    };
+    for (slot, &p) in position.iter_mut().zip(&chosen) {
+        *slot = spa_position(p);
+    }
+    if !chosen.is_empty() {
+        info.set_position(position);
+    }
+    let bytes = spa::pod::serialize::PodSerializer::serialize(
+        std::io::Cursor::new(Vec::new()),
+        &spa::pod::Value::Object(spa::pod::Object {
+            type_: spa::sys::SPA_TYPE_OBJECT_Format,
+            id: spa::sys::SPA_PARAM_EnumFormat,
+            properties: info.into(),
+        }),
+    )
+    .map_err(|e| format!("cannot build the format: {e:?}"))?
+    .0
+    .into_inner();
+    Ok(bytes)
+}
+
+/// The backend for one configured stream.
+pub struct PipewireBackend {
+    pub thread: Arc<PipewireThread>,
+    pub props: NodeProps,
+}
+
+impl Backend for PipewireBackend {
+    fn name(&self) -> &'static str {
+        "pipewire"
+    }
+
+    fn caps(&self, offered: &PcmCaps) -> PcmCaps {
+        let formats = (0..=format::MAX)
+            .filter(|&f| spa_format(f).is_some())
+            .fold(0u64, |m, f| m | (1 << f));
+        PcmCaps {
+            formats: offered.formats & formats,
+            ..*offered
+        }
+    }
+
+    fn open(
+        &self,
+        spec: &StreamSpec,
+        port: RingPort,
+    ) -> Result<Box<dyn BackendStream>, BackendError> {
+        if !self.thread.is_connected() {
+            return Err(BackendError::Io(io::Error::other(
+                "PipeWire is not connected",
+            )));
+        }
+        let wake =
+            eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(io::Error::from)?;
+        let shared = Arc::new(Shared {
+            running: AtomicBool::new(false),
+            xruns: AtomicU64::new(0),
+            violation: AtomicBool::new(false),
+            wake,
+        });
+        let key = self.thread.next_key.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = mpsc::sync_channel(1);
+        let rt = RtState {
+            port,
+            shared: shared.clone(),
+            frame_bytes: spec.params.frame_bytes() as usize,
+            rate: spec.params.rate_hz(),
+            flowing: true,
+        };
+        self.thread
+            .send(Command::Open(Box::new(OpenRequest {
+                key,
+                props: self.props.clone(),
+                spec: *spec,
+                rt,
+                reply,
+            })))
+            .map_err(io::Error::other)?;
+        answer
+            .recv_timeout(OPEN_TIMEOUT)
+            .map_err(|_| io::Error::other("PipeWire did not create the stream in time"))?
+            .map_err(io::Error::other)?;
+        Ok(Box::new(PipewireStream {
+            thread: self.thread.clone(),
+            key,
+            shared,
+            xruns_seen: 0,
+        }))
+    }
+}
+
+/// The broker's handle on a PipeWire stream.
+struct PipewireStream {
+    thread: Arc<PipewireThread>,
+    key: u64,
+    shared: Arc<Shared>,
+    xruns_seen: u64,
+}
+
+impl BackendStream for PipewireStream {
+    fn start(&mut self) -> io::Result<()> {
+        if self.shared.violation.load(Ordering::Acquire) {
+            return Err(io::Error::other("stream failed"));
+        }
+        self.shared.running.store(true, Ordering::Release);
+        self.thread
+            .send(Command::SetActive {
+                key: self.key,
+                active: true,
+            })
+            .map_err(io::Error::other)
+    }
+
+    fn stop(&mut self) -> io::Result<()> {
+        self.shared.running.store(false, Ordering::Release);
+        self.thread
+            .send(Command::SetActive {
+                key: self.key,
+                active: false,
+            })
+            .map_err(io::Error::other)
+    }
+
+    fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.shared.wake.as_fd()
+    }
+
+    fn on_wake(&mut self) -> Result<Wake, RingError> {
+        let mut counter = [0u8; 8];
+        let _ = rustix::io::read(&self.shared.wake, &mut counter);
+        if self.shared.violation.load(Ordering::Acquire) {
+            return Err(RingError::Access(
+                "the worker broke the ring protocol".into(),
+            ));
+        }
+        let xruns = self.shared.xruns.load(Ordering::Acquire);
+        let xrun = xruns != self.xruns_seen;
+        self.xruns_seen = xruns;
+        Ok(Wake { xrun })
+    }
+}
+
+impl Drop for PipewireStream {
+    fn drop(&mut self) {
+        self.shared.running.store(false, Ordering::Release);
+        let _ = self.thread.send(Command::Close { key: self.key });
+    }
+}

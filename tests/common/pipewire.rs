@@ -1,0 +1,169 @@
+//! A private, headless PipeWire daemon (with WirePlumber to link streams) for tests: its own
+//! runtime directory, a driver node and a null sink named `vsound-test-sink`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::vsound::Proc;
+
+pub const SINK: &str = "vsound-test-sink";
+
+const CONFIG: &str = r#"
+context.properties = {
+    core.daemon = true
+    core.name = pipewire-0
+    default.clock.rate = 48000
+    default.clock.quantum = 480
+    default.clock.min-quantum = 32
+    default.clock.max-quantum = 2048
+}
+context.spa-libs = {
+    audio.convert.* = audioconvert/libspa-audioconvert
+    support.*       = support/libspa-support
+}
+context.modules = [
+    { name = libpipewire-module-protocol-native }
+    { name = libpipewire-module-access }
+    { name = libpipewire-module-client-node }
+    { name = libpipewire-module-adapter }
+    { name = libpipewire-module-metadata }
+    { name = libpipewire-module-link-factory }
+    { name = libpipewire-module-spa-node-factory }
+]
+context.objects = [
+    { factory = spa-node-factory
+      args = { factory.name = support.node.driver node.name = Dummy-Driver
+               priority.driver = 20000 node.group = pipewire.dummy } }
+    { factory = adapter
+      args = { factory.name = support.null-audio-sink node.name = vsound-test-sink
+               media.class = Audio/Sink audio.position = [ FL FR ] audio.rate = 48000
+               monitor.channel-volumes = true node.group = pipewire.dummy
+               priority.session = 2000 } }
+]
+"#;
+
+pub struct PipeWire {
+    pub runtime: PathBuf,
+    _daemon: Proc,
+    _session: Proc,
+}
+
+impl PipeWire {
+    /// Starts the daemon and WirePlumber in `dir/pw-run`, and waits until the sink exists.
+    pub fn start(dir: &Path) -> PipeWire {
+        let runtime = dir.join("pw-run");
+        std::fs::create_dir_all(&runtime).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let config = dir.join("pipewire.conf");
+        std::fs::write(&config, CONFIG).unwrap();
+        let daemon = Proc {
+            child: Command::new("pipewire")
+                .arg("-c")
+                .arg(&config)
+                .envs(env(&runtime))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start pipewire (apt package pipewire)"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !runtime.join("pipewire-0").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "pipewire did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let session = Proc {
+            child: Command::new("wireplumber")
+                .envs(env(&runtime))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start wireplumber (apt package wireplumber)"),
+        };
+        let pw = PipeWire {
+            runtime,
+            _daemon: daemon,
+            _session: session,
+        };
+        while !pw.node_exists(SINK) {
+            assert!(Instant::now() < deadline, "the test sink never appeared");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pw
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, PathBuf)> {
+        env(&self.runtime)
+    }
+
+    pub fn node_exists(&self, name: &str) -> bool {
+        Command::new("pw-cli")
+            .args(["ls", "Node"])
+            .envs(self.env())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("\"{name}\"")))
+            .unwrap_or(false)
+    }
+
+    /// Properties of a node as `pw-cli` prints them.
+    pub fn node_info(&self, name: &str) -> String {
+        let out = Command::new("pw-cli")
+            .args(["info", name])
+            .envs(self.env())
+            .output()
+            .expect("pw-cli");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Records the sink's monitor (S16 stereo 48 kHz) to a raw file until the returned process
+    /// is stopped.
+    pub fn record_sink(&self, path: &Path) -> Proc {
+        Proc {
+            child: Command::new("pw-record")
+                .args(["--target", SINK, "-P", "{ stream.capture.sink = true }"])
+                .args(["--format", "s16", "--rate", "48000", "--channels", "2"])
+                .arg(path)
+                .envs(self.env())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("pw-record (apt package pipewire-bin)"),
+        }
+    }
+
+    /// Plays a WAV file into the sink.
+    pub fn play_into_sink(&self, wav: &Path) -> Proc {
+        Proc {
+            child: Command::new("pw-play")
+                .args(["--target", SINK])
+                .arg(wav)
+                .envs(self.env())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("pw-play (apt package pipewire-bin)"),
+        }
+    }
+}
+
+fn env(runtime: &Path) -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("XDG_RUNTIME_DIR", runtime.to_path_buf()),
+        ("PIPEWIRE_RUNTIME_DIR", runtime.to_path_buf()),
+    ]
+}
+
+/// Where `needle` starts in `haystack` (frame-aligned search).
+pub fn find(haystack: &[u8], needle: &[u8], align: usize) -> Option<usize> {
+    (0..haystack.len().saturating_sub(needle.len()) + 1)
+        .step_by(align)
+        .find(|&i| haystack[i..].starts_with(needle))
+}

@@ -1,0 +1,135 @@
+//! The PipeWire backend against a real, private, headless PipeWire daemon: what the guest plays
+//! arrives at the sink sample for sample; what plays into the sink arrives in the guest's rx
+//! buffers; node properties come from the config.
+
+mod common;
+
+use std::time::Duration;
+
+use common::frontend::{FrontendOptions, GuestVm};
+use common::pipewire::{find, PipeWire, SINK};
+use common::vsound::*;
+use vsound::protocol as p;
+
+const CONFIG: &str = r#"
+[[streams]]
+name = "media"
+direction = "output"
+backend = "pipewire"
+formats = ["S16"]
+rates = [48000]
+node_name = "vsound-test-media"
+node_description = "Guest media bus"
+media_role = "Music"
+target_object = "vsound-test-sink"
+[[streams]]
+name = "mic"
+direction = "input"
+backend = "pipewire"
+formats = ["S16"]
+rates = [48000]
+target_object = "vsound-test-sink"
+capture_sink = true
+"#;
+
+struct PwRig {
+    pw: PipeWire,
+    _broker: Proc,
+    _worker: Proc,
+    vm: GuestVm,
+    dir: tempfile::TempDir,
+}
+
+fn start() -> PwRig {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start(dir.path());
+    let config = dir.path().join("vsound.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let (broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &pw.env());
+    let (worker, socket) = spawn_worker(dir.path(), "vm", &broker_socket, Some(&config));
+    let vm = GuestVm::connect(&socket, FrontendOptions::default()).unwrap();
+    PwRig {
+        pw,
+        _broker: broker,
+        _worker: worker,
+        vm,
+        dir,
+    }
+}
+
+#[test]
+fn playback_arrives_at_the_sink_sample_for_sample() {
+    let mut rig = start();
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    let info = rig.pw.node_info("vsound-test-media");
+    assert!(info.contains("Guest media bus"), "{info}");
+    assert!(info.contains("Music"), "{info}");
+    let recording = rig.dir.path().join("sink.raw");
+    let recorder = rig.pw.record_sink(&recording);
+    std::thread::sleep(Duration::from_millis(500));
+    // Non-zero everywhere, so that alignment against the silence around it is unambiguous.
+    let data: Vec<u8> = pattern(params.period_bytes as usize * 100, 11)
+        .chunks(2)
+        .flat_map(|s| (i16::from_le_bytes([s[0], s[1]]) | 1).to_le_bytes())
+        .collect();
+    let (started, done) = play(&mut rig.vm, &params, &data);
+    assert_eq!(done.len(), 100);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    // Paced by the PipeWire graph: 100 periods of 10 ms take about a second.
+    let took = done.last().unwrap().at - started;
+    assert!(
+        took >= params.period() * 90,
+        "played 1 s of audio in {took:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    let recorded = std::fs::read(&recording).unwrap();
+    let start = find(&recorded, &data[..256], 4).expect("the guest's samples reached the sink");
+    let got = &recorded[start..(start + data.len()).min(recorded.len())];
+    assert_eq!(got.len(), data.len(), "recording ended early");
+    assert!(got == &data[..], "samples differ at the sink");
+}
+
+#[test]
+fn capture_receives_what_plays_into_the_sink() {
+    let mut rig = start();
+    let params = Params::s16_48k(1);
+    // Two seconds of a known signal, non-zero everywhere.
+    let source: Vec<u8> = pattern(48000 * 4 * 2, 12)
+        .chunks(2)
+        .flat_map(|s| (i16::from_le_bytes([s[0], s[1]]) | 1).to_le_bytes())
+        .collect();
+    let wav = rig.dir.path().join("known.wav");
+    write_wav_s16(&wav, 2, 48000, &source);
+    prepare(&mut rig.vm, &params);
+    let player = rig.pw.play_into_sink(&wav);
+    let (_, done) = record(&mut rig.vm, &params, 150);
+    drop(player);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    let captured: Vec<u8> = done.iter().flat_map(|c| c.data.iter().copied()).collect();
+    // Find a stretch of the source in what was captured, then compare a long run.
+    let at = find(
+        &source,
+        &captured[captured.len() / 2..captured.len() / 2 + 64],
+        4,
+    )
+    .expect("the known signal reached the guest");
+    let offset_in_capture = captured.len() / 2;
+    let run = 48000; // 0.25 s of frames
+    let cap_start = offset_in_capture - run.min(offset_in_capture).min(at);
+    let src_start = at - (offset_in_capture - cap_start);
+    assert!(
+        captured[cap_start..offset_in_capture + run.min(captured.len() - offset_in_capture)]
+            == source[src_start
+                ..src_start
+                    + (offset_in_capture + run.min(captured.len() - offset_in_capture)
+                        - cap_start)],
+        "captured samples differ from the source"
+    );
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
+    let _ = SINK;
+}
