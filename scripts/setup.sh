@@ -9,12 +9,14 @@ PACKAGES=(
   pkg-config        # finds system libraries for -sys crates
   binutils          # readelf: the linkage test reads the worker's ELF dynamic section
   libclang-dev      # bindgen, for the PipeWire bindings
+  libasound2-dev    # the broker's ALSA backend links libasound
 )
 
 # From bookworm-backports: PipeWire 1.4 (the broker's backend, and the tests' private daemon).
 BACKPORTS_PACKAGES=(
   libpipewire-0.3-dev libspa-0.2-dev   # the broker links libpipewire
   pipewire pipewire-bin wireplumber    # tests: a private daemon, pw-record, pw-play, pw-cli
+  pipewire-alsa                        # tests: an ALSA PCM (the PipeWire plugin) for the ALSA backend
 )
 
 as_root() {

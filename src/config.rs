@@ -44,10 +44,12 @@ impl Direction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
-    /// PipeWire if a daemon answers, otherwise `null`.
+    /// PipeWire if a daemon answers, otherwise ALSA's default PCM if it opens, otherwise `null`.
     Auto,
     /// A PipeWire stream per virtio stream.
     Pipewire,
+    /// An ALSA PCM per virtio stream (`alsa_device`, default `default`).
+    Alsa,
     /// Consumes playback and produces silent capture at the stream's real-time rate.
     Null,
     /// Writes playback to a WAV file and reads capture from one, at the real-time rate.
@@ -110,6 +112,9 @@ pub struct StreamConfig {
     /// PipeWire: for an input stream whose target is a sink, capture that sink's monitor.
     #[serde(default)]
     pub capture_sink: bool,
+    /// ALSA: the PCM name (default `default`).
+    #[serde(default)]
+    pub alsa_device: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,6 +222,7 @@ fn default_streams() -> Vec<StreamConfig> {
         media_role: None,
         target_object: None,
         capture_sink: false,
+        alsa_device: None,
     };
     vec![
         stream("playback", Direction::Output),

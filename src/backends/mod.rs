@@ -14,6 +14,7 @@ use crate::config::{BackendKind, Config, StreamConfig};
 use crate::control::{PcmCaps, PcmParams};
 use crate::ring::{Consumer, Producer, RingError, SharedRing};
 
+pub mod alsa;
 pub mod clocked;
 pub mod null;
 pub mod pipewire;
@@ -90,6 +91,17 @@ pub trait Backend: Send {
     ) -> Result<Box<dyn BackendStream>, BackendError>;
 }
 
+/// The offer narrowed to the sample formats a backend carries (`supports` per virtio format).
+fn caps_with_formats(offered: &PcmCaps, supports: impl Fn(u8) -> bool) -> PcmCaps {
+    let formats = (0..=crate::protocol::format::MAX)
+        .filter(|&f| supports(f))
+        .fold(0u64, |m, f| m | (1 << f));
+    PcmCaps {
+        formats: offered.formats & formats,
+        ..*offered
+    }
+}
+
 /// One open stream.
 pub trait BackendStream: Send {
     fn start(&mut self) -> io::Result<()>;
@@ -103,7 +115,8 @@ pub trait BackendStream: Send {
 }
 
 /// Builds the backend each configured stream asks for. `auto` streams get PipeWire when a
-/// daemon answers, otherwise `null`; an explicit `pipewire` stream needs the daemon.
+/// daemon answers, otherwise ALSA's default PCM if it opens, otherwise `null` (and the choice
+/// is logged); an explicit `pipewire` stream needs the daemon.
 pub fn build(config: &Config) -> Result<Vec<Box<dyn Backend>>, String> {
     let wants = |kind| config.streams.iter().any(|s| s.backend == kind);
     let pipewire_thread = if wants(BackendKind::Pipewire) || wants(BackendKind::Auto) {
@@ -111,17 +124,28 @@ pub fn build(config: &Config) -> Result<Vec<Box<dyn Backend>>, String> {
             Ok(thread) => Some(thread),
             Err(e) if wants(BackendKind::Pipewire) => return Err(e),
             Err(e) => {
-                log::info!("backends: no PipeWire ({e}); auto streams use null");
+                log::info!("backends: no PipeWire ({e})");
                 None
             }
         }
     } else {
         None
     };
+    let auto_alsa = pipewire_thread.is_none() && wants(BackendKind::Auto) && alsa::probe("default");
+    let auto = if pipewire_thread.is_some() {
+        "pipewire"
+    } else if auto_alsa {
+        "alsa (default PCM)"
+    } else {
+        "null"
+    };
+    if wants(BackendKind::Auto) {
+        log::info!("backends: auto streams use {auto}");
+    }
     Ok(config
         .streams
         .iter()
-        .map(|stream| for_stream(config, stream, pipewire_thread.as_ref()))
+        .map(|stream| for_stream(config, stream, pipewire_thread.as_ref(), auto_alsa))
         .collect())
 }
 
@@ -129,12 +153,25 @@ fn for_stream(
     config: &Config,
     stream: &StreamConfig,
     pipewire_thread: Option<&Arc<pipewire::PipewireThread>>,
+    auto_alsa: bool,
 ) -> Box<dyn Backend> {
-    match (stream.backend, pipewire_thread) {
+    let kind = match stream.backend {
+        BackendKind::Auto if pipewire_thread.is_some() => BackendKind::Pipewire,
+        BackendKind::Auto if auto_alsa => BackendKind::Alsa,
+        BackendKind::Auto => BackendKind::Null,
+        kind => kind,
+    };
+    match (kind, pipewire_thread) {
         (BackendKind::Wav, _) => Box::new(wav::WavBackend {
             path_template: stream.wav_path.clone().unwrap_or_default(),
         }),
-        (BackendKind::Pipewire | BackendKind::Auto, Some(thread)) => {
+        (BackendKind::Alsa, _) => Box::new(alsa::AlsaBackend {
+            device: stream
+                .alsa_device
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+        }),
+        (BackendKind::Pipewire, Some(thread)) => {
             let positions = config
                 .chmaps
                 .iter()

@@ -514,13 +514,7 @@ impl Backend for PipewireBackend {
     }
 
     fn caps(&self, offered: &PcmCaps) -> PcmCaps {
-        let formats = (0..=format::MAX)
-            .filter(|&f| spa_format(f).is_some())
-            .fold(0u64, |m, f| m | (1 << f));
-        PcmCaps {
-            formats: offered.formats & formats,
-            ..*offered
-        }
+        super::caps_with_formats(offered, |f| spa_format(f).is_some())
     }
 
     fn open(

@@ -48,6 +48,19 @@ fn backend_paths(config: &Config) -> Vec<PathRule> {
                 .map(PathRule::Read),
         );
     }
+    if config
+        .streams
+        .iter()
+        .any(|s| matches!(s.backend, BackendKind::Alsa | BackendKind::Auto))
+    {
+        let alsa = &vsound::backends::alsa::sandbox_read_paths;
+        rules.extend(alsa().into_iter().map(PathRule::Read));
+        rules.extend(
+            vsound::backends::alsa::sandbox_device_paths()
+                .into_iter()
+                .map(PathRule::ReadWrite),
+        );
+    }
     rules.extend(wav_paths(config));
     rules
 }

@@ -167,3 +167,20 @@ pub fn find(haystack: &[u8], needle: &[u8], align: usize) -> Option<usize> {
         .step_by(align)
         .find(|&i| haystack[i..].starts_with(needle))
 }
+
+/// Asserts that `captured` carries `source`: a stretch from the middle of the capture locates it
+/// in the source, then at least 0.1 s (up to 0.2 s) of 48 kHz S16 stereo must match exactly.
+pub fn assert_carries_signal(source: &[u8], captured: &[u8]) {
+    let middle = captured.len() / 2 / 4 * 4;
+    assert!(captured.len() >= middle + 64, "too little captured");
+    let at = find(source, &captured[middle..middle + 64], 4)
+        .expect("the known signal reached the guest");
+    let run = (48000 * 4 / 5)
+        .min(captured.len() - middle)
+        .min(source.len() - at);
+    assert!(run >= 48000 * 4 / 10, "too little of the signal captured");
+    assert!(
+        captured[middle..middle + run] == source[at..at + run],
+        "captured samples differ from the source"
+    );
+}
