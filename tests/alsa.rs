@@ -64,14 +64,6 @@ fn start() -> AlsaRig {
     }
 }
 
-/// A known signal with no zero samples, so silence never matches it.
-fn known_signal(bytes: usize, seed: u32) -> Vec<u8> {
-    pattern(bytes, seed)
-        .chunks(2)
-        .flat_map(|s| (i16::from_le_bytes([s[0], s[1]]) | 1).to_le_bytes())
-        .collect()
-}
-
 #[test]
 fn playback_through_an_alsa_pcm_arrives_intact_and_paced() {
     let mut rig = start();

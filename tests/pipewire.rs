@@ -69,10 +69,7 @@ fn playback_arrives_at_the_sink_sample_for_sample() {
     let recorder = rig.pw.record_sink(&recording);
     std::thread::sleep(Duration::from_millis(500));
     // Non-zero everywhere, so that alignment against the silence around it is unambiguous.
-    let data: Vec<u8> = pattern(params.period_bytes as usize * 100, 11)
-        .chunks(2)
-        .flat_map(|s| (i16::from_le_bytes([s[0], s[1]]) | 1).to_le_bytes())
-        .collect();
+    let data = known_signal(params.period_bytes as usize * 100, 11);
     let (started, done) = play(&mut rig.vm, &params, &data);
     assert_eq!(done.len(), 100);
     assert!(done.iter().all(|c| c.status == 0x8000));
@@ -98,10 +95,7 @@ fn capture_receives_what_plays_into_the_sink() {
     let mut rig = start();
     let params = Params::s16_48k(1);
     // Two seconds of a known signal, non-zero everywhere.
-    let source: Vec<u8> = pattern(48000 * 4 * 2, 12)
-        .chunks(2)
-        .flat_map(|s| (i16::from_le_bytes([s[0], s[1]]) | 1).to_le_bytes())
-        .collect();
+    let source = known_signal(48000 * 4 * 2, 12);
     let wav = rig.dir.path().join("known.wav");
     write_wav_s16(&wav, 2, 48000, &source);
     prepare(&mut rig.vm, &params);
@@ -114,4 +108,63 @@ fn capture_receives_what_plays_into_the_sink() {
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
     let _ = SINK;
+}
+
+#[test]
+fn daemon_loss_goes_silent_without_a_hang_and_streams_come_back() {
+    let mut rig = start();
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    let (_, done) = play(
+        &mut rig.vm,
+        &params,
+        &pattern(params.period_bytes as usize * 20, 1),
+    );
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+
+    // The daemon goes away: the guest keeps playing, in silence, at the real-time pace.
+    rig.pw.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    let (started, done) = play(
+        &mut rig.vm,
+        &params,
+        &pattern(params.period_bytes as usize * 50, 2),
+    );
+    assert_eq!(done.len(), 50);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    let took = done.last().unwrap().at - started;
+    assert!(
+        took >= params.period() * 40,
+        "50 periods without PipeWire in {took:?}"
+    );
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+
+    // The daemon returns: the broker reconnects and the stream plays into the sink again.
+    rig.pw.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !rig.pw.node_exists("vsound-test-media") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let recording = rig.dir.path().join("after.raw");
+    let recorder = rig.pw.record_sink(&recording);
+    std::thread::sleep(Duration::from_millis(500));
+    let data = known_signal(params.period_bytes as usize * 50, 3);
+    let (_, done) = play(&mut rig.vm, &params, &data);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    let recorded = std::fs::read(&recording).unwrap();
+    let start = find(&recorded, &data[..256], 4).expect("playback reached the sink again");
+    let got = &recorded[start..(start + data.len()).min(recorded.len())];
+    assert!(
+        got == &data[..],
+        "samples differ at the sink after the reconnect"
+    );
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
 }

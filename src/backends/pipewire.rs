@@ -5,6 +5,10 @@
 //! it through a PipeWire channel. Each stream's real-time process callback only moves frames
 //! between its ring and PipeWire's buffer: it never blocks and never allocates, and reports
 //! xruns and ring violations through atomics and an eventfd the broker watches.
+//!
+//! If the daemon goes away, the thread drops the dead streams, keeps each running virtio
+//! stream on a silence clock at its real-time pace (so the guest hears silence but never
+//! hangs), tries to reconnect once a second, and recreates the streams when the daemon is back.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,7 +16,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use pipewire as pw;
@@ -186,6 +190,34 @@ impl RtState {
         }
     }
 
+    /// Moves `frames` of silence: playback frames are dropped, capture gets zeros.
+    fn move_silence(&mut self, frames: u64) {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        let stride = self.frame_bytes as u64;
+        let want = frames.saturating_mul(stride);
+        let result = match &mut self.port.ring {
+            StreamRing::Playback(consumer) => consumer.available().and_then(|available| {
+                let take = want.min(available / stride * stride);
+                consumer.skip(take).map(|_| take < want)
+            }),
+            StreamRing::Capture(producer) => producer.free().and_then(|free| {
+                let mut left = want.min(free / stride * stride);
+                let short = left < want;
+                while left > 0 {
+                    let n = left.min(ZEROS.len() as u64 / stride * stride);
+                    producer.push(&ZEROS[..n as usize])?;
+                    left -= n;
+                }
+                Ok(short)
+            }),
+        };
+        match result {
+            Ok(short) => self.xrun_edge(short),
+            Err(e) => self.violated(e),
+        }
+        self.port.notify_worker();
+    }
+
     fn process_playback(&mut self, stream: &pw::stream::Stream) {
         let Some(mut buffer) = stream.dequeue_buffer() else {
             return;
@@ -326,6 +358,122 @@ impl PipewireThread {
     }
 }
 
+/// How often, while PipeWire is away, the silence clock moves frames.
+const SILENCE_TICK: Duration = Duration::from_millis(10);
+/// How often, while PipeWire is away, the thread tries to reconnect (in silence ticks).
+const RECONNECT_TICKS: u32 = 100;
+
+/// A virtio stream as the PipeWire thread keeps it: enough to recreate its PipeWire stream
+/// after the daemon comes back, and a silence clock for while it is away.
+struct Entry {
+    props: NodeProps,
+    spec: StreamSpec,
+    rt: Arc<Mutex<RtState>>,
+    active: bool,
+    live: Option<LiveStream>,
+    silence: SilenceClock,
+}
+
+struct LiveStream {
+    stream: pw::stream::StreamRc,
+    _listener: pw::stream::StreamListener<Arc<Mutex<RtState>>>,
+}
+
+/// The PipeWire thread's state: the connection (if any) and every open stream.
+#[derive(Default)]
+struct Session {
+    core: Option<(pw::core::CoreRc, pw::core::Listener)>,
+    entries: HashMap<u64, Entry>,
+    /// Set by the core's error callback; acted on from the supervisor timer, outside it.
+    lost: bool,
+    ticks_since_attempt: u32,
+}
+
+impl Session {
+    fn connect(
+        session: &Rc<RefCell<Session>>,
+        context: &pw::context::ContextRc,
+        supervisor: &Rc<RefCell<Option<pw::loop_::TimerSource<'static>>>>,
+        connected: &Arc<AtomicBool>,
+    ) -> Result<(), pw::Error> {
+        let core = context.connect_rc(None)?;
+        let weak = Rc::downgrade(session);
+        let timer = supervisor.clone();
+        let listener = core
+            .add_listener_local()
+            .error(move |id, _seq, res, message| {
+                if id != pw::core::PW_ID_CORE {
+                    return;
+                }
+                log::error!("pipewire: connection lost ({res}: {message}); streams go silent");
+                if let Some(session) = weak.upgrade() {
+                    session.borrow_mut().lost = true;
+                }
+                // Tear down at once, from the timer (not from inside the core's own callback).
+                if let Some(timer) = timer.borrow().as_ref() {
+                    let _ = timer.update_timer(Some(Duration::from_nanos(1)), Some(SILENCE_TICK));
+                }
+            })
+            .register();
+        let mut this = session.borrow_mut();
+        for (key, entry) in this.entries.iter_mut() {
+            match open_stream(&core, &entry.props, &entry.spec, entry.rt.clone()) {
+                Ok(live) => {
+                    if entry.active {
+                        let _ = live.stream.set_active(true);
+                    }
+                    entry.live = Some(live);
+                    entry.silence = SilenceClock::default();
+                }
+                Err(e) => log::warn!("pipewire: stream {key} not recreated: {e}"),
+            }
+        }
+        this.core = Some((core, listener));
+        this.lost = false;
+        connected.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Drops the dead connection's streams and core; the entries stay for the reconnect.
+    fn disconnect(&mut self, connected: &AtomicBool) {
+        connected.store(false, Ordering::Release);
+        for entry in self.entries.values_mut() {
+            entry.live = None;
+            if let Ok(rt) = entry.rt.lock() {
+                rt.port.ring.shared().set_backend_delay(0);
+            }
+        }
+        self.core = None;
+    }
+}
+
+/// While PipeWire is away a running stream keeps its real-time pace in silence (playback
+/// frames are dropped, capture gets zeros), so the guest hears nothing but never hangs.
+#[derive(Default)]
+struct SilenceClock {
+    since: Option<std::time::Instant>,
+    frames: u64,
+}
+
+impl SilenceClock {
+    fn tick(&mut self, rt: &mut RtState) {
+        if !rt.shared.running.load(Ordering::Acquire) {
+            *self = SilenceClock::default();
+            return;
+        }
+        let now = std::time::Instant::now();
+        let since = *self.since.get_or_insert(now);
+        // Integer nanoseconds to frames from a fixed origin: no drift.
+        let due = (now - since).as_nanos() * u128::from(rt.rate) / 1_000_000_000;
+        let due = u64::try_from(due).unwrap_or(u64::MAX);
+        let frames = due - self.frames.min(due);
+        self.frames = due;
+        if frames > 0 {
+            rt.move_silence(frames);
+        }
+    }
+}
+
 fn run_loop(
     receiver: pw::channel::Receiver<Command>,
     connected: Arc<AtomicBool>,
@@ -335,30 +483,35 @@ fn run_loop(
     let setup = || -> Result<_, pw::Error> {
         let mainloop = pw::main_loop::MainLoopRc::new(None)?;
         let context = pw::context::ContextRc::new(&mainloop, None)?;
-        let core = context.connect_rc(None)?;
-        Ok((mainloop, context, core))
+        Ok((mainloop, context))
     };
-    let (mainloop, _context, core) = match setup() {
+    let (mainloop, context) = match setup() {
         Ok(parts) => parts,
         Err(e) => {
-            let _ = ready.send(Err(format!("cannot connect to PipeWire: {e}")));
+            let _ = ready.send(Err(format!("cannot start PipeWire: {e}")));
             return;
         }
     };
-    connected.store(true, Ordering::Release);
-    let lost = connected.clone();
-    let _core_listener = core
-        .add_listener_local()
-        .error(move |id, _seq, res, message| {
-            if id == pw::core::PW_ID_CORE {
-                log::error!("pipewire: connection lost ({res}: {message})");
-                lost.store(false, Ordering::Release);
-            }
+    // This thread runs until the broker exits: its loop may live for 'static, so that the
+    // supervisor timer can be shared with the callbacks that arm it.
+    let mainloop: &'static pw::main_loop::MainLoopRc = Box::leak(Box::new(mainloop));
+    let session = Rc::new(RefCell::new(Session::default()));
+    let supervisor: Rc<RefCell<Option<pw::loop_::TimerSource<'static>>>> = Rc::default();
+    if let Err(e) = Session::connect(&session, &context, &supervisor, &connected) {
+        let _ = ready.send(Err(format!("cannot connect to PipeWire: {e}")));
+        return;
+    }
+    let timer = {
+        let session = session.clone();
+        let supervisor_ref = supervisor.clone();
+        let connected = connected.clone();
+        let context = context.clone();
+        mainloop.loop_().add_timer(move |_expirations| {
+            supervise(&session, &context, &supervisor_ref, &connected)
         })
-        .register();
-    let streams: Rc<RefCell<HashMap<u64, StreamEntry>>> = Rc::new(RefCell::new(HashMap::new()));
-    let table = streams.clone();
-    let core_for_open = core.clone();
+    };
+    *supervisor.borrow_mut() = Some(timer);
+    let table = session.clone();
     let _attached = receiver.attach(mainloop.loop_(), move |command| match command {
         Command::Open(request) => {
             let OpenRequest {
@@ -368,22 +521,40 @@ fn run_loop(
                 rt,
                 reply,
             } = *request;
-            let result = open_stream(&core_for_open, &props, &spec, rt);
+            let rt = Arc::new(Mutex::new(rt));
+            let mut session = table.borrow_mut();
+            let result = match &session.core {
+                Some((core, _)) if !session.lost => open_stream(core, &props, &spec, rt.clone()),
+                _ => Err("PipeWire is not connected".to_string()),
+            };
             let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
-            if let Ok(entry) = result {
-                table.borrow_mut().insert(key, entry);
+            if let Ok(live) = result {
+                let entry = Entry {
+                    props,
+                    spec,
+                    rt,
+                    active: false,
+                    live: Some(live),
+                    silence: SilenceClock::default(),
+                };
+                session.entries.insert(key, entry);
             }
         }
         Command::SetActive { key, active } => {
-            if let Some(entry) = table.borrow().get(&key) {
-                if let Err(e) = entry.stream.set_active(active) {
-                    log::warn!("pipewire: set_active({active}): {e}");
+            if let Some(entry) = table.borrow_mut().entries.get_mut(&key) {
+                entry.active = active;
+                if let Some(live) = &entry.live {
+                    if let Err(e) = live.stream.set_active(active) {
+                        log::warn!("pipewire: set_active({active}): {e}");
+                    }
                 }
             }
         }
         Command::Close { key } => {
-            if let Some(entry) = table.borrow_mut().remove(&key) {
-                let _ = entry.stream.disconnect();
+            if let Some(entry) = table.borrow_mut().entries.remove(&key) {
+                if let Some(live) = entry.live {
+                    let _ = live.stream.disconnect();
+                }
             }
         }
     });
@@ -391,17 +562,49 @@ fn run_loop(
     mainloop.run();
 }
 
-struct StreamEntry {
-    stream: pw::stream::StreamRc,
-    _listener: pw::stream::StreamListener<RtState>,
+/// The supervisor timer: runs only while PipeWire is away (armed by the core's error callback).
+/// Tears the dead connection down, keeps running streams on their silence clocks, and
+/// reconnects when the daemon is back.
+fn supervise(
+    session: &Rc<RefCell<Session>>,
+    context: &pw::context::ContextRc,
+    supervisor: &Rc<RefCell<Option<pw::loop_::TimerSource<'static>>>>,
+    connected: &Arc<AtomicBool>,
+) {
+    {
+        let mut this = session.borrow_mut();
+        if this.lost && this.core.is_some() {
+            this.disconnect(connected);
+            this.ticks_since_attempt = 0;
+        }
+        for entry in this.entries.values_mut() {
+            if let Ok(mut rt) = entry.rt.lock() {
+                entry.silence.tick(&mut rt);
+            }
+        }
+        this.ticks_since_attempt += 1;
+        if this.ticks_since_attempt < RECONNECT_TICKS {
+            return;
+        }
+        this.ticks_since_attempt = 0;
+    }
+    match Session::connect(session, context, supervisor, connected) {
+        Ok(()) => {
+            log::info!("pipewire: reconnected; streams restored");
+            if let Some(timer) = supervisor.borrow().as_ref() {
+                let _ = timer.update_timer(None, None);
+            }
+        }
+        Err(e) => log::debug!("pipewire: still away ({e})"),
+    }
 }
 
 fn open_stream(
     core: &pw::core::CoreRc,
     props: &NodeProps,
     spec: &StreamSpec,
-    rt: RtState,
-) -> Result<StreamEntry, String> {
+    rt: Arc<Mutex<RtState>>,
+) -> Result<LiveStream, String> {
     let params = &spec.params;
     let output = spec.direction == D_OUTPUT;
     let node_name = props
@@ -435,6 +638,10 @@ fn open_stream(
     let listener = stream
         .add_local_listener_with_user_data(rt)
         .process(move |stream, rt| {
+            // Uncontended but for the instant the stream is torn down: never waits.
+            let Ok(mut rt) = rt.try_lock() else {
+                return;
+            };
             if output {
                 rt.process_playback(stream)
             } else {
@@ -460,7 +667,7 @@ fn open_stream(
             &mut pods,
         )
         .map_err(|e| format!("cannot connect the PipeWire stream: {e}"))?;
-    Ok(StreamEntry {
+    Ok(LiveStream {
         stream,
         _listener: listener,
     })

@@ -45,8 +45,9 @@ context.objects = [
 
 pub struct PipeWire {
     pub runtime: PathBuf,
-    _daemon: Proc,
-    _session: Proc,
+    config: PathBuf,
+    daemon: Option<Proc>,
+    session: Option<Proc>,
 }
 
 impl PipeWire {
@@ -58,44 +59,58 @@ impl PipeWire {
         std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
         let config = dir.join("pipewire.conf");
         std::fs::write(&config, CONFIG).unwrap();
-        let daemon = Proc {
+        let mut pw = PipeWire {
+            runtime,
+            config,
+            daemon: None,
+            session: None,
+        };
+        pw.restart();
+        pw
+    }
+
+    /// Stops the daemon and WirePlumber, as if the host's PipeWire went away.
+    pub fn stop(&mut self) {
+        self.session = None;
+        self.daemon = None;
+    }
+
+    /// Starts the daemon and WirePlumber (again) and waits until the sink exists.
+    pub fn restart(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(self.runtime.join("pipewire-0"));
+        self.daemon = Some(Proc {
             child: Command::new("pipewire")
                 .arg("-c")
-                .arg(&config)
-                .envs(env(&runtime))
+                .arg(&self.config)
+                .envs(env(&self.runtime))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start pipewire (apt package pipewire)"),
-        };
+        });
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !runtime.join("pipewire-0").exists() {
+        while !self.runtime.join("pipewire-0").exists() {
             assert!(
                 Instant::now() < deadline,
                 "pipewire did not create its socket"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let session = Proc {
+        self.session = Some(Proc {
             child: Command::new("wireplumber")
-                .envs(env(&runtime))
+                .envs(env(&self.runtime))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start wireplumber (apt package wireplumber)"),
-        };
-        let pw = PipeWire {
-            runtime,
-            _daemon: daemon,
-            _session: session,
-        };
-        while !pw.node_exists(SINK) {
+        });
+        while !self.node_exists(SINK) {
             assert!(Instant::now() < deadline, "the test sink never appeared");
             std::thread::sleep(Duration::from_millis(50));
         }
-        pw
     }
 
     pub fn env(&self) -> Vec<(&'static str, PathBuf)> {

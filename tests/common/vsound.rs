@@ -346,6 +346,14 @@ pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
 }
 
 /// Reads a WAV file's sample bytes (S16 little-endian).
+/// A known S16 signal with no zero samples, so that silence never matches it.
+pub fn known_signal(bytes: usize, seed: u32) -> Vec<u8> {
+    pattern(bytes, seed)
+        .chunks(2)
+        .flat_map(|s| (i16::from_le_bytes([s[0], s[1]]) | 1).to_le_bytes())
+        .collect()
+}
+
 pub fn wav_s16_bytes(path: &Path) -> Vec<u8> {
     let mut reader = hound::WavReader::open(path).expect("open wav");
     reader
