@@ -10,6 +10,8 @@ PACKAGES=(
   binutils          # readelf: the linkage test reads the worker's ELF dynamic section
   libclang-dev      # bindgen, for the PipeWire bindings
   libasound2-dev    # the broker's ALSA backend links libasound
+  systemd           # tests: systemd-analyze verify/security of the shipped units
+  selinux-policy-dev selinux-policy-default  # tests: build the SELinux module, link it into Debian's policy
 )
 
 # From bookworm-backports: PipeWire 1.4 (the broker's backend, and the tests' private daemon).
