@@ -24,6 +24,9 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use zerocopy::IntoBytes;
 
 use crate::config::Config;
@@ -494,6 +497,9 @@ pub struct SoundDevice {
     event_idx: bool,
     event_buffers: VecDeque<Chain>,
     pending_events: VecDeque<p::Event>,
+    /// Tells the vring thread to exit when the VMM has gone, so the worker can end. Handed
+    /// over once (one vring thread), so no fd is duplicated under the seccomp policy.
+    exit: std::sync::Mutex<Option<(EventConsumer, EventNotifier)>>,
 }
 
 impl SoundDevice {
@@ -526,6 +532,9 @@ impl SoundDevice {
             event_idx: false,
             event_buffers: VecDeque::new(),
             pending_events: VecDeque::new(),
+            exit: std::sync::Mutex::new(Some(new_event_consumer_and_notifier(
+                EventFlag::NONBLOCK | EventFlag::CLOEXEC,
+            )?)),
         })
     }
 
@@ -901,14 +910,8 @@ impl VhostUserBackendMut for SoundDevice {
         Ok(())
     }
 
-    fn exit_event(
-        &self,
-        _thread_index: usize,
-    ) -> Option<(
-        vmm_sys_util::event::EventConsumer,
-        vmm_sys_util::event::EventNotifier,
-    )> {
-        None
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exit.lock().ok()?.take()
     }
 
     fn handle_event(

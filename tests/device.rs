@@ -643,3 +643,40 @@ fn underrun_is_reported_as_an_xrun_event_when_selected() {
         "xrun sent without the feature"
     );
 }
+
+/// Waits for a process to exit on its own and returns its exit code.
+fn exit_code_within(proc: &mut Proc, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn worker_exits_cleanly_when_the_vmm_hangs_up() {
+    // Before the handshake: a VMM that connects and closes at once.
+    let dir = tempfile::tempdir().unwrap();
+    let (_broker, broker_socket) = spawn_broker(dir.path(), None);
+    let (mut worker, socket) = spawn_worker(dir.path(), "vm", &broker_socket, None);
+    drop(std::os::unix::net::UnixStream::connect(&socket).unwrap());
+    assert_eq!(exit_code_within(&mut worker, WAIT), Some(0));
+
+    // After a session: the guest played, then the VMM went away.
+    let mut rig = Rig::start(None, FrontendOptions::default());
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    play(
+        &mut rig.vm,
+        &params,
+        &pattern(params.period_bytes as usize * 4, 5),
+    );
+    drop(rig.vm);
+    assert_eq!(exit_code_within(&mut rig.worker, WAIT), Some(0));
+    assert!(rig.broker.is_running(), "the broker outlives its workers");
+}

@@ -57,7 +57,12 @@ fn run(args: Args) -> Result<(), String> {
         config.streams.len()
     );
     // Everything the worker will ever open is open now: confine it before any guest byte.
-    let mut listener = Listener::new(&args.socket, true)
+    // A stale socket from an earlier worker is replaced. The listener is built from a plain
+    // UnixListener so that it does not unlink the path when it drops: the confined worker may
+    // not (and the next worker replaces it anyway).
+    let _ = std::fs::remove_file(&args.socket);
+    let mut listener = std::os::unix::net::UnixListener::bind(&args.socket)
+        .map(Listener::from)
         .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
     sandbox::apply(&sandbox::Options {
         mode: args.sandbox,
@@ -88,8 +93,13 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("vhost-user: {e}"))?;
     log::info!("worker: VMM connected");
     // The socket file stays (no filesystem access now); the next worker replaces it.
+    use vhost::vhost_user::Error as VhostUserError;
     match daemon.wait() {
-        Ok(()) => {
+        // A VMM that goes away, even mid-message, is a normal end.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => {
             log::info!("worker: VMM disconnected");
             Ok(())
         }
