@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -193,6 +193,8 @@ struct TxBuf {
     ring_end: Option<u64>,
     status: Status,
     latency_bytes: u32,
+    /// When the guest queued it, for the latency figures.
+    arrived: Instant,
 }
 
 impl TxBuf {
@@ -228,6 +230,46 @@ struct StreamIo {
     tx: VecDeque<TxBuf>,
     rx: VecDeque<RxBuf>,
     scratch: Vec<u8>,
+    tx_stats: TxStats,
+}
+
+/// Playback latency figures of one prepared stream, logged when it is released.
+#[derive(Default)]
+struct TxStats {
+    buffers: u64,
+    /// A buffer's arrival to its completion (its last frame consumed by the backend).
+    total_ns: u128,
+    max_ns: u64,
+    /// `latency_bytes` as reported: what was queued ahead of the buffer when it was copied.
+    ahead_bytes: u128,
+}
+
+impl TxStats {
+    fn record(&mut self, buf: &TxBuf) {
+        let ns = u64::try_from(buf.arrived.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.buffers += 1;
+        self.total_ns += u128::from(ns);
+        self.max_ns = self.max_ns.max(ns);
+        self.ahead_bytes += u128::from(buf.latency_bytes);
+    }
+
+    /// One log line, then reset.
+    fn report(&mut self, stream_id: u32, params: Option<PcmParams>) {
+        let stats = std::mem::take(self);
+        let Some(params) = params.filter(|_| stats.buffers > 0) else {
+            return;
+        };
+        let n = u128::from(stats.buffers);
+        let bytes_per_s = u128::from(params.frame_bytes()) * u128::from(params.rate_hz());
+        log::info!(
+            "stream {stream_id}: {} tx buffers; arrival to completion mean {} us, max {} us; \
+             queued ahead on copy (latency_bytes) mean {} us",
+            stats.buffers,
+            stats.total_ns / n / 1000,
+            stats.max_ns / 1000,
+            stats.ahead_bytes * 1_000_000 / n / bytes_per_s.max(1),
+        );
+    }
 }
 
 trait SizeOf {
@@ -338,6 +380,9 @@ impl StreamIo {
             match front.ring_end {
                 Some(end) if end <= read_pos => {
                     let buf = self.tx.pop_front().expect("front exists");
+                    if buf.status == Status::Ok {
+                        self.tx_stats.record(&buf);
+                    }
                     write_status(mem, &buf.writable, 0, buf.status, buf.latency_bytes);
                     done.used(p::TX_QUEUE, buf.head, p::PcmStatus::SIZE as u32);
                 }
@@ -417,6 +462,7 @@ impl Host<'_, '_> {
     fn drop_transport(&mut self, stream_id: u32) {
         let io = &mut self.streams[stream_id as usize];
         io.flush(self.mem, Status::Ok, self.done);
+        io.tx_stats.report(stream_id, io.params);
         if let Some((_, notify)) = io.transport.take() {
             let _ = self.epoll.delete(&notify);
         }
@@ -685,6 +731,7 @@ impl SoundDevice {
             ring_end: None,
             status: Status::Ok,
             latency_bytes: 0,
+            arrived: Instant::now(),
         });
         self.pump(stream_id, mem, done);
     }
