@@ -19,6 +19,7 @@ BACKPORTS_PACKAGES=(
   libpipewire-0.3-dev libspa-0.2-dev   # the broker links libpipewire
   pipewire pipewire-bin wireplumber    # tests: a private daemon, pw-record, pw-play, pw-cli
   pipewire-alsa                        # tests: an ALSA PCM (the PipeWire plugin) for the ALSA backend
+  qemu-system-x86                      # tests/e2e: QEMU 10, which has vhost-user-snd-pci
 )
 
 as_root() {

@@ -23,6 +23,8 @@ context.spa-libs = {
     support.*       = support/libspa-support
 }
 context.modules = [
+    # Real-time data thread when allowed (root in CI): fewer lost cycles on a loaded machine.
+    { name = libpipewire-module-rt flags = [ ifexists nofail ] }
     { name = libpipewire-module-protocol-native }
     { name = libpipewire-module-access }
     { name = libpipewire-module-client-node }
