@@ -384,8 +384,9 @@ struct LiveStream {
 struct Session {
     core: Option<(pw::core::CoreRc, pw::core::Listener)>,
     entries: HashMap<u64, Entry>,
-    /// Set by the core's error callback; acted on from the supervisor timer, outside it.
-    lost: bool,
+    /// Set by the core's error callback (which never borrows the session, so it cannot clash
+    /// with a borrow held around a PipeWire call); acted on from the supervisor timer.
+    lost: Rc<std::cell::Cell<bool>>,
     ticks_since_attempt: u32,
 }
 
@@ -397,7 +398,7 @@ impl Session {
         connected: &Arc<AtomicBool>,
     ) -> Result<(), pw::Error> {
         let core = context.connect_rc(None)?;
-        let weak = Rc::downgrade(session);
+        let lost = session.borrow().lost.clone();
         let timer = supervisor.clone();
         let listener = core
             .add_listener_local()
@@ -406,11 +407,12 @@ impl Session {
                     return;
                 }
                 log::error!("pipewire: connection lost ({res}: {message}); streams go silent");
-                if let Some(session) = weak.upgrade() {
-                    session.borrow_mut().lost = true;
-                }
+                lost.set(true);
                 // Tear down at once, from the timer (not from inside the core's own callback).
-                if let Some(timer) = timer.borrow().as_ref() {
+                if let Ok(timer) = timer.try_borrow() {
+                    let Some(timer) = timer.as_ref() else {
+                        return;
+                    };
                     let _ = timer.update_timer(Some(Duration::from_nanos(1)), Some(SILENCE_TICK));
                 }
             })
@@ -429,7 +431,7 @@ impl Session {
             }
         }
         this.core = Some((core, listener));
-        this.lost = false;
+        this.lost.set(false);
         connected.store(true, Ordering::Release);
         Ok(())
     }
@@ -524,7 +526,9 @@ fn run_loop(
             let rt = Arc::new(Mutex::new(rt));
             let mut session = table.borrow_mut();
             let result = match &session.core {
-                Some((core, _)) if !session.lost => open_stream(core, &props, &spec, rt.clone()),
+                Some((core, _)) if !session.lost.get() => {
+                    open_stream(core, &props, &spec, rt.clone())
+                }
                 _ => Err("PipeWire is not connected".to_string()),
             };
             let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
@@ -573,7 +577,7 @@ fn supervise(
 ) {
     {
         let mut this = session.borrow_mut();
-        if this.lost && this.core.is_some() {
+        if this.lost.get() && this.core.is_some() {
             this.disconnect(connected);
             this.ticks_since_attempt = 0;
         }
