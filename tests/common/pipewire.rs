@@ -23,8 +23,6 @@ context.spa-libs = {
     support.*       = support/libspa-support
 }
 context.modules = [
-    # Real-time data thread when allowed (root in CI): fewer lost cycles on a loaded machine.
-    { name = libpipewire-module-rt flags = [ ifexists nofail ] }
     { name = libpipewire-module-protocol-native }
     { name = libpipewire-module-access }
     { name = libpipewire-module-client-node }
@@ -50,7 +48,12 @@ pub struct PipeWire {
     config: PathBuf,
     daemon: Option<Proc>,
     session: Option<Proc>,
+    /// One daemon at a time per test binary: parallel graphs on two cores miss cycles, and a
+    /// missed cycle is a gap in the sample-for-sample comparison, not a vsound fault.
+    _exclusive: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl PipeWire {
     /// Starts the daemon and WirePlumber in `dir/pw-run`, and waits until the sink exists.
@@ -61,11 +64,13 @@ impl PipeWire {
         std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
         let config = dir.join("pipewire.conf");
         std::fs::write(&config, CONFIG).unwrap();
+        let exclusive = ONE_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
         let mut pw = PipeWire {
             runtime,
             config,
             daemon: None,
             session: None,
+            _exclusive: exclusive,
         };
         pw.restart();
         pw
@@ -128,14 +133,22 @@ impl PipeWire {
             .unwrap_or(false)
     }
 
-    /// Properties of a node as `pw-cli` prints them.
+    /// Properties of a node as `pw-cli` prints them. pw-cli sometimes exits before it has
+    /// printed the properties: ask again until they are there.
     pub fn node_info(&self, name: &str) -> String {
-        let out = Command::new("pw-cli")
-            .args(["info", name])
-            .envs(self.env())
-            .output()
-            .expect("pw-cli");
-        String::from_utf8_lossy(&out.stdout).to_string()
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = Command::new("pw-cli")
+                .args(["info", name])
+                .envs(self.env())
+                .output()
+                .expect("pw-cli");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if text.contains("node.name") || Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Records the sink's monitor (S16 stereo 48 kHz) to a raw file until the returned process
@@ -200,4 +213,38 @@ pub fn assert_carries_signal(source: &[u8], captured: &[u8]) {
         captured[middle..middle + run] == source[at..at + run],
         "captured samples differ from the source"
     );
+}
+
+/// Asserts that `recorded` carries `data` (S16 stereo 48 kHz) sample for sample. pw-record
+/// may be linked to the sink a little after playback starts, so the recording may begin up to
+/// 0.1 s into `data`; from there to its end every sample must match. On a difference, says
+/// where and what was there instead.
+pub fn assert_arrived_intact(recorded: &[u8], data: &[u8]) {
+    const STEP: usize = 480 * 4;
+    let (skipped, start) = (0..data.len().min(STEP * 10))
+        .step_by(STEP)
+        .find_map(|skip| Some((skip, find(recorded, &data[skip..skip + 256], 4)?)))
+        .expect("the guest's samples reached the sink");
+    let data = &data[skipped..];
+    let got = &recorded[start..(start + data.len()).min(recorded.len())];
+    assert_eq!(got.len(), data.len(), "recording ended early");
+    if let Some(at) = got.iter().zip(data).position(|(a, b)| a != b) {
+        let frame = at / 4;
+        let silent = got[frame * 4..]
+            .chunks(4)
+            .take_while(|f| f.iter().all(|&b| b == 0))
+            .count();
+        let shifted = find(
+            recorded,
+            &data[frame * 4..(frame * 4 + 64).min(data.len())],
+            4,
+        )
+        .map(|i| (i as i64 - (start + frame * 4) as i64) / 4);
+        panic!(
+            "samples differ at the sink from frame {} of {}: {silent} silent frames there, \
+             the expected frames found shifted by {shifted:?} frames",
+            frame + skipped / 4,
+            (data.len() + skipped) / 4
+        );
+    }
 }
