@@ -285,7 +285,11 @@ fn apply_landlock(applier: &Applier, paths: &[PathRule]) -> Result<Option<String
     match build() {
         Ok(status) => match status.ruleset {
             RulesetStatus::NotEnforced => {
-                applier.missing("landlock", "not supported by this kernel")?;
+                applier.missing(
+                    "landlock",
+                    "not enforced: the kernel lacks it, or a seccomp filter of whoever started \
+                     us (a container runtime) refuses its system calls",
+                )?;
                 Ok(None)
             }
             enforced => {
