@@ -16,7 +16,9 @@ use alsa::{Direction, ValueOr};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
-use super::{Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake};
+use super::{
+    Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge,
+};
 use crate::control::PcmCaps;
 use crate::protocol::{format, D_OUTPUT};
 use crate::ring::RingError;
@@ -166,7 +168,7 @@ impl Backend for AlsaBackend {
             // A quarter period: the device's avail, not the timer, decides what moves.
             interval: Duration::from_nanos((period_ns / 4).max(1_000_000)),
             running: false,
-            flowing: true,
+            xrun: XrunEdge::default(),
             scratch: vec![0; (period * DEVICE_PERIODS) as usize * frame_bytes],
         }))
     }
@@ -179,7 +181,7 @@ struct AlsaStream {
     frame_bytes: usize,
     interval: Duration,
     running: bool,
-    flowing: bool,
+    xrun: XrunEdge,
     scratch: Vec<u8>,
 }
 
@@ -269,7 +271,7 @@ impl BackendStream for AlsaStream {
             TimerSetTimeFlags::empty(),
         )?;
         self.running = true;
-        self.flowing = true;
+        self.xrun = XrunEdge::default();
         Ok(())
     }
 
@@ -284,14 +286,12 @@ impl BackendStream for AlsaStream {
     }
 
     fn on_wake(&mut self) -> Result<Wake, RingError> {
-        let mut expirations = [0u8; 8];
-        let _ = rustix::io::read(&self.timer, &mut expirations);
+        super::clocked::drain_timer(&self.timer);
         if !self.running {
             return Ok(Wake::default());
         }
         let short = self.transfer()?;
-        let xrun = short && self.flowing;
-        self.flowing = !short;
+        let xrun = self.xrun.update(short);
         self.port.notify_worker();
         Ok(Wake { xrun })
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
-use super::{BackendStream, RingPort, StreamRing, StreamSpec, Wake};
+use super::{BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge};
 use crate::control::PcmParams;
 use crate::ring::RingError;
 
@@ -37,8 +37,7 @@ pub struct ClockedStream {
     clock_start: Instant,
     /// Frames the clock has accounted for since `clock_start`.
     frames_done: u64,
-    /// Whether data was flowing at the last tick (xruns are reported on the edge).
-    flowing: bool,
+    xrun: XrunEdge,
     scratch: Vec<u8>,
 }
 
@@ -57,7 +56,7 @@ impl ClockedStream {
             running: false,
             clock_start: Instant::now(),
             frames_done: 0,
-            flowing: true,
+            xrun: XrunEdge::default(),
             scratch: vec![0; SCRATCH_BYTES.min(capacity)],
         })
     }
@@ -111,11 +110,14 @@ impl ClockedStream {
                 total
             }
         };
-        let short = moved < want;
-        let xrun = short && self.flowing;
-        self.flowing = !short;
-        Ok(xrun)
+        Ok(self.xrun.update(moved < want))
     }
+}
+
+/// Consumes a timerfd's expirations, so that it is not readable again until the next one.
+pub(super) fn drain_timer(timer: &TimerFd) {
+    let mut expirations = [0u8; 8];
+    let _ = rustix::io::read(timer, &mut expirations);
 }
 
 impl BackendStream for ClockedStream {
@@ -129,7 +131,7 @@ impl BackendStream for ClockedStream {
         self.running = true;
         self.clock_start = Instant::now();
         self.frames_done = 0;
-        self.flowing = true;
+        self.xrun = XrunEdge::default();
         Ok(())
     }
 
@@ -144,8 +146,7 @@ impl BackendStream for ClockedStream {
     }
 
     fn on_wake(&mut self) -> Result<Wake, RingError> {
-        let mut expirations = [0u8; 8];
-        let _ = rustix::io::read(&self.timer, &mut expirations);
+        drain_timer(&self.timer);
         if !self.running {
             return Ok(Wake::default());
         }

@@ -79,6 +79,27 @@ pub struct Wake {
     pub xrun: bool,
 }
 
+/// Turns "the ring ran short this tick" into xrun reports: one per episode, on its first tick.
+#[derive(Debug, Clone, Copy)]
+pub struct XrunEdge {
+    flowing: bool,
+}
+
+impl Default for XrunEdge {
+    fn default() -> Self {
+        XrunEdge { flowing: true }
+    }
+}
+
+impl XrunEdge {
+    /// Whether an xrun begins with this tick.
+    pub fn update(&mut self, short: bool) -> bool {
+        let begins = short && self.flowing;
+        self.flowing = !short;
+        begins
+    }
+}
+
 /// A configured backend for one stream slot.
 pub trait Backend: Send {
     fn name(&self) -> &'static str;
@@ -192,5 +213,18 @@ fn for_stream(
             })
         }
         _ => Box::new(null::NullBackend),
+    }
+}
+
+#[cfg(test)]
+mod xrun_tests {
+    use super::XrunEdge;
+
+    #[test]
+    fn an_xrun_is_reported_once_per_episode() {
+        let mut edge = XrunEdge::default();
+        let ticks = [false, true, true, false, true, false, false];
+        let reported: Vec<bool> = ticks.iter().map(|&short| edge.update(short)).collect();
+        assert_eq!(reported, [false, true, false, false, true, false, false]);
     }
 }

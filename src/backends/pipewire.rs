@@ -24,7 +24,9 @@ use pw::spa;
 use pw::spa::param::audio::{AudioFormat, AudioInfoRaw};
 use rustix::event::{eventfd, EventfdFlags};
 
-use super::{Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake};
+use super::{
+    Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge,
+};
 use crate::control::{PcmCaps, PcmParams};
 use crate::protocol::{chmap, format, D_OUTPUT};
 use crate::ring::RingError;
@@ -155,7 +157,7 @@ struct RtState {
     shared: Arc<Shared>,
     frame_bytes: usize,
     rate: u32,
-    flowing: bool,
+    xrun: XrunEdge,
 }
 
 impl RtState {
@@ -169,11 +171,10 @@ impl RtState {
     }
 
     fn xrun_edge(&mut self, short: bool) {
-        if short && self.flowing {
+        if self.xrun.update(short) {
             self.shared.xruns.fetch_add(1, Ordering::AcqRel);
             self.shared.signal();
         }
-        self.flowing = !short;
     }
 
     fn publish_delay(&self, stream: &pw::stream::Stream) {
@@ -753,7 +754,7 @@ impl Backend for PipewireBackend {
             shared: shared.clone(),
             frame_bytes: spec.params.frame_bytes() as usize,
             rate: spec.params.rate_hz(),
-            flowing: true,
+            xrun: XrunEdge::default(),
         };
         self.thread
             .send(Command::Open(Box::new(OpenRequest {
