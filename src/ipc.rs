@@ -179,6 +179,18 @@ impl Channel {
         Ok(Channel { fd })
     }
 
+    /// Connects without ever blocking: a listener whose backlog is full gives `WouldBlock`.
+    pub fn connect_nonblocking(path: &Path) -> io::Result<Channel> {
+        let fd = net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+        Ok(Channel { fd })
+    }
+
     /// A connected pair, for a launcher that hands one end to each process.
     pub fn pair() -> io::Result<(Channel, Channel)> {
         let (a, b) = net::socketpair(
