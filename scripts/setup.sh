@@ -12,6 +12,8 @@ PACKAGES=(
   libasound2-dev    # the broker's ALSA backend links libasound
   systemd           # tests: systemd-analyze verify/security of the shipped units
   selinux-policy-dev selinux-policy-default  # tests: build the SELinux module, link it into Debian's policy
+  strace            # tests/sandbox.rs: glibc's heap-trim open is refused (not killed) in the worker
+  dbus-daemon       # tests/sandbox.rs: a private D-Bus system bus for the broker's PipeWire client
 )
 
 # From bookworm-backports: PipeWire 1.4 (the broker's backend, and the tests' private daemon).
