@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod guest;
 pub mod ipc;
+pub mod listen;
 pub mod local_clock;
 pub mod protocol;
 pub mod ring;
