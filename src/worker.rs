@@ -126,7 +126,8 @@ struct StreamIo {
     running: bool,
     tx: VecDeque<TxBuf>,
     rx: VecDeque<RxBuf>,
-    /// Capture bytes on their way to guest memory; silence while the clock is local.
+    /// Playback bytes on their way to the ring, capture bytes on their way to guest memory;
+    /// silence for capture on the local clock.
     scratch: Vec<u8>,
     tx_stats: TxStats,
 }
@@ -309,13 +310,17 @@ impl StreamIo {
         if self.running {
             clock.start(Instant::now());
         }
-        let silence = p::silence_sample(params.format);
-        self.scratch = silence
-            .iter()
-            .copied()
-            .cycle()
-            .take(params.buffer_bytes as usize)
-            .collect();
+        self.scratch = if self.output {
+            Vec::new()
+        } else {
+            let silence = p::silence_sample(params.format);
+            silence
+                .iter()
+                .copied()
+                .cycle()
+                .take(params.buffer_bytes as usize)
+                .collect()
+        };
         for buf in &mut self.tx {
             buf.ring_end = None;
         }
