@@ -257,3 +257,71 @@ fn prepare_during_a_short_gap_succeeds_and_a_long_gap_is_reported() {
     assert_eq!(control(&mut r.rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
     assert!(wav_s16_bytes(&r.rig.path("after-1.wav")) == data);
 }
+
+#[test]
+fn two_vms_both_come_back_after_a_broker_restart() {
+    let mut r = Restartable::start();
+    let (_worker_b, socket_b) = spawn_worker(
+        r.rig.dir.path(),
+        "vm-b",
+        &r.rig.broker_socket,
+        Some(&r.rig.dir.path().join("before.toml")),
+    );
+    let mut vm_b = common::frontend::GuestVm::connect(&socket_b, FrontendOptions::default())
+        .expect("connect to the second worker");
+    let params = Params::s16_48k(0);
+    let period = params.period_bytes as usize;
+    let periods = 120;
+    let data: Vec<Vec<u8>> = (0..2)
+        .map(|vm| pattern(period * periods, 20 + vm))
+        .collect();
+    let mut vms = [&mut r.rig.vm, &mut vm_b];
+    let mut chunks: Vec<_> = data.iter().map(|d| d.chunks(period)).collect();
+    for (vm, chunks) in vms.iter_mut().zip(&mut chunks) {
+        prepare(vm, &params);
+        for chunk in chunks.by_ref().take(params.periods as usize) {
+            tx_submit(vm, 0, chunk);
+        }
+        assert_eq!(control(vm, &pcm(p::R_PCM_START, 0)), 0x8000);
+    }
+    let mut completed = [0usize; 2];
+    let mut restarted = false;
+    while completed.iter().any(|&n| n < periods) {
+        for (i, vm) in vms.iter_mut().enumerate() {
+            while let Some(used) = vm.try_used(p::TX_QUEUE) {
+                assert_eq!(split_status(&used, 0).status, 0x8000, "VM {i}");
+                completed[i] += 1;
+                if let Some(chunk) = chunks[i].next() {
+                    tx_submit(vm, 0, chunk);
+                }
+            }
+        }
+        if completed[0] == 30 && !restarted {
+            let _ = r.rig.broker.child.kill();
+            let _ = r.rig.broker.child.wait();
+            let config = wav_config(r.rig.dir.path(), "after");
+            r.rig.broker = spawn_broker(r.rig.dir.path(), Some(&config)).0;
+            restarted = true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for vm in vms.iter_mut() {
+        assert_eq!(control(vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+        assert_eq!(control(vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    }
+    // Each VM's worker is a client of the new broker again: its file holds the end of that
+    // VM's audio, and no other VM's.
+    let mut matched = [false; 2];
+    for client in 1..=2 {
+        let after = wav_s16_bytes(&r.rig.path(&format!("after-{client}.wav")));
+        assert!(
+            after.len() >= period * 40,
+            "client {client} played too little"
+        );
+        let vm = (0..2)
+            .find(|&vm| data[vm].ends_with(&after))
+            .unwrap_or_else(|| panic!("after-{client}.wav is no VM's audio"));
+        matched[vm] = true;
+    }
+    assert_eq!(matched, [true, true], "both VMs came back");
+}
