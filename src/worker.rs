@@ -873,7 +873,7 @@ impl SoundDevice {
             latency_bytes: 0,
             arrived: Instant::now(),
         });
-        self.pump(stream_id, mem, done);
+        self.pump(stream_id, Some(mem), done);
     }
 
     fn handle_rx(&mut self, mem: &GuestMemory, chain: Chain, done: &mut Completer) {
@@ -922,7 +922,7 @@ impl SoundDevice {
             writable: chain.writable,
             filled: 0,
         });
-        self.pump(stream_id, mem, done);
+        self.pump(stream_id, Some(mem), done);
     }
 
     fn handle_event_buffer(&mut self, _mem: &GuestMemory, chain: Chain, _done: &mut Completer) {
@@ -930,9 +930,10 @@ impl SoundDevice {
         self.event_buffers.push_back(chain);
     }
 
-    /// Moves a stream's data; a broker that breaks the ring protocol loses the stream.
-    fn pump(&mut self, stream_id: u32, mem: &GuestMemory, done: &mut Completer) {
-        let Some(io) = self.streams.get_mut(stream_id as usize) else {
+    /// Moves a stream's data; a broker that breaks the ring protocol loses the stream. Without
+    /// guest memory no buffer can be pending: there is nothing to move.
+    fn pump(&mut self, stream_id: u32, mem: Option<&GuestMemory>, done: &mut Completer) {
+        let (Some(io), Some(mem)) = (self.streams.get_mut(stream_id as usize), mem) else {
             return;
         };
         let result = io.pump_tx(mem, done).and_then(|()| io.pump_rx(mem, done));
@@ -971,8 +972,9 @@ impl SoundDevice {
         }
     }
 
-    /// Broker channel, timers and stream wake-ups.
-    fn handle_device_event(&mut self, mem: &GuestMemory, done: &mut Completer) {
+    /// Broker channel, timers and stream wake-ups; served also before the VMM set up guest
+    /// memory, so that the level-triggered epoll never stays readable.
+    fn handle_device_event(&mut self, mem: Option<&GuestMemory>, done: &mut Completer) {
         let mut events = [EpollEvent::empty(); 16];
         let n = match self.epoll.wait(&mut events, EpollTimeout::ZERO) {
             Ok(n) => n,
@@ -1034,7 +1036,7 @@ impl SoundDevice {
 
     /// A new broker welcomed us: it gets back every stream the local clock kept going, with
     /// the guest's params and running state, and the buffers still pending.
-    fn restore_streams(&mut self, mem: &GuestMemory, done: &mut Completer) {
+    fn restore_streams(&mut self, mem: Option<&GuestMemory>, done: &mut Completer) {
         let mut restored = 0;
         for stream_id in 0..self.streams.len() as u32 {
             let io = &mut self.streams[stream_id as usize];
@@ -1171,11 +1173,13 @@ impl VhostUserBackendMut for SoundDevice {
         vrings: &[Self::Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
-        let Some(mem) = self.mem.clone() else {
-            return Ok(());
-        };
+        let guard = self.mem.as_ref().map(|mem| mem.memory());
+        let mem = guard.as_deref();
         let mut done = Completer::new(vrings);
         match device_event {
+            DEVICE_EVENT => self.handle_device_event(mem, &mut done),
+            // The queues' buffers live in guest memory: none can be read before it is set.
+            _ if mem.is_none() => {}
             p::CONTROL_QUEUE => {
                 self.process_queue(device_event, vrings, &mut done, Self::handle_control)
             }
@@ -1184,12 +1188,13 @@ impl VhostUserBackendMut for SoundDevice {
             }
             p::TX_QUEUE => self.process_queue(device_event, vrings, &mut done, Self::handle_tx),
             p::RX_QUEUE => self.process_queue(device_event, vrings, &mut done, Self::handle_rx),
-            DEVICE_EVENT => self.handle_device_event(&mem.memory(), &mut done),
             other => log::warn!("unexpected device event {other}"),
         }
         self.handle_broker_messages();
         self.settle();
-        self.deliver_events(&mem.memory(), &mut done);
+        if let Some(mem) = mem {
+            self.deliver_events(mem, &mut done);
+        }
         done.signal(self.event_idx);
         // Errors here would stop the device thread: everything was handled and logged above.
         Ok(())

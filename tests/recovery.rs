@@ -325,3 +325,48 @@ fn two_vms_both_come_back_after_a_broker_restart() {
     }
     assert_eq!(matched, [true, true], "both VMs came back");
 }
+
+#[test]
+fn a_broker_restart_before_the_vmm_set_up_memory_neither_spins_nor_strands_the_worker() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let config = wav_config(dir.path(), "before");
+    let (mut broker, broker_socket) = spawn_broker(dir.path(), Some(&config));
+    let (mut worker, socket) = spawn_worker(dir.path(), "vm", &broker_socket, Some(&config));
+    // A VMM that connected and asked for features, but has not set up guest memory yet.
+    let mut vmm = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let get_features: Vec<u8> = [1u32, 1, 0].iter().flat_map(|w| w.to_le_bytes()).collect();
+    vmm.write_all(&get_features).unwrap();
+    let mut reply = [0u8; 20];
+    vmm.set_read_timeout(Some(WAIT)).unwrap();
+    vmm.read_exact(&mut reply).unwrap();
+    let _ = broker.child.kill();
+    let _ = broker.child.wait();
+    std::thread::sleep(Duration::from_millis(200));
+    // The link's events are served without guest memory, so its epoll does not stay readable.
+    let cpu_before = cpu_time(worker.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_time(worker.pid()) - cpu_before;
+    assert!(
+        spent < Duration::from_millis(200),
+        "the worker spun while its broker was away: {spent:?} of CPU in 1 s"
+    );
+    // A new broker: the worker reconnects (its Hello makes the broker count a worker).
+    let (_broker, _) = spawn_broker(dir.path(), Some(&config));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let sockets = std::fs::read_dir(format!("/proc/{}/fd", worker.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count();
+        // The vhost-user connection and the broker channel (the listener is closed).
+        if sockets >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker did not reconnect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(worker.is_running());
+    drop(vmm);
+}
