@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
 # Sets up what is missing, builds, and runs vsound (a broker plus one worker) on a backend that
 # needs no sound hardware. Prints the QEMU arguments that attach a VM. Ctrl-C stops both.
+# Arguments go to `vsound run`; without --socket (or --socket-path) the vhost-user socket is
+# $XDG_RUNTIME_DIR/vsound/vsound.sock.
 set -euo pipefail
 cd "$(dirname "$0")"
+args=("$@")
+socket_given=false
+for arg in "$@"; do
+  case "$arg" in
+    --socket | --socket=* | --socket-path | --socket-path=*) socket_given=true ;;
+  esac
+done
+if ! $socket_given; then
+  runtime="${XDG_RUNTIME_DIR:-/tmp}/vsound"
+  mkdir -p "$runtime"
+  chmod 0700 "$runtime"
+  args=(--socket "$runtime/vsound.sock" "${args[@]}")
+fi
 ./scripts/setup.sh
 cargo build --release --bins
-runtime="${XDG_RUNTIME_DIR:-/tmp}/vsound"
-mkdir -p "$runtime"
-chmod 0700 "$runtime"
-exec ./target/release/vsound run --socket "$runtime/vsound.sock" "$@"
+exec ./target/release/vsound run "${args[@]}"

@@ -19,6 +19,7 @@ use rustix::net::{
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::control::{PcmCaps, PcmParams};
+use crate::listen::{ListenError, SocketKind, SocketPath};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest packet either side sends or accepts.
@@ -281,25 +282,15 @@ impl AsFd for Listener {
 }
 
 impl Listener {
-    /// Binds `path` (replacing a stale socket file) and listens.
-    pub fn bind(path: &Path) -> io::Result<Listener> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            use std::os::unix::fs::FileTypeExt;
-            if meta.file_type().is_socket() {
-                std::fs::remove_file(path)?;
-            }
-        }
-        let fd = net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
-        net::bind(&fd, &SocketAddrUnix::new(path)?)?;
-        net::listen(&fd, 16)?;
-        Ok(Listener { fd })
+    /// Binds `path` and listens (see `listen::bind`: a path a running process serves is
+    /// refused, a stale socket file replaced). The returned `SocketPath` removes the socket
+    /// file when dropped.
+    pub fn bind(path: &Path) -> Result<(Listener, SocketPath), ListenError> {
+        let (fd, path) = crate::listen::bind(path, SocketKind::SeqPacket)?;
+        Ok((Listener { fd }, path))
     }
 
+    /// A listening SOCK_SEQPACKET socket (an inherited one checked by `listen::adopt`).
     pub fn from_fd(fd: OwnedFd) -> Listener {
         Listener { fd }
     }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod guest;
 pub mod ipc;
+pub mod listen;
 pub mod protocol;
 pub mod ring;
 pub mod sandbox;

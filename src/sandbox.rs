@@ -51,6 +51,9 @@ pub enum PathRule {
     Read(PathBuf),
     /// Read, create, write and truncate files beneath this directory.
     ReadWrite(PathBuf),
+    /// Remove (unlink) files beneath this directory, nothing else: for a process that removes
+    /// the socket it bound itself when it is done.
+    RemoveFiles(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -93,13 +96,13 @@ impl Applier {
     }
 }
 
-/// Closes every fd above stderr inherited from whoever started us. Call first thing in main,
-/// before anything is opened.
-pub fn close_inherited_fds() {
+/// Closes every fd above stderr inherited from whoever started us, except `keep` (the listening
+/// socket we were given, see `listen`). Call first thing in main, before anything is opened.
+pub fn close_inherited_fds(keep: Option<RawFd>) {
     let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
         Ok(dir) => dir
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .filter(|&fd| fd > 2)
+            .filter(|&fd| fd > 2 && Some(fd) != keep)
             .collect(),
         Err(e) => {
             log::warn!("sandbox: cannot list inherited fds: {e}");
@@ -274,6 +277,7 @@ fn apply_landlock(applier: &Applier, paths: &[PathRule]) -> Result<Option<String
             let (path, access) = match rule {
                 PathRule::Read(path) => (path, AccessFs::from_read(abi)),
                 PathRule::ReadWrite(path) => (path, AccessFs::from_all(abi)),
+                PathRule::RemoveFiles(path) => (path, AccessFs::RemoveFile.into()),
             };
             match PathFd::new(path) {
                 Ok(fd) => ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?,

@@ -1,5 +1,6 @@
 //! vsound-broker: owns the audio backends and serves the workers of many VMs.
 
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,15 +12,20 @@ use vsound::broker::Broker;
 use vsound::config::BackendKind;
 use vsound::config::Config;
 use vsound::ipc::Listener;
+use vsound::listen::{self, SocketKind, Source};
 use vsound::protocol::D_OUTPUT;
 use vsound::sandbox::{self, Mode, PathRule, Role};
 
 #[derive(Parser)]
 #[command(version, about = "vsound audio broker")]
 struct Args {
-    /// Socket the workers connect to.
-    #[arg(long)]
-    socket: PathBuf,
+    /// Socket the workers connect to: bound here, and removed at exit. Without it (or --fd),
+    /// the socket comes from systemd socket activation (LISTEN_FDS).
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// An inherited listening SOCK_SEQPACKET unix socket to serve instead of binding a path.
+    #[arg(long, value_name = "N", conflicts_with = "socket")]
+    fd: Option<RawFd>,
     /// Device configuration (TOML), the same file the workers read.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -82,7 +88,7 @@ fn wav_paths(config: &Config) -> Vec<PathRule> {
         .collect()
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args, source: Source) -> Result<(), String> {
     let config = match &args.config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -93,8 +99,10 @@ fn run(args: Args) -> Result<(), String> {
     signals.thread_block().map_err(|e| e.to_string())?;
     let stop = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| e.to_string())?;
-    let listener = Listener::bind(&args.socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+    let listening = listen::open(&source, SocketKind::SeqPacket).map_err(|e| e.to_string())?;
+    // Dropped when run returns, however it ends: removes the socket file we bound.
+    let socket_path = listening.path;
+    let listener = Listener::from_fd(listening.fd);
     for stream in &config.streams {
         log::info!(
             "broker: stream {} ({:?}) on the {:?} backend",
@@ -103,7 +111,10 @@ fn run(args: Args) -> Result<(), String> {
             stream.backend
         );
     }
-    let paths = backend_paths(&config);
+    let mut paths = backend_paths(&config);
+    if let Some(socket_path) = &socket_path {
+        paths.push(PathRule::RemoveFiles(socket_path.directory()));
+    }
     // Backends start after the sandbox so that every thread they create is confined too.
     sandbox::apply(&sandbox::Options {
         mode: args.sandbox,
@@ -115,16 +126,26 @@ fn run(args: Args) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     sandbox::run_probe_if_asked();
     let mut broker = Broker::new(config, listener).map_err(|e| e.to_string())?;
-    log::info!("broker: listening on {}", args.socket.display());
+    log::info!("broker: listening on {}", source.describe());
     broker
         .run(Some(std::os::fd::AsFd::as_fd(&stop)))
         .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
-    sandbox::close_inherited_fds();
+    // Whoever started us (the launcher blocks the signals it reads) may have blocked some.
+    let _ = SigSet::empty().thread_set_mask();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Args::parse()) {
+    let args = Args::parse();
+    let source = match listen::source(args.socket.clone(), args.fd) {
+        Ok(source) => source,
+        Err(e) => {
+            log::error!("broker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    sandbox::close_inherited_fds(source.inherited_fd());
+    match run(args, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("broker: {e}");

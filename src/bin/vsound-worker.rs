@@ -1,11 +1,14 @@
 //! vsound-worker: serves one VMM's vhost-user socket as a virtio-sound device and feeds the
 //! audio broker. Never touches an audio device itself.
 
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
 
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
@@ -13,15 +16,21 @@ use vmm_sys_util::epoll::EventSet;
 
 use vsound::config::Config;
 use vsound::ipc::Channel;
-use vsound::sandbox::{self, Mode, Role};
+use vsound::listen::{self, SocketKind, SocketPath, Source};
+use vsound::sandbox::{self, Mode, PathRule, Role};
 use vsound::worker::{GuestMemory, SoundDevice, DEVICE_EVENT};
 
 #[derive(Parser)]
 #[command(version, about = "vhost-user virtio-sound worker (one per VM)")]
 struct Args {
-    /// vhost-user socket the VMM connects to.
-    #[arg(long)]
-    socket: PathBuf,
+    /// vhost-user socket the VMM connects to: bound here, removed once the VMM connected (or
+    /// at exit). Without it (or --fd), the socket comes from systemd socket activation.
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// An inherited listening SOCK_STREAM unix socket to accept the VMM on (QEMU's
+    /// backend-program convention); whoever passed it keeps it across worker restarts.
+    #[arg(long, value_name = "N", conflicts_with = "socket")]
+    fd: Option<RawFd>,
     /// The audio broker's socket.
     #[arg(long)]
     broker: PathBuf,
@@ -39,7 +48,38 @@ struct Args {
     group: Option<String>,
 }
 
-fn run(args: Args) -> Result<(), String> {
+/// Ends the process on SIGINT/SIGTERM after removing the socket file it bound; runs on a thread
+/// started after the sandbox, so it is confined like every other.
+fn remove_socket_on_stop(stop: SignalFd, socket_path: Arc<SocketPath>) {
+    std::thread::spawn(move || loop {
+        match stop.read_signal() {
+            Ok(Some(info)) => {
+                log::info!("worker: stopped by signal {}", info.ssi_signo);
+                socket_path.remove();
+                std::process::exit(0);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                log::warn!("worker: cannot read stop signals: {e}");
+                return;
+            }
+        }
+    });
+}
+
+fn run(args: Args, source: Source) -> Result<(), String> {
+    // A worker that binds its path itself removes it when stopped: the signals wait for the
+    // watcher thread, blocked in every thread (threads inherit this mask).
+    let stop = match source {
+        Source::Path(_) => {
+            let mut signals = SigSet::empty();
+            signals.add(Signal::SIGINT);
+            signals.add(Signal::SIGTERM);
+            signals.thread_block().map_err(|e| e.to_string())?;
+            Some(SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC).map_err(|e| e.to_string())?)
+        }
+        Source::Fd { .. } => None,
+    };
     let config = match &args.config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -57,22 +97,33 @@ fn run(args: Args) -> Result<(), String> {
         config.streams.len()
     );
     // Everything the worker will ever open is open now: confine it before any guest byte.
-    // A stale socket from an earlier worker is replaced. The listener is built from a plain
-    // UnixListener so that it does not unlink the path when it drops: the confined worker may
-    // not (and the next worker replaces it anyway).
-    let _ = std::fs::remove_file(&args.socket);
-    let mut listener = std::os::unix::net::UnixListener::bind(&args.socket)
-        .map(Listener::from)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+    // The vhost-user listener is built from a plain UnixListener, so it never unlinks a path
+    // on drop: a socket we bound is removed by `SocketPath`, an inherited one is its owner's.
+    let listening = listen::open(&source, SocketKind::Stream).map_err(|e| e.to_string())?;
+    let socket_path = listening.path.map(Arc::new);
+    let listener = std::os::unix::net::UnixListener::from(listening.fd);
+    // The daemon's accept loop spins on a non-blocking socket, and an inherited one may be.
+    listener
+        .set_nonblocking(false)
+        .map_err(|e| format!("cannot make the listening socket blocking: {e}"))?;
+    let mut listener = Listener::from(listener);
+    let mut paths = Vec::new();
+    if let Some(socket_path) = &socket_path {
+        // Only to remove our own socket file (checked by device and inode first).
+        paths.push(PathRule::RemoveFiles(socket_path.directory()));
+    }
     sandbox::apply(&sandbox::Options {
         mode: args.sandbox,
         role: Role::Worker,
         user: args.user.clone(),
         group: args.group.clone(),
-        paths: Vec::new(),
+        paths,
     })
     .map_err(|e| e.to_string())?;
     sandbox::run_probe_if_asked();
+    if let (Some(stop), Some(socket_path)) = (stop, &socket_path) {
+        remove_socket_on_stop(stop, socket_path.clone());
+    }
 
     let device_fd = std::os::fd::AsRawFd::as_raw_fd(&device.device_fd());
     let device = Arc::new(RwLock::new(device));
@@ -87,12 +138,17 @@ fn run(args: Args) -> Result<(), String> {
             .register_listener(device_fd, EventSet::IN, u64::from(DEVICE_EVENT))
             .map_err(|e| format!("cannot watch the broker: {e}"))?;
     }
-    log::info!("worker: waiting for the VMM on {}", args.socket.display());
+    log::info!("worker: waiting for the VMM on {}", source.describe());
     daemon
         .start(&mut listener)
         .map_err(|e| format!("vhost-user: {e}"))?;
     log::info!("worker: VMM connected");
-    // The socket file stays (no filesystem access now); the next worker replaces it.
+    // One connection per worker: a later VMM must find no socket here (a path we bound) or
+    // wait in the backlog of whoever holds the socket for the next worker (an inherited one).
+    drop(listener);
+    if let Some(socket_path) = &socket_path {
+        socket_path.remove();
+    }
     use vhost::vhost_user::Error as VhostUserError;
     match daemon.wait() {
         // A VMM that goes away, even mid-message, is a normal end.
@@ -108,9 +164,19 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    sandbox::close_inherited_fds();
+    // Whoever started us (the launcher blocks the signals it reads) may have blocked some.
+    let _ = SigSet::empty().thread_set_mask();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Args::parse()) {
+    let args = Args::parse();
+    let source = match listen::source(args.socket.clone(), args.fd) {
+        Ok(source) => source,
+        Err(e) => {
+            log::error!("worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    sandbox::close_inherited_fds(source.inherited_fd());
+    match run(args, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("worker: {e}");

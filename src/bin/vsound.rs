@@ -1,15 +1,30 @@
-//! vsound: development launcher. Starts one broker and one worker, prints the QEMU arguments
-//! that attach a VM, restarts the worker whenever its VMM disconnects, and stops both on
-//! Ctrl-C. Production starts the two programs from the shipped systemd units instead.
+//! vsound: development launcher. Holds the broker's and the VMM's listening sockets itself,
+//! like systemd's socket units, and passes them to a broker and a worker (`--fd 3`); restarts
+//! the worker whenever its VMM disconnects and the broker whenever it dies, so a VMM or a worker
+//! that connects meanwhile waits in the socket's backlog; stops both on Ctrl-C or SIGTERM and
+//! removes its sockets. Production starts the two programs from the shipped systemd units.
 
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode};
+use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use command_fds::{CommandFdExt, FdMapping};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
+
+use vsound::listen::{self, SocketKind, SocketPath};
+
+/// The fd a child finds its listening socket on (`--fd 3`).
+const CHILD_LISTEN_FD: i32 = 3;
+/// A child that dies sooner than this after its start counts as failing at once.
+const QUICK_EXIT: Duration = Duration::from_secs(1);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(
@@ -23,10 +38,10 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a broker and a worker serving one VM's vhost-user socket.
+    /// Run a broker and a worker serving one VM's vhost-user socket, restarting them as needed.
     Run {
-        /// vhost-user socket for the VMM.
-        #[arg(long)]
+        /// vhost-user socket for the VMM (the launcher binds it and removes it at exit).
+        #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
         socket: PathBuf,
         /// Device configuration (TOML).
         #[arg(long)]
@@ -54,25 +69,112 @@ fn sibling_binary(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn spawn(binary: &str, args: &[&std::ffi::OsStr]) -> Result<Child, String> {
-    Command::new(sibling_binary(binary))
-        .args(args)
-        .spawn()
-        .map_err(|e| format!("cannot start {binary}: {e}"))
+/// One supervised child: its program, arguments and listening socket, and when to restart it.
+struct Supervised {
+    /// "broker" or "worker", for logs.
+    role: &'static str,
+    binary: PathBuf,
+    args: Vec<OsString>,
+    listening: OwnedFd,
+    child: Option<Child>,
+    started: Instant,
+    restart_at: Option<Instant>,
+    /// Exits in a row that came quickly after a start.
+    quick_exits: u32,
 }
 
-fn wait_for_socket(path: &Path, child: &mut Child) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited early ({status})"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{} did not appear", path.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+impl Supervised {
+    fn start(&mut self) -> Result<(), String> {
+        let fd = self
+            .listening
+            .try_clone()
+            .map_err(|e| format!("{}: cannot pass the socket: {e}", self.role))?;
+        // The child gets the socket as fd 3, without FD_CLOEXEC there only. It inherits our
+        // blocked signals: the broker and the worker clear their signal mask first thing.
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("--fd")
+            .arg(CHILD_LISTEN_FD.to_string())
+            .args(&self.args)
+            .fd_mappings(vec![FdMapping {
+                parent_fd: fd,
+                child_fd: CHILD_LISTEN_FD,
+            }])
+            .map_err(|e| format!("{}: {e}", self.role))?;
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;
+        log::info!("{} started (pid {})", self.role, child.id());
+        self.child = Some(child);
+        self.started = Instant::now();
+        self.restart_at = None;
+        Ok(())
     }
-    Ok(())
+
+    /// Reaps the child if it exited and schedules its restart.
+    fn check(&mut self) {
+        let Some(child) = &mut self.child else {
+            return;
+        };
+        let status = match child.try_wait() {
+            Ok(Some(status)) => status,
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("{}: cannot check the child: {e}", self.role);
+                return;
+            }
+        };
+        self.child = None;
+        let lived = self.started.elapsed();
+        let delay = self.restart_delay(status, lived);
+        self.restart_at = Some(Instant::now() + delay);
+        if self.role == "worker" && status.success() {
+            log::info!("worker exited ({status}, its VMM disconnected); restarting it");
+        } else {
+            log::warn!(
+                "{} exited ({status}) after {:.1} s; restarting it in {} ms",
+                self.role,
+                lived.as_secs_f64(),
+                delay.as_millis()
+            );
+        }
+    }
+
+    /// At once, unless the child keeps failing right after its start: then 0.1 s, doubling up
+    /// to 5 s. A worker whose VMM went away ends normally, however quickly.
+    fn restart_delay(&mut self, status: ExitStatus, lived: Duration) -> Duration {
+        let normal_end = self.role == "worker" && status.success();
+        if normal_end || lived >= QUICK_EXIT {
+            self.quick_exits = 0;
+            return Duration::ZERO;
+        }
+        self.quick_exits += 1;
+        FIRST_BACKOFF
+            .saturating_mul(1 << (self.quick_exits - 1).min(6))
+            .min(MAX_BACKOFF)
+    }
+
+    fn restart_if_due(&mut self) {
+        let Some(at) = self.restart_at else {
+            return;
+        };
+        if Instant::now() < at {
+            return;
+        }
+        if let Err(e) = self.start() {
+            // Not a reason to stop serving: try again later.
+            let delay = MAX_BACKOFF;
+            log::error!("{e}; trying again in {} s", delay.as_secs());
+            self.restart_at = Some(Instant::now() + delay);
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(child) = &mut self.child {
+            terminate(child);
+        }
+        self.child = None;
+    }
 }
 
 fn terminate(child: &mut Child) {
@@ -86,6 +188,10 @@ fn terminate(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+fn bind(path: &Path, kind: SocketKind) -> Result<(OwnedFd, SocketPath), String> {
+    listen::bind(path, kind).map_err(|e| e.to_string())
 }
 
 struct RunOptions {
@@ -111,86 +217,106 @@ fn run(options: RunOptions) -> Result<(), String> {
         name.push(".broker");
         socket.with_file_name(name)
     });
+    // Child exits and stop requests all arrive here; blocked so that none is lost.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGCHLD);
     signals.thread_block().map_err(|e| e.to_string())?;
-    let stop = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+    let events = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| e.to_string())?;
 
-    let _ = std::fs::remove_file(&broker_socket);
-    let mut broker_args: Vec<&std::ffi::OsStr> = vec![
-        "--socket".as_ref(),
-        broker_socket.as_os_str(),
-        "--sandbox".as_ref(),
-        sandbox.as_ref(),
-    ];
-    if let Some(config) = &config {
-        broker_args.extend(["--config".as_ref(), config.as_os_str()]);
-    }
-    // Children must not inherit our blocked signal mask.
-    signals.thread_unblock().map_err(|e| e.to_string())?;
-    let mut broker = spawn("vsound-broker", &broker_args)?;
-    signals.thread_block().map_err(|e| e.to_string())?;
-    wait_for_socket(&broker_socket, &mut broker).map_err(|e| format!("broker: {e}"))?;
+    // Dropped at the end of run: removes both socket files (while they still are ours).
+    let (broker_fd, _broker_path) = bind(&broker_socket, SocketKind::SeqPacket)?;
+    let (worker_fd, _worker_path) = bind(&socket, SocketKind::Stream)?;
 
-    let mut worker_args: Vec<&std::ffi::OsStr> = vec![
-        "--socket".as_ref(),
-        socket.as_os_str(),
-        "--broker".as_ref(),
-        broker_socket.as_os_str(),
-        "--sandbox".as_ref(),
-        sandbox.as_ref(),
-    ];
+    let mut common: Vec<OsString> = vec!["--sandbox".into(), sandbox.into()];
+    if let Some(config) = &config {
+        common.extend(["--config".into(), config.into()]);
+    }
+    let mut worker_args: Vec<OsString> = vec!["--broker".into(), broker_socket.clone().into()];
+    worker_args.extend(common.iter().cloned());
     if nix::unistd::Uid::effective().is_root() {
-        worker_args.extend::<[&std::ffi::OsStr; 4]>([
-            "--user".as_ref(),
-            worker_user.as_ref(),
-            "--group".as_ref(),
-            worker_group.as_ref(),
+        worker_args.extend([
+            "--user".into(),
+            worker_user.into(),
+            "--group".into(),
+            worker_group.into(),
         ]);
     }
-    if let Some(config) = &config {
-        worker_args.extend(["--config".as_ref(), config.as_os_str()]);
-    }
-    let start_worker = || -> Result<Child, String> {
-        signals.thread_unblock().map_err(|e| e.to_string())?;
-        let child = spawn("vsound-worker", &worker_args);
-        signals.thread_block().map_err(|e| e.to_string())?;
-        child
+    let supervised = |role, binary, args, listening| Supervised {
+        role,
+        binary: sibling_binary(binary),
+        args,
+        listening,
+        child: None,
+        started: Instant::now(),
+        restart_at: None,
+        quick_exits: 0,
     };
-    let _ = std::fs::remove_file(&socket);
-    let mut worker = start_worker()?;
-    if let Err(e) = wait_for_socket(&socket, &mut worker) {
-        terminate(&mut broker);
-        return Err(format!("worker: {e}"));
+    let mut children = [
+        supervised("broker", "vsound-broker", common, broker_fd),
+        supervised("worker", "vsound-worker", worker_args, worker_fd),
+    ];
+    let result = supervise(&mut children, &events, &socket, &broker_socket);
+    for child in children.iter_mut().rev() {
+        child.stop();
     }
-    println!("vsound is serving {}", socket.display());
+    println!("vsound stopped");
+    result
+}
+
+fn supervise(
+    children: &mut [Supervised],
+    events: &SignalFd,
+    socket: &Path,
+    broker_socket: &Path,
+) -> Result<(), String> {
+    for child in children.iter_mut() {
+        child.start()?;
+    }
+    println!(
+        "vsound is serving {} (broker at {})",
+        socket.display(),
+        broker_socket.display()
+    );
     println!("Attach a VM with these QEMU arguments:");
     println!(
         "  -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \\\n  -chardev socket,id=vsound,path={} -device vhost-user-snd-pci,chardev=vsound",
         socket.display()
     );
     println!("Press Ctrl-C to stop.");
-
-    let result = loop {
-        if let Ok(Some(_)) = stop.read_signal() {
-            break Ok(());
+    loop {
+        let next_restart = children.iter().filter_map(|c| c.restart_at).min();
+        let timeout = match next_restart {
+            None => PollTimeout::NONE,
+            // Rounded up, so that the restart is due when poll returns.
+            Some(at) => PollTimeout::try_from(
+                at.saturating_duration_since(Instant::now()) + Duration::from_millis(1),
+            )
+            .unwrap_or(PollTimeout::MAX),
+        };
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(events),
+            PollFlags::POLLIN,
+        )];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
         }
-        if let Ok(Some(status)) = broker.try_wait() {
-            break Err(format!("the broker exited ({status})"));
+        while let Ok(Some(info)) = events.read_signal() {
+            if info.ssi_signo != Signal::SIGCHLD as u32 {
+                log::info!("stopping (signal {})", info.ssi_signo);
+                return Ok(());
+            }
         }
-        if let Ok(Some(status)) = worker.try_wait() {
-            log::info!("worker exited ({status}); starting a fresh one for the next VMM");
-            worker = start_worker()?;
+        for child in children.iter_mut() {
+            child.check();
         }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    terminate(&mut worker);
-    terminate(&mut broker);
-    let _ = std::fs::remove_file(&socket);
-    println!("vsound stopped");
-    result
+        for child in children.iter_mut() {
+            child.restart_if_due();
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -1,8 +1,10 @@
 //! Starts the real broker and worker binaries for integration tests, and speaks the guest
 //! driver's side of the virtio-sound protocol through the in-process frontend.
 
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use vsound::protocol as p;
@@ -31,6 +33,20 @@ impl Proc {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// Waits for the process to exit; `None` if it still runs after `timeout`.
+pub fn wait_exit(proc: &mut Proc, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -107,6 +123,113 @@ pub fn spawn_worker(
     };
     wait_for_path(&socket, &mut proc);
     (proc, socket)
+}
+
+/// `vsound run` with its stderr in `log`.
+pub struct Launcher {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub broker_socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Launcher {
+    pub fn start(dir: &Path) -> Launcher {
+        let socket = dir.join("vm.sock");
+        let broker_socket = dir.join("broker.sock");
+        let log = dir.join("launcher.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound"));
+        cmd.arg("run")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--broker-socket")
+            .arg(&broker_socket)
+            .env("RUST_LOG", "info")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("PIPEWIRE_RUNTIME_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut proc = Proc {
+            child: cmd.spawn().expect("start the launcher"),
+        };
+        wait_for_path(&socket, &mut proc);
+        wait_for_path(&broker_socket, &mut proc);
+        Launcher {
+            proc,
+            socket,
+            broker_socket,
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The pid of the launcher's running child `name` (waits for it to appear).
+    pub fn child(&self, name: &str) -> u32 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(&pid) = children_named(self.proc.pid(), name).first() {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "no {name} child");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Pids of the live (not zombie) children of `parent` whose command name is `name`.
+pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let mut rest = stat[close + 2..].split_whitespace();
+        let state = rest.next();
+        let ppid = rest.next().and_then(|p| p.parse::<u32>().ok());
+        if comm == name && ppid == Some(parent) && state != Some("Z") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Asks a vhost-user backend for its features (VHOST_USER_GET_FEATURES): an answer proves a
+/// worker served the connection; a refused, reset or closed one is an error.
+pub fn vhost_get_features(socket: &Path) -> io::Result<u64> {
+    const GET_FEATURES: u32 = 1;
+    const VERSION_1: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    let mut request = Vec::new();
+    for word in [GET_FEATURES, VERSION_1, 0] {
+        request.extend(word.to_le_bytes());
+    }
+    stream.write_all(&request)?;
+    let mut reply = [0u8; 20];
+    stream.read_exact(&mut reply)?;
+    let word = |i: usize| u32::from_le_bytes(reply[i * 4..i * 4 + 4].try_into().unwrap());
+    if word(0) != GET_FEATURES || word(1) & REPLY == 0 || word(2) != 8 {
+        return Err(io::Error::other(format!(
+            "not a GET_FEATURES reply: {reply:?}"
+        )));
+    }
+    Ok(u64::from_le_bytes(reply[12..20].try_into().unwrap()))
 }
 
 /// A broker, one worker and a connected guest.
