@@ -421,12 +421,14 @@ if [ "$BOOT" = 1 ]; then
   else
     fail "boot: systemctl enable:"; echo "$out" | sed 's/^/    /'
   fi
+  # The units first run on the default configuration (tmpfiles.d's empty file: the `auto`
+  # backend probes PipeWire and ALSA under the unit's identity); the guest's comes later.
   rm -rf "$R/vsound-guest" "$R/var/lib/vsound" "$R/etc/vsound"
   if [ "$GUEST" = 1 ]; then
-    mkdir -p "$R/vsound-guest" "$R/var/lib/vsound" "$R/etc/vsound"
+    mkdir -p "$R/vsound-guest" "$R/var/lib/vsound"
     wav_tool make "$R/vsound-guest/play.wav" "$GUEST_SECONDS" 31
     wav_tool make "$R/var/lib/vsound/source.wav" "$GUEST_SECONDS" 32
-    cat > "$R/etc/vsound/vsound.toml" <<'EOF'
+    cat > "$R/vsound-guest/vsound.toml" <<'EOF'
 # --guest: the broker plays into and records from files of its StateDirectory=.
 [[streams]]
 name = "media"
@@ -458,7 +460,8 @@ After=basic.target
 Type=oneshot
 ExecStart=/bin/bash /vsound-check.sh
 ExecStopPost=/bin/systemctl --no-block poweroff
-StandardOutput=file:/vsound-check.out
+# append: the ExecStopPost= opens it again, and must not write over the results.
+StandardOutput=append:/vsound-check.out
 StandardError=inherit
 EOF
   {
@@ -468,7 +471,8 @@ B=vsound-broker.service W=vsound-worker@vm1.service
 BS=vsound-broker.socket WS=vsound-worker@vm1.socket
 SOCK=/run/vsound/vm1/vhost-user.sock
 useradd -r -M -G vsound vsound-vmm
-as_vmm() { setpriv --reuid=vsound-vmm --regid=vsound-vmm --init-groups --reset-env -- "$@"; }
+# Runs a command as the VMM's user; setpriv execs it, so $! of "${AS_VMM[@]}" ... & is its PID.
+AS_VMM=(setpriv --reuid=vsound-vmm --regid=vsound-vmm --init-groups --reset-env --)
 wait_state() {  # UNIT STATE SECONDS
   local n=0
   until [ "$(systemctl is-active "$1")" = "$2" ]; do
@@ -476,6 +480,13 @@ wait_state() {  # UNIT STATE SECONDS
   done
 }
 mainpid() { systemctl show -p MainPID --value "$1"; }
+reconnected() {  # whether a worker connected to the broker process PID, within 5 s
+  local n=0
+  until journalctl --no-pager -o cat _PID="$1" | grep -q 'broker: worker .* connected'; do
+    n=$((n + 1)); [ $n -le 50 ] || { echo no; return; }; sleep 0.1
+  done
+  echo yes
+}
 report() {  # TAG UNIT: its main process's credentials, or its absence
   local pid
   pid=$(mainpid "$2")
@@ -497,11 +508,11 @@ for u in $BS $WS; do echo "listening $u $(systemctl is-active $u)"; done
 echo "before $W $(systemctl is-active $W) $B $(systemctl is-active $B)"
 echo "socket $(stat -c '%a %U %G' $SOCK) $(stat -c '%a %U %G' /run/vsound-broker/broker.sock)"
 echo "dirs $(stat -c '%a %U %G' /run/vsound /run/vsound/vm1 /run/vsound-broker | tr '\n' ' ')"
-as_vmm python3 -c "$connect" /run/vsound-broker/broker.sock 2>/dev/null && echo "vmm reaches broker.sock" || echo "vmm kept from broker.sock"
+"${AS_VMM[@]}" python3 -c "$connect" /run/vsound-broker/broker.sock 2>/dev/null && echo "vmm reaches broker.sock" || echo "vmm kept from broker.sock"
 setpriv --reuid=nobody --regid=nogroup --clear-groups python3 -c "$connect" $SOCK 2>/dev/null && echo "nobody connected" || echo "nobody denied"
 
 # The VMM connects: the socket starts the worker, the worker's broker connection the broker.
-as_vmm python3 -c "$hold" $SOCK > /tmp/vmm1.out 2>&1 &
+"${AS_VMM[@]}" python3 -c "$hold" $SOCK > /tmp/vmm1.out 2>&1 &
 vmm=$!
 wait_state $W active 10; wait_state $B active 10
 sleep 0.5
@@ -513,15 +524,15 @@ phases() {  # the rest only means something with both running (and a failure sta
 # The broker restarts, then is killed: it comes back, the worker stays.
 systemctl restart $B
 wait_state $B active 10
-sleep 1
-echo "restarted $B $(systemctl is-active $B) $W $(systemctl is-active $W) $(mainpid $W) was $worker"
 broker=$(mainpid $B)
+echo "reconnect after restart $(reconnected "$broker")"
+echo "restarted $B $(systemctl is-active $B) $W $(systemctl is-active $W) $(mainpid $W) was $worker"
 systemctl kill -s KILL $B
 n=0
 while [ "$(mainpid $B)" = "$broker" ] || [ "$(mainpid $B)" = 0 ] || [ "$(systemctl is-active $B)" != active ]; do
   n=$((n + 1)); [ $n -le 100 ] && sleep 0.1 || break
 done
-sleep 1
+echo "reconnect after kill $(reconnected "$(mainpid $B)")"
 echo "killed $B $(systemctl is-active $B) restarts $(systemctl show -p NRestarts --value $B) $W $(systemctl is-active $W) $(mainpid $W) was $worker"
 report again $B; report again $W
 
@@ -529,7 +540,7 @@ report again $B; report again $W
 kill $vmm; wait $vmm 2>/dev/null
 wait_state $W inactive 10
 echo "disconnected $W $(systemctl is-active $W) result $(systemctl show -p Result --value $W) $WS $(systemctl is-active $WS)"
-as_vmm python3 -c "$hold" $SOCK > /tmp/vmm2.out 2>&1 &
+"${AS_VMM[@]}" python3 -c "$hold" $SOCK > /tmp/vmm2.out 2>&1 &
 vmm=$!
 wait_state $W active 10
 sleep 0.5
@@ -541,13 +552,18 @@ if [ "$GUEST" = 1 ]; then
   # The e2e guest as the VMM's user; its guest cache is the host's, through links in a
   # directory that user may write (build-guest.sh takes a lock and may re-resolve there).
   G=/vsound-guest
+  # The guest's configuration, read by the restarted broker and the guest's fresh worker.
+  cp $G/vsound.toml /etc/vsound/vsound.toml
+  systemctl restart $B
+  wait_state $B active 10
+  echo "guest-config $B $(systemctl is-active $B)"
   mkdir -p $G/cache/debs $G/tmp $G/out
   ln -s "$E2E_CACHE"/debs/*.deb $G/cache/debs/
   ln -s "$E2E_CACHE"/guest-* $G/cache/
   cp "$E2E_CACHE"/resolved-* $G/cache/ 2>/dev/null
   chown -R vsound-vmm $G
   started=$(date +%s%N)
-  as_vmm env PATH=/usr/sbin:/usr/bin:/sbin:/bin TMPDIR=$G/tmp "$E2E_DIR/play.sh" --socket $SOCK \
+  "${AS_VMM[@]}" env PATH=/usr/sbin:/usr/bin:/sbin:/bin TMPDIR=$G/tmp "$E2E_DIR/play.sh" --socket $SOCK \
     --file $G/play.wav --out $G/out --cache $G/cache --timeout 150 -- \
     "aplay -D hw:0,0 play.wav || exit 11; arecord -D hw:0,0 -f S16_LE -r 48000 -c 2 -d $GUEST_SECONDS /out/rec.wav || exit 12" \
     > $G/console.log 2>&1
@@ -579,7 +595,9 @@ EOF
     fail "boot: no result"; sed 's/^/    /' "$TMP/nspawn.log"
   else
     grep -v '^log \|^console ' "$OUT" | sed 's/^/    /'
-    grep '^log .*\(sandbox:\|ERROR\|WARN\|error\)' "$OUT" | awk '!seen[$0]++' | head -n 40 | sed 's/^log /    /'
+    # Each distinct start-up and error line once (timestamps dropped).
+    sed -n 's/^log \(\[[^]]*\] \)\{0,1\}//p' "$OUT" | grep 'sandbox:\|ERROR\|WARN\|error\|status=\|code=' \
+      | awk '!seen[$0]++' | head -n 40 | sed 's/^/    /'
     line() { grep -F -- "$1" "$OUT" | head -n 1; }
     has() { grep -qxF -- "$1" "$OUT"; }
     # The main process of UNIT at TAG: present, confined. Nothing passes without it.
@@ -633,6 +651,12 @@ EOF
     [[ $killed =~ ^killed\ $B\ active\ restarts\ [1-9][0-9]*\ $W\ active\ $worker\ was\ $worker$ ]] \
       && pass "boot: SIGKILL of the broker: Restart=always brings it back, the worker runs on (same PID)" \
       || fail "boot: after SIGKILL of the broker: $killed"
+    # The worker's reconnect to the new broker (issue 8, item 1: src/worker.rs) is reported;
+    # the worker's survival above is what the units guarantee.
+    for when in restart kill; do
+      has "reconnect after $when yes" && pass "boot: the worker reconnected to the broker after its $when" \
+        || echo "info: the worker did not reconnect to the broker within 5 s of its $when"
+    done
     check_main again "$B" "after its restarts"
     check_main again "$W" "after the broker's restarts"
     has "disconnected $W inactive result success $INSTANCE_SOCKET active" \
@@ -646,6 +670,8 @@ EOF
       fail "boot: the next connection: $second"
     fi
     if [ "$GUEST" = 1 ]; then
+      has "guest-config $B active" && pass "guest: the broker restarted on the guest's configuration (wav backend)" \
+        || fail "guest: the broker did not restart on the guest's configuration: $(line guest-config)"
       guest=$(line "guest status")
       if [[ $guest =~ ^guest\ status\ 0\ seconds\ ([0-9]+)$ ]]; then
         pass "guest: played and recorded through the units' worker and broker (play.sh: $(( BASH_REMATCH[1] / 1000 )).$(( BASH_REMATCH[1] % 1000 / 100 )) s)"
