@@ -14,8 +14,15 @@ for arg in "$@"; do
 done
 if ! $socket_given; then
   runtime="${XDG_RUNTIME_DIR:-/tmp}/vsound"
+  mode=0700
+  if [ "$(id -u)" -eq 0 ]; then
+    # As root the worker runs as nobody and must reach the broker's socket to reconnect to a
+    # restarted broker: a directory it can traverse (the sockets themselves are not world-usable).
+    runtime=/tmp/vsound
+    mode=0711
+  fi
   mkdir -p "$runtime"
-  chmod 0700 "$runtime"
+  chmod "$mode" "$runtime"
   args=(--socket "$runtime/vsound.sock" "${args[@]}")
 fi
 ./scripts/setup.sh

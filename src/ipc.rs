@@ -170,12 +170,16 @@ impl Channel {
     }
 
     pub fn connect(path: &Path) -> io::Result<Channel> {
-        let fd = net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
+        Self::connect_with(path, SocketFlags::CLOEXEC)
+    }
+
+    /// Connects without ever blocking: a listener whose backlog is full gives `WouldBlock`.
+    pub fn connect_nonblocking(path: &Path) -> io::Result<Channel> {
+        Self::connect_with(path, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
+    }
+
+    fn connect_with(path: &Path, flags: SocketFlags) -> io::Result<Channel> {
+        let fd = net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None)?;
         net::connect(&fd, &SocketAddrUnix::new(path)?)?;
         Ok(Channel { fd })
     }

@@ -6,11 +6,13 @@
 
 pub mod backends;
 pub mod broker;
+pub mod broker_link;
 pub mod config;
 pub mod control;
 pub mod guest;
 pub mod ipc;
 pub mod listen;
+pub mod local_clock;
 pub mod protocol;
 pub mod ring;
 pub mod sandbox;

@@ -173,6 +173,24 @@ pub fn sample_bytes(fmt: u8) -> Option<u32> {
     })
 }
 
+/// One sample of silence, little-endian: unsigned formats are centred, not zero.
+pub fn silence_sample(fmt: u8) -> Vec<u8> {
+    use format::*;
+    let width = sample_bytes(fmt).unwrap_or(1) as usize;
+    let mut sample = vec![0u8; width];
+    let centre_bit = match fmt {
+        U8 => 7,
+        U16 => 15,
+        U18_3 => 17,
+        U20_3 | U20 => 19,
+        U24_3 | U24 => 23,
+        U32 => 31,
+        _ => return sample,
+    };
+    sample[centre_bit / 8] = 1 << (centre_bit % 8);
+    sample
+}
+
 /// Frames per second of a rate index, `None` if out of range.
 pub fn rate_hz(rate_index: u8) -> Option<u32> {
     const HZ: [u32; 16] = [
@@ -605,5 +623,15 @@ mod tests {
         assert_eq!(request_code(&[1, 0, 0]), None);
         assert!(read_prefix::<PcmSetParams>(&[0u8; 23]).is_none());
         assert!(read_prefix::<PcmSetParams>(&[0u8; 30]).is_some());
+    }
+
+    #[test]
+    fn silence_is_the_centre_value() {
+        assert_eq!(silence_sample(format::S16), vec![0, 0]);
+        assert_eq!(silence_sample(format::U8), vec![0x80]);
+        assert_eq!(silence_sample(format::U16), vec![0, 0x80]);
+        assert_eq!(silence_sample(format::U24_3), vec![0, 0, 0x80]);
+        assert_eq!(silence_sample(format::U32), vec![0, 0, 0, 0x80]);
+        assert_eq!(silence_sample(format::FLOAT), vec![0; 4]);
     }
 }

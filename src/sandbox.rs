@@ -8,7 +8,8 @@
 //! 5. no_new_privs;
 //! 6. Landlock: no filesystem access beyond explicit rules, no TCP, scoped abstract sockets and
 //!    signals (as far as the kernel's ABI goes);
-//! 7. seccomp: the policy compiled from `policies/*.json`, default action kill-process.
+//! 7. seccomp: the policy compiled from `policies/*.json`, default action kill-process; calls a
+//!    library makes on its own that Landlock refuses anyway get an errno instead (`*_fs_errno`).
 //!
 //! In strict mode any layer that cannot be applied is an error (namespaces excepted: they are
 //! used where the kernel allows, and logged); in best-effort mode it is logged. Every layer logs
@@ -174,14 +175,17 @@ pub fn apply(options: &Options) -> Result<Report, SandboxError> {
     report.landlock = apply_landlock(&applier, &options.paths)?;
 
     // 7. Seccomp, last: the layers above need calls the policy forbids.
-    report.seccomp_filters = apply_seccomp(options.role)?;
+    let installed = apply_seccomp(options.role)?;
+    report.seccomp_filters = installed.len();
     log::info!(
-        "sandbox: seccomp policy {} installed ({} filters, default kill-process)",
+        "sandbox: seccomp policy {} installed ({} filters: {}; the last is the allow-list, \
+         default kill-process; the others turn listed calls into an errno)",
         match options.role {
             Role::Worker => "policies/worker.json",
             Role::Broker => "policies/broker.json",
         },
-        report.seccomp_filters
+        installed.len(),
+        installed.join(", ")
     );
     Ok(report)
 }
@@ -312,7 +316,11 @@ fn apply_landlock(applier: &Applier, paths: &[PathRule]) -> Result<Option<String
     }
 }
 
-fn apply_seccomp(role: Role) -> Result<usize, SandboxError> {
+/// Installs the role's filters and returns their names in installation order. The kernel runs
+/// every filter on each call and applies the strictest verdict, so an errno filter's answer
+/// wins over the allow-list's "allow", and the allow-list's kill wins over any errno: a call
+/// an errno filter answers must therefore be allowed by the allow-list.
+fn apply_seccomp(role: Role) -> Result<Vec<&'static str>, SandboxError> {
     let (filters, main) = match role {
         Role::Worker => (filters::WORKER, "worker"),
         Role::Broker => (filters::BROKER, "broker"),
@@ -322,6 +330,7 @@ fn apply_seccomp(role: Role) -> Result<usize, SandboxError> {
         .iter()
         .filter(|(name, _)| *name != main)
         .chain(filters.iter().filter(|(name, _)| *name == main));
+    let mut installed = Vec::with_capacity(filters.len());
     for (name, program) in ordered {
         let program: seccompiler::BpfProgram = program
             .iter()
@@ -329,19 +338,26 @@ fn apply_seccomp(role: Role) -> Result<usize, SandboxError> {
             .collect();
         seccompiler::apply_filter(&program)
             .map_err(|e| SandboxError(format!("seccomp filter {name}: {e}")))?;
+        installed.push(*name);
     }
-    Ok(filters.len())
+    Ok(installed)
 }
 
 /// Test-only probes of the sandbox (debug builds only; unreachable from guest or broker input):
 /// with `VSOUND_SANDBOX_PROBE` set, the process tries a forbidden action right after
 /// sandboxing and exits with 0 if it was refused, 3 if it was allowed. Seccomp may instead kill
-/// it with SIGSYS.
+/// it with SIGSYS. The probe `arena` instead does something the libraries do on their own and
+/// the sandbox must survive: it exits with 0 ("survived") unless seccomp kills it.
 #[cfg(debug_assertions)]
 pub fn run_probe_if_asked() {
     let Ok(probe) = std::env::var("VSOUND_SANDBOX_PROBE") else {
         return;
     };
+    if probe == "arena" {
+        grow_and_shrink_thread_arenas();
+        eprintln!("probe arena: survived");
+        std::process::exit(0);
+    }
     let outcome: Result<(), String> = match probe.as_str() {
         "open" => std::fs::File::open("/etc/hostname")
             .map(drop)
@@ -366,6 +382,41 @@ pub fn run_probe_if_asked() {
         Err(e) => {
             eprintln!("probe {probe}: denied ({e})");
             std::process::exit(0);
+        }
+    }
+}
+
+/// Makes glibc grow and then shrink the heaps of non-main arenas, as the worker's vring thread
+/// does with guest-sized buffers: threads allocate many 30-200 KiB blocks (below the mmap
+/// threshold once it has adapted, so they come from the thread's arena heap), then free them
+/// all, so the arena's top chunk passes the trim threshold and `heap_trim` shrinks the heap.
+/// The first shrink in a process makes glibc open `/proc/sys/vm/overcommit_memory`
+/// (`check_may_shrink_heap`).
+#[cfg(debug_assertions)]
+fn grow_and_shrink_thread_arenas() {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 20;
+    const BLOCKS: usize = 64;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|thread| {
+            std::thread::spawn(move || {
+                for round in 0..ROUNDS {
+                    let blocks: Vec<Vec<u8>> = (0..BLOCKS)
+                        .map(|i| {
+                            let kib = 30 + (i * 37 + round * 11 + thread * 5) % 171;
+                            // Touched, so the pages are really used and returned.
+                            vec![1u8; kib * 1024]
+                        })
+                        .collect();
+                    std::hint::black_box(&blocks);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        if worker.join().is_err() {
+            eprintln!("probe arena: a thread panicked");
+            std::process::exit(4);
         }
     }
 }

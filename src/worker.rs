@@ -1,17 +1,22 @@
 //! The worker: the vhost-user virtio-sound device that parses every guest request.
 //!
 //! It runs one epoll thread (vhost-user-backend's) that serves the four virtqueues plus one
-//! nested epoll of its own holding the broker channel and each stream's wake-up eventfd.
-//! Guest input never makes it return an error (that would stop the thread): bad requests get
-//! the spec's status, bad chains are completed empty and logged.
+//! nested epoll of its own holding the broker channel, two timers and each stream's wake-up
+//! eventfd. Guest input never makes it return an error (that would stop the thread): bad
+//! requests get the spec's status, bad chains are completed empty and logged.
 //!
 //! Playback pacing: a tx buffer is copied into the stream's ring only when the ring has room
 //! (it holds a few periods), and completed only once the broker has consumed its last byte at
 //! the backend's clock. Capture: an rx buffer is completed only when it is full.
+//!
+//! The broker may go away under a running VM (the VMM cannot reconnect us, so the worker never
+//! gives up its VMM session): its streams then run on the worker's own clock, in silence at
+//! their real-time pace, until the reconnected link hands them to the new broker.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -29,158 +34,38 @@ use vmm_sys_util::event::{
 };
 use zerocopy::IntoBytes;
 
+use crate::broker_link::{BrokerLink, Fault, LinkError, LinkEvent};
 use crate::config::Config;
 use crate::control::{ControlState, PcmCaps, PcmHost, PcmParams};
 use crate::guest::{Chain, GuestBuffer};
-use crate::ipc::{self, BrokerMsg, Channel, IpcError, WorkerMsg};
+use crate::ipc::{BrokerMsg, WorkerMsg};
+use crate::local_clock::{LocalClock, WakeTimer};
 use crate::protocol::{self as p, Status};
 use crate::ring::{Consumer, Producer, SharedRing};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 type Mem = GuestMemoryAtomic<GuestMemory>;
 
-/// How long a control request waits for the broker; the guest driver gives up after 1 s.
-pub const BROKER_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 /// Events waiting for a free event-queue buffer; older ones are dropped past this.
 const MAX_PENDING_EVENTS: usize = 64;
 /// Device event id of the nested epoll (ids up to NUM_QUEUES are the library's).
 pub const DEVICE_EVENT: u16 = p::NUM_QUEUES as u16 + 1;
+/// Epoll data of the nested epoll's fds other than the streams' (whose data is their id).
 const TOKEN_BROKER: u64 = u64::MAX;
+const TOKEN_LINK_TIMER: u64 = u64::MAX - 1;
+const TOKEN_LOCAL_CLOCK: u64 = u64::MAX - 2;
+/// A PREPARE while the broker is away is served on the local clock if the link failed at most
+/// this long ago (a restarting broker is back by then); later, it gets IO_ERR.
+const LOCAL_PREPARE_WINDOW: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("broker: {0}")]
-    Ipc(#[from] IpcError),
-    #[error("broker refused us: {0}")]
-    Refused(String),
-    #[error("broker answered Hello with {0:?}")]
-    UnexpectedReply(Box<BrokerMsg>),
+    #[error("{0}")]
+    Link(#[from] LinkError),
     #[error("broker offers nothing usable for stream {0} ({1}): check the broker's config")]
     StreamUnavailable(usize, String),
     #[error("{0}")]
     Io(#[from] io::Error),
-}
-
-/// The worker's side of the broker channel.
-pub struct BrokerLink {
-    channel: Channel,
-    /// Asynchronous messages (xruns) that arrived while we waited for a reply.
-    events: VecDeque<BrokerMsg>,
-    alive: bool,
-    pub client_id: u32,
-}
-
-impl BrokerLink {
-    /// Greets the broker with our streams and returns what it grants for each.
-    pub fn connect(
-        channel: Channel,
-        wanted: Vec<PcmCaps>,
-    ) -> Result<(BrokerLink, Vec<PcmCaps>), WorkerError> {
-        let count = wanted.len();
-        channel.send(
-            &WorkerMsg::Hello {
-                version: ipc::PROTOCOL_VERSION,
-                streams: wanted,
-            },
-            &[],
-        )?;
-        channel.wait_readable(Some(Duration::from_secs(5)))?;
-        let (reply, _fds) = channel.recv::<BrokerMsg>()?;
-        match reply {
-            BrokerMsg::Welcome {
-                version,
-                client_id,
-                caps,
-            } if version == ipc::PROTOCOL_VERSION && caps.len() == count => {
-                rustix::io::ioctl_fionbio(&channel, true).map_err(io::Error::from)?;
-                Ok((
-                    BrokerLink {
-                        channel,
-                        events: VecDeque::new(),
-                        alive: true,
-                        client_id,
-                    },
-                    caps,
-                ))
-            }
-            BrokerMsg::Refused { reason } => Err(WorkerError::Refused(reason)),
-            other => Err(WorkerError::UnexpectedReply(Box::new(other))),
-        }
-    }
-
-    fn fail(&mut self, why: &dyn std::fmt::Display) -> Status {
-        if self.alive {
-            log::error!("broker link lost: {why}");
-        }
-        self.alive = false;
-        Status::IoErr
-    }
-
-    /// Sends a request and waits (bounded) for its reply.
-    fn request(&mut self, msg: WorkerMsg) -> Result<(BrokerMsg, Vec<OwnedFd>), Status> {
-        if !self.alive {
-            return Err(Status::IoErr);
-        }
-        if let Err(e) = self.channel.send(&msg, &[]) {
-            return Err(self.fail(&e));
-        }
-        let deadline = std::time::Instant::now() + BROKER_REPLY_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if let Err(e) = self.channel.wait_readable(Some(left)) {
-                return Err(self.fail(&e));
-            }
-            match self.channel.recv::<BrokerMsg>() {
-                Ok((BrokerMsg::Xrun { stream_id }, _)) => {
-                    self.events.push_back(BrokerMsg::Xrun { stream_id });
-                }
-                Ok((reply, fds)) => {
-                    if fds.len() != reply.fd_count() {
-                        return Err(self.fail(&"wrong number of fds from the broker"));
-                    }
-                    return Ok((reply, fds));
-                }
-                Err(IpcError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(self.fail(&e)),
-            }
-        }
-    }
-
-    /// Sends a request that is answered by Done/Failed.
-    fn simple(&mut self, msg: WorkerMsg, stream_id: u32) -> Result<(), Status> {
-        match self.request(msg)? {
-            (BrokerMsg::Done { stream_id: id }, _) if id == stream_id => Ok(()),
-            (
-                BrokerMsg::Failed {
-                    stream_id: id,
-                    reason,
-                },
-                _,
-            ) if id == stream_id => {
-                log::warn!("broker: stream {stream_id}: {reason}");
-                Err(Status::IoErr)
-            }
-            (other, _) => Err(self.fail(&format!("unexpected reply {other:?}"))),
-        }
-    }
-
-    /// Reads every message waiting without blocking.
-    fn drain(&mut self) -> Vec<BrokerMsg> {
-        let mut out: Vec<BrokerMsg> = self.events.drain(..).collect();
-        while self.alive {
-            match self.channel.recv::<BrokerMsg>() {
-                Ok((msg @ BrokerMsg::Xrun { .. }, _)) => out.push(msg),
-                Ok((other, _)) => {
-                    self.fail(&format!("unsolicited message {other:?}"));
-                }
-                Err(IpcError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    self.fail(&e);
-                }
-            }
-        }
-        out
-    }
 }
 
 /// A tx message held until the backend has played it.
@@ -217,18 +102,32 @@ impl RxBuf {
     }
 }
 
-enum Transport {
+/// The broker's end of a stream's ring.
+enum RingEnd {
     Playback(Producer),
     Capture(Consumer),
 }
 
+/// How a prepared stream's frames move.
+enum Transport {
+    /// Through the broker's ring; it signals `notify` whenever it moved the ring.
+    Ring { end: RingEnd, notify: OwnedFd },
+    /// The broker is away: the worker's own clock paces the stream (playback dropped, capture
+    /// silent) until a broker takes it back.
+    Local(LocalClock),
+}
+
 /// Data-path state of one stream.
-#[derive(Default)]
 struct StreamIo {
-    transport: Option<(Transport, OwnedFd)>,
+    output: bool,
+    transport: Option<Transport>,
     params: Option<PcmParams>,
+    /// Started by the guest (START without STOP since): what a new broker must be told.
+    running: bool,
     tx: VecDeque<TxBuf>,
     rx: VecDeque<RxBuf>,
+    /// Playback bytes on their way to the ring, capture bytes on their way to guest memory;
+    /// silence for capture on the local clock.
     scratch: Vec<u8>,
     tx_stats: TxStats,
 }
@@ -349,7 +248,24 @@ fn latency_field(bytes: u64) -> u32 {
 }
 
 impl StreamIo {
-    /// Completes every pending buffer (RELEASE, re-PREPARE, broker loss).
+    fn new(output: bool) -> StreamIo {
+        StreamIo {
+            output,
+            transport: None,
+            params: None,
+            running: false,
+            tx: VecDeque::new(),
+            rx: VecDeque::new(),
+            scratch: Vec::new(),
+            tx_stats: TxStats::default(),
+        }
+    }
+
+    fn at_broker(&self) -> bool {
+        matches!(self.transport, Some(Transport::Ring { .. }))
+    }
+
+    /// Completes every pending buffer (RELEASE, re-PREPARE, a broker breaking the ring).
     fn flush(&mut self, mem: &GuestMemory, status: Status, done: &mut Completer) {
         for buf in self.tx.drain(..) {
             let status = if buf.status == Status::Ok {
@@ -370,15 +286,61 @@ impl StreamIo {
         }
     }
 
-    /// Completes played tx buffers and copies the next ones into the ring while it has room.
-    fn pump_tx(&mut self, mem: &GuestMemory, done: &mut Completer) -> Result<(), String> {
-        let Some((Transport::Playback(producer), _)) = &mut self.transport else {
-            return Ok(());
+    /// Takes the broker's ring for this stream; pending buffers go into it from the start.
+    fn use_ring(&mut self, end: RingEnd, notify: OwnedFd, params: PcmParams) {
+        let capacity = match &end {
+            RingEnd::Playback(producer) => producer.ring().capacity(),
+            RingEnd::Capture(consumer) => consumer.ring().capacity(),
         };
-        let read_pos = producer.read_pos().map_err(|e| e.to_string())?;
+        self.scratch = vec![0; capacity as usize];
+        for buf in &mut self.tx {
+            buf.ring_end = None;
+        }
+        self.transport = Some(Transport::Ring { end, notify });
+        self.params = Some(params);
+    }
+
+    /// Moves the stream onto the worker's own clock (the broker is away): it keeps the
+    /// guest's running state, and its pending buffers are paced from now.
+    fn use_local_clock(&mut self, params: PcmParams, epoll: &Epoll) {
+        if let Some(Transport::Ring { notify, .. }) = &self.transport {
+            let _ = epoll.delete(notify);
+        }
+        let mut clock = LocalClock::new(&params);
+        if self.running {
+            clock.start(Instant::now());
+        }
+        self.scratch = if self.output {
+            Vec::new()
+        } else {
+            let silence = p::silence_sample(params.format);
+            silence
+                .iter()
+                .copied()
+                .cycle()
+                .take(params.buffer_bytes as usize)
+                .collect()
+        };
+        for buf in &mut self.tx {
+            buf.ring_end = None;
+        }
+        self.transport = Some(Transport::Local(clock));
+        self.params = Some(params);
+    }
+
+    /// Completes played tx buffers and queues the next ones (into the ring while it has room).
+    fn pump_tx(&mut self, mem: &GuestMemory, done: &mut Completer) -> Result<(), String> {
+        let played = match &mut self.transport {
+            Some(Transport::Ring {
+                end: RingEnd::Playback(producer),
+                ..
+            }) => producer.read_pos().map_err(|e| e.to_string())?,
+            Some(Transport::Local(clock)) if self.output => clock.played(Instant::now()),
+            _ => return Ok(()),
+        };
         while let Some(front) = self.tx.front() {
             match front.ring_end {
-                Some(end) if end <= read_pos => {
+                Some(end) if end <= played => {
                     let buf = self.tx.pop_front().expect("front exists");
                     if buf.status == Status::Ok {
                         self.tx_stats.record(&buf);
@@ -389,70 +351,204 @@ impl StreamIo {
                 _ => break,
             }
         }
-        let delay = delay_bytes(producer.ring(), self.params);
-        for buf in self.tx.iter_mut().filter(|b| b.ring_end.is_none()) {
-            let len = buf.payload_len();
-            let queued = producer.queued().map_err(|e| e.to_string())?;
-            if queued + len > producer.ring().capacity() {
-                break;
-            }
-            let data = &mut self.scratch[..len as usize];
-            match buf.readable.read(mem, p::PcmXfer::SIZE, data) {
-                Ok(()) => {
-                    producer.push(data).map_err(|e| e.to_string())?;
+        match &mut self.transport {
+            Some(Transport::Ring {
+                end: RingEnd::Playback(producer),
+                ..
+            }) => {
+                let delay = delay_bytes(producer.ring(), self.params);
+                for buf in self.tx.iter_mut().filter(|b| b.ring_end.is_none()) {
+                    let len = buf.payload_len();
+                    let capacity = producer.ring().capacity();
+                    if len > capacity {
+                        // Queued while the stream was on the local clock, larger than the ring
+                        // the new broker gave: it can never be copied.
+                        buf.status = Status::BadMsg;
+                        buf.ring_end = Some(producer.write_pos());
+                        continue;
+                    }
+                    let queued = producer.queued().map_err(|e| e.to_string())?;
+                    if queued + len > capacity {
+                        break;
+                    }
+                    let data = &mut self.scratch[..len as usize];
+                    match buf.readable.read(mem, p::PcmXfer::SIZE, data) {
+                        Ok(()) => {
+                            producer.push(data).map_err(|e| e.to_string())?;
+                        }
+                        Err(e) => {
+                            log::warn!("tx buffer {}: {e}", buf.head);
+                            buf.status = Status::BadMsg;
+                        }
+                    }
+                    buf.ring_end = Some(producer.write_pos());
+                    buf.latency_bytes = latency_field(queued + delay);
                 }
-                Err(e) => {
-                    log::warn!("tx buffer {}: {e}", buf.head);
-                    buf.status = Status::BadMsg;
+            }
+            Some(Transport::Local(clock)) => {
+                let now = Instant::now();
+                for buf in self.tx.iter_mut().filter(|b| b.ring_end.is_none()) {
+                    buf.latency_bytes = latency_field(clock.queued(now));
+                    buf.ring_end = Some(clock.queue(buf.payload_len()));
                 }
             }
-            buf.ring_end = Some(producer.write_pos());
-            buf.latency_bytes = latency_field(queued + delay);
+            _ => {}
         }
         Ok(())
     }
 
-    /// Fills pending rx buffers from the ring; completes each one that is full.
+    /// Fills pending rx buffers from the ring (or with silence at the local clock's pace);
+    /// completes each one that is full.
     fn pump_rx(&mut self, mem: &GuestMemory, done: &mut Completer) -> Result<(), String> {
-        let Some((Transport::Capture(consumer), _)) = &mut self.transport else {
-            return Ok(());
-        };
-        while let Some(buf) = self.rx.front_mut() {
-            let want = buf.payload_len() - buf.filled;
-            if want > 0 {
-                let n = want.min(self.scratch.len() as u64) as usize;
-                let got = consumer
-                    .pop(&mut self.scratch[..n])
-                    .map_err(|e| e.to_string())?;
-                if got == 0 {
-                    break;
+        match &mut self.transport {
+            Some(Transport::Ring {
+                end: RingEnd::Capture(consumer),
+                ..
+            }) => {
+                while let Some(buf) = self.rx.front_mut() {
+                    let want = buf.payload_len() - buf.filled;
+                    if want > 0 {
+                        let n = want.min(self.scratch.len() as u64) as usize;
+                        let got = consumer
+                            .pop(&mut self.scratch[..n])
+                            .map_err(|e| e.to_string())?;
+                        if got == 0 {
+                            break;
+                        }
+                        if let Err(e) = buf.writable.write(mem, buf.filled, &self.scratch[..got]) {
+                            log::warn!("rx buffer {}: {e}", buf.head);
+                        }
+                        buf.filled += got as u64;
+                    }
+                    if buf.filled == buf.payload_len() {
+                        let ahead = consumer.available().map_err(|e| e.to_string())?;
+                        let latency =
+                            latency_field(ahead + delay_bytes(consumer.ring(), self.params));
+                        complete_rx(&mut self.rx, mem, latency, done);
+                    }
                 }
-                if let Err(e) = buf.writable.write(mem, buf.filled, &self.scratch[..got]) {
-                    log::warn!("rx buffer {}: {e}", buf.head);
+            }
+            Some(Transport::Local(clock)) if !self.output => {
+                let sample = self.params.map_or(1, |p| p::silence_sample(p.format).len());
+                let mut produced = clock.captured(Instant::now());
+                while let Some(buf) = self.rx.front_mut() {
+                    let want = (buf.payload_len() - buf.filled).min(produced);
+                    let mut written = 0;
+                    while written < want {
+                        // Start the silence on the sample boundary the buffer is at.
+                        let skew = ((buf.filled + written) % sample as u64) as usize;
+                        let chunk = &self.scratch[skew.min(self.scratch.len())..];
+                        let n = (want - written).min(chunk.len() as u64);
+                        if n == 0 {
+                            break;
+                        }
+                        if let Err(e) =
+                            buf.writable
+                                .write(mem, buf.filled + written, &chunk[..n as usize])
+                        {
+                            log::warn!("rx buffer {}: {e}", buf.head);
+                        }
+                        written += n;
+                    }
+                    clock.take(written);
+                    produced -= written;
+                    buf.filled += written;
+                    if buf.filled < buf.payload_len() {
+                        break;
+                    }
+                    complete_rx(&mut self.rx, mem, latency_field(produced), done);
                 }
-                buf.filled += got as u64;
             }
-            if buf.filled == buf.payload_len() {
-                let buf = self.rx.pop_front().expect("front exists");
-                let ahead = consumer.available().map_err(|e| e.to_string())?;
-                let latency = latency_field(ahead + delay_bytes(consumer.ring(), self.params));
-                write_status(mem, &buf.writable, buf.payload_len(), Status::Ok, latency);
-                done.used(
-                    p::RX_QUEUE,
-                    buf.head,
-                    (buf.filled + p::PcmStatus::SIZE) as u32,
-                );
-            }
+            _ => {}
         }
         Ok(())
+    }
+
+    /// When the local clock next completes a buffer of this stream.
+    fn next_local_completion(&self) -> Option<Instant> {
+        let Some(Transport::Local(clock)) = &self.transport else {
+            return None;
+        };
+        if self.output {
+            clock.when(self.tx.front()?.ring_end?)
+        } else {
+            let buf = self.rx.front()?;
+            clock.when_captured(buf.payload_len() - buf.filled)
+        }
+    }
+}
+
+/// Completes the front rx buffer, which is full.
+fn complete_rx(rx: &mut VecDeque<RxBuf>, mem: &GuestMemory, latency: u32, done: &mut Completer) {
+    let Some(buf) = rx.pop_front() else {
+        return;
+    };
+    write_status(mem, &buf.writable, buf.payload_len(), Status::Ok, latency);
+    done.used(
+        p::RX_QUEUE,
+        buf.head,
+        (buf.filled + p::PcmStatus::SIZE) as u32,
+    );
+}
+
+/// Asks the broker for a stream's ring and maps it.
+fn open_ring(
+    link: &mut BrokerLink,
+    epoll: &Epoll,
+    stream_id: u32,
+    params: &PcmParams,
+    output: bool,
+) -> Result<(RingEnd, OwnedFd), Fault> {
+    let (reply, mut fds) = link.request(WorkerMsg::Prepare {
+        stream_id,
+        params: *params,
+    })?;
+    let capacity = match reply {
+        BrokerMsg::Prepared {
+            stream_id: id,
+            ring_capacity,
+        } if id == stream_id => ring_capacity,
+        BrokerMsg::Failed { reason, .. } => {
+            log::warn!("stream {stream_id}: broker cannot prepare: {reason}");
+            return Err(Fault::Refused(reason));
+        }
+        other => return Err(link.down(&format!("unexpected reply {other:?}"))),
+    };
+    let (Some(notify), Some(ring_fd)) = (fds.pop(), fds.pop()) else {
+        return Err(link.down(&"Prepared without its fds"));
+    };
+    // The ring must hold at least one period, and stay within our own limit.
+    if capacity < u64::from(params.period_bytes) {
+        return Err(link.down(&"ring smaller than a period"));
+    }
+    let ring = SharedRing::open(ring_fd, capacity).map_err(|e| link.down(&format!("ring: {e}")))?;
+    epoll
+        .add(
+            &notify,
+            EpollEvent::new(EpollFlags::EPOLLIN, u64::from(stream_id)),
+        )
+        .map_err(|e| link.down(&format!("epoll: {e}")))?;
+    let end = if output {
+        RingEnd::Playback(Producer::new(ring))
+    } else {
+        RingEnd::Capture(Consumer::new(ring))
+    };
+    Ok((end, notify))
+}
+
+/// The broker is gone: every stream it held moves onto the worker's clock.
+fn streams_go_local(streams: &mut [StreamIo], epoll: &Epoll) {
+    for io in streams.iter_mut().filter(|io| io.at_broker()) {
+        if let Some(params) = io.params {
+            io.use_local_clock(params, epoll);
+        }
     }
 }
 
 /// Everything the control handler may touch, borrowed from the device for one request.
 struct Host<'a, 'v> {
     streams: &'a mut [StreamIo],
-    directions: &'a [u8],
-    broker: &'a mut BrokerLink,
+    link: &'a mut BrokerLink,
     epoll: &'a Epoll,
     mem: &'a GuestMemory,
     done: &'a mut Completer<'v>,
@@ -463,82 +559,108 @@ impl Host<'_, '_> {
         let io = &mut self.streams[stream_id as usize];
         io.flush(self.mem, Status::Ok, self.done);
         io.tx_stats.report(stream_id, io.params);
-        if let Some((_, notify)) = io.transport.take() {
+        if let Some(Transport::Ring { notify, .. }) = io.transport.take() {
             let _ = self.epoll.delete(&notify);
         }
+        io.running = false;
+    }
+
+    /// START or STOP: told to the broker if it holds the stream, else done on the local clock.
+    fn set_running(&mut self, stream_id: u32, running: bool) -> Result<(), Status> {
+        let msg = if running {
+            WorkerMsg::Start { stream_id }
+        } else {
+            WorkerMsg::Stop { stream_id }
+        };
+        if self.streams[stream_id as usize].at_broker() {
+            match self.link.simple(msg, stream_id) {
+                Ok(()) => {
+                    self.streams[stream_id as usize].running = running;
+                    return Ok(());
+                }
+                Err(Fault::Refused(_)) => return Err(Status::IoErr),
+                Err(Fault::Down) => streams_go_local(self.streams, self.epoll),
+            }
+        }
+        let io = &mut self.streams[stream_id as usize];
+        let Some(Transport::Local(clock)) = &mut io.transport else {
+            return Err(Status::IoErr);
+        };
+        if running {
+            clock.start(Instant::now());
+        } else {
+            clock.stop(Instant::now());
+        }
+        io.running = running;
+        Ok(())
     }
 }
 
 impl PcmHost for Host<'_, '_> {
     fn prepare(&mut self, stream_id: u32, params: &PcmParams) -> Result<(), Status> {
         self.drop_transport(stream_id);
-        let (reply, mut fds) = self.broker.request(WorkerMsg::Prepare {
-            stream_id,
-            params: *params,
-        })?;
-        let capacity = match reply {
-            BrokerMsg::Prepared {
-                stream_id: id,
-                ring_capacity,
-            } if id == stream_id => ring_capacity,
-            BrokerMsg::Failed { reason, .. } => {
-                log::warn!("stream {stream_id}: broker cannot prepare: {reason}");
-                return Err(Status::IoErr);
+        let output = self.streams[stream_id as usize].output;
+        if self.link.is_up() {
+            match open_ring(self.link, self.epoll, stream_id, params, output) {
+                Ok((end, notify)) => {
+                    self.streams[stream_id as usize].use_ring(end, notify, *params);
+                    return Ok(());
+                }
+                Err(Fault::Refused(_)) => return Err(Status::IoErr),
+                Err(Fault::Down) => streams_go_local(self.streams, self.epoll),
             }
-            other => return Err(self.broker.fail(&format!("unexpected reply {other:?}"))),
-        };
-        let notify = fds.pop().ok_or(Status::IoErr)?;
-        let ring_fd = fds.pop().ok_or(Status::IoErr)?;
-        // The ring must hold at least one period, and stay within our own limit.
-        if capacity < u64::from(params.period_bytes) {
-            return Err(self.broker.fail(&"ring smaller than a period"));
         }
-        let ring = SharedRing::open(ring_fd, capacity)
-            .map_err(|e| self.broker.fail(&format!("ring: {e}")))?;
-        self.epoll
-            .add(
-                &notify,
-                EpollEvent::new(EpollFlags::EPOLLIN, u64::from(stream_id)),
-            )
-            .map_err(|e| self.broker.fail(&format!("epoll: {e}")))?;
-        let output = self.directions[stream_id as usize] == p::D_OUTPUT;
-        let io = &mut self.streams[stream_id as usize];
-        let transport = if output {
-            Transport::Playback(Producer::new(ring))
-        } else {
-            Transport::Capture(Consumer::new(ring))
-        };
-        io.scratch = vec![0; capacity as usize];
-        io.transport = Some((transport, notify));
-        io.params = Some(*params);
+        // A broker that restarts is back well within the guest's 1 s control timeout: until
+        // then the stream runs on the worker's clock and is handed over when it is back. A
+        // broker away for longer is reported.
+        if self.link.down_for() > LOCAL_PREPARE_WINDOW {
+            log::warn!("stream {stream_id}: cannot prepare: the broker is away");
+            return Err(Status::IoErr);
+        }
+        self.streams[stream_id as usize].use_local_clock(*params, self.epoll);
         Ok(())
     }
 
     fn start(&mut self, stream_id: u32) -> Result<(), Status> {
-        self.broker
-            .simple(WorkerMsg::Start { stream_id }, stream_id)
+        self.set_running(stream_id, true)
     }
 
     fn stop(&mut self, stream_id: u32) -> Result<(), Status> {
-        self.broker.simple(WorkerMsg::Stop { stream_id }, stream_id)
+        self.set_running(stream_id, false)
     }
 
     fn release(&mut self, stream_id: u32) -> Result<(), Status> {
         // Every pending buffer is completed before the answer, as the spec requires.
+        let at_broker = self.streams[stream_id as usize].at_broker();
         self.drop_transport(stream_id);
-        self.broker
+        if !at_broker {
+            return Ok(());
+        }
+        match self
+            .link
             .simple(WorkerMsg::Release { stream_id }, stream_id)
+        {
+            Ok(()) => Ok(()),
+            // A broker that went away holds nothing of ours any more.
+            Err(Fault::Down) => {
+                streams_go_local(self.streams, self.epoll);
+                Ok(())
+            }
+            Err(Fault::Refused(_)) => Err(Status::IoErr),
+        }
     }
 }
 
 /// The vhost-user virtio-sound device.
 pub struct SoundDevice {
     control: ControlState,
-    directions: Vec<u8>,
     streams: Vec<StreamIo>,
-    broker: BrokerLink,
-    /// Holds the broker channel and every stream's wake-up eventfd.
+    link: BrokerLink,
+    /// Holds the broker channel, the link's reconnection timer, the local clock's timer and
+    /// every stream's wake-up eventfd.
     epoll: Epoll,
+    /// Fires when the local clock completes a buffer of a stream the broker does not hold.
+    local_timer: WakeTimer,
     mem: Option<Mem>,
     event_idx: bool,
     event_buffers: VecDeque<Chain>,
@@ -549,10 +671,17 @@ pub struct SoundDevice {
 }
 
 impl SoundDevice {
-    /// Builds the device from the config and the broker's grants.
-    pub fn new(config: &Config, broker_channel: Channel) -> Result<SoundDevice, WorkerError> {
-        let wanted = wanted_caps(config);
-        let (broker, granted) = BrokerLink::connect(broker_channel, wanted)?;
+    /// Builds the device from the config and the grants of the broker at `broker_path`, which
+    /// it will reconnect to whenever the link fails.
+    pub fn new(config: &Config, broker_path: &Path) -> Result<SoundDevice, WorkerError> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        let (link, granted) = BrokerLink::connect(
+            broker_path,
+            wanted_caps(config),
+            &epoll,
+            TOKEN_BROKER,
+            TOKEN_LINK_TIMER,
+        )?;
         for (i, caps) in granted.iter().enumerate() {
             if caps.formats == 0 || caps.rates == 0 || caps.channels_min > caps.channels_max {
                 return Err(WorkerError::StreamUnavailable(
@@ -561,19 +690,22 @@ impl SoundDevice {
                 ));
             }
         }
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        let local_timer = WakeTimer::new().map_err(io::Error::from)?;
         epoll
             .add(
-                &broker.channel,
-                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_BROKER),
+                &local_timer,
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LOCAL_CLOCK),
             )
             .map_err(io::Error::from)?;
         Ok(SoundDevice {
             control: ControlState::new(config, &granted),
-            directions: granted.iter().map(|c| c.direction).collect(),
-            streams: granted.iter().map(|_| StreamIo::default()).collect(),
-            broker,
+            streams: granted
+                .iter()
+                .map(|c| StreamIo::new(c.direction == p::D_OUTPUT))
+                .collect(),
+            link,
             epoll,
+            local_timer,
             mem: None,
             event_idx: false,
             event_buffers: VecDeque::new(),
@@ -590,7 +722,7 @@ impl SoundDevice {
     }
 
     pub fn broker_client_id(&self) -> u32 {
-        self.broker.client_id
+        self.link.client_id
     }
 
     fn process_queue(
@@ -657,10 +789,9 @@ impl SoundDevice {
         let response = {
             let mut host = Host {
                 streams: &mut self.streams,
-                broker: &mut self.broker,
+                link: &mut self.link,
                 epoll: &self.epoll,
                 mem,
-                directions: &self.directions,
                 done,
             };
             self.control.handle(&request, capacity, &mut host)
@@ -710,18 +841,27 @@ impl SoundDevice {
         }
         let stream_id = u32::from_le_bytes(header);
         let state = self.control.stream_state(stream_id);
-        if self.directions.get(stream_id as usize) != Some(&p::D_OUTPUT) {
+        if !self
+            .streams
+            .get(stream_id as usize)
+            .is_some_and(|s| s.output)
+        {
             return reject(done, "not an output stream");
         }
         if !state.is_some_and(|s| s.accepts_io()) {
             return reject(done, "stream is not prepared");
         }
         let io = &mut self.streams[stream_id as usize];
-        let Some((Transport::Playback(producer), _)) = &io.transport else {
-            return reject(done, "stream has no transport");
+        let limit = match &io.transport {
+            Some(Transport::Ring {
+                end: RingEnd::Playback(producer),
+                ..
+            }) => producer.ring().capacity(),
+            Some(Transport::Local(_)) => io.params.map_or(0, |p| u64::from(p.buffer_bytes)),
+            _ => return reject(done, "stream has no transport"),
         };
         let payload = chain.readable.len() - p::PcmXfer::SIZE;
-        if payload == 0 || payload > producer.ring().capacity() {
+        if payload == 0 || payload > limit {
             return reject(done, "payload empty or larger than the ring");
         }
         io.tx.push_back(TxBuf {
@@ -756,7 +896,11 @@ impl SoundDevice {
             return reject(done, "short header");
         }
         let stream_id = u32::from_le_bytes(header);
-        if self.directions.get(stream_id as usize) != Some(&p::D_INPUT) {
+        if self
+            .streams
+            .get(stream_id as usize)
+            .is_none_or(|s| s.output)
+        {
             return reject(done, "not an input stream");
         }
         if !self
@@ -795,7 +939,7 @@ impl SoundDevice {
         if let Err(e) = result {
             log::error!("stream {stream_id}: {e}; failing its buffers");
             io.flush(mem, Status::IoErr, done);
-            if let Some((_, notify)) = io.transport.take() {
+            if let Some(Transport::Ring { notify, .. }) = io.transport.take() {
                 let _ = self.epoll.delete(&notify);
             }
         }
@@ -827,7 +971,7 @@ impl SoundDevice {
         }
     }
 
-    /// Broker channel and stream wake-ups.
+    /// Broker channel, timers and stream wake-ups.
     fn handle_device_event(&mut self, mem: &GuestMemory, done: &mut Completer) {
         let mut events = [EpollEvent::empty(); 16];
         let n = match self.epoll.wait(&mut events, EpollTimeout::ZERO) {
@@ -838,29 +982,39 @@ impl SoundDevice {
             }
         };
         for event in &events[..n] {
-            let token = event.data();
-            if token == TOKEN_BROKER {
-                self.handle_broker_messages();
-                if !self.broker.alive {
-                    self.broker_lost(mem, done);
+            match event.data() {
+                TOKEN_BROKER => {
+                    if self.link.on_readable() == LinkEvent::Restored {
+                        self.restore_streams(mem, done);
+                    }
                 }
-                continue;
+                TOKEN_LINK_TIMER => self.link.on_timer(&self.epoll),
+                TOKEN_LOCAL_CLOCK => {
+                    self.local_timer.clear();
+                    for stream_id in 0..self.streams.len() as u32 {
+                        if !self.streams[stream_id as usize].at_broker() {
+                            self.pump(stream_id, mem, done);
+                        }
+                    }
+                }
+                token => {
+                    let stream_id = token as u32;
+                    if let Some(Transport::Ring { notify, .. }) = self
+                        .streams
+                        .get(stream_id as usize)
+                        .and_then(|io| io.transport.as_ref())
+                    {
+                        let mut counter = [0u8; 8];
+                        let _ = rustix::io::read(notify, &mut counter);
+                    }
+                    self.pump(stream_id, mem, done);
+                }
             }
-            let stream_id = token as u32;
-            if let Some((_, notify)) = self
-                .streams
-                .get(stream_id as usize)
-                .and_then(|io| io.transport.as_ref())
-            {
-                let mut counter = [0u8; 8];
-                let _ = rustix::io::read(notify, &mut counter);
-            }
-            self.pump(stream_id, mem, done);
         }
     }
 
     fn handle_broker_messages(&mut self) {
-        for msg in self.broker.drain() {
+        for msg in self.link.take_events() {
             if let BrokerMsg::Xrun { stream_id } = msg {
                 let wants_xruns = self
                     .control
@@ -878,14 +1032,60 @@ impl SoundDevice {
         }
     }
 
-    fn broker_lost(&mut self, mem: &GuestMemory, done: &mut Completer) {
-        let _ = self.epoll.delete(&self.broker.channel);
-        for io in &mut self.streams {
-            io.flush(mem, Status::IoErr, done);
-            if let Some((_, notify)) = io.transport.take() {
-                let _ = self.epoll.delete(&notify);
+    /// A new broker welcomed us: it gets back every stream the local clock kept going, with
+    /// the guest's params and running state, and the buffers still pending.
+    fn restore_streams(&mut self, mem: &GuestMemory, done: &mut Completer) {
+        let mut restored = 0;
+        for stream_id in 0..self.streams.len() as u32 {
+            let io = &mut self.streams[stream_id as usize];
+            let Some(params) = io
+                .params
+                .filter(|_| io.transport.is_some() && !io.at_broker())
+            else {
+                continue;
+            };
+            match open_ring(&mut self.link, &self.epoll, stream_id, &params, io.output) {
+                Ok((end, notify)) => io.use_ring(end, notify, params),
+                Err(Fault::Refused(reason)) => {
+                    log::warn!("stream {stream_id} stays on the worker's clock: {reason}");
+                    continue;
+                }
+                Err(Fault::Down) => return,
             }
+            // Fill the new ring before its clock starts, so that it does not begin with an xrun.
+            self.pump(stream_id, mem, done);
+            let io = &mut self.streams[stream_id as usize];
+            if io.running {
+                match self.link.simple(WorkerMsg::Start { stream_id }, stream_id) {
+                    Ok(()) => {}
+                    Err(Fault::Refused(reason)) => {
+                        log::warn!("stream {stream_id} stays on the worker's clock: {reason}");
+                        let _ = self
+                            .link
+                            .simple(WorkerMsg::Release { stream_id }, stream_id);
+                        io.use_local_clock(params, &self.epoll);
+                        continue;
+                    }
+                    Err(Fault::Down) => return,
+                }
+            }
+            restored += 1;
         }
+        log::info!("broker link restored: {restored} streams handed back to the broker");
+    }
+
+    /// Keeps the data path consistent with the link after every event: streams of a broker
+    /// that went away move onto the local clock, whose timer is set for the next completion.
+    fn settle(&mut self) {
+        if !self.link.is_up() {
+            streams_go_local(&mut self.streams, &self.epoll);
+        }
+        let next = self
+            .streams
+            .iter()
+            .filter_map(StreamIo::next_local_completion)
+            .min();
+        self.local_timer.arm(next);
     }
 
     /// Frees every stream (VMM reset or disconnect).
@@ -894,16 +1094,19 @@ impl SoundDevice {
             let io = &mut self.streams[stream_id as usize];
             io.tx.clear();
             io.rx.clear();
-            if let Some((_, notify)) = io.transport.take() {
+            io.running = false;
+            io.params = None;
+            if let Some(Transport::Ring { notify, .. }) = io.transport.take() {
                 let _ = self.epoll.delete(&notify);
                 let _ = self
-                    .broker
+                    .link
                     .simple(WorkerMsg::Release { stream_id }, stream_id);
             }
         }
         self.control.reset();
         self.event_buffers.clear();
         self.pending_events.clear();
+        self.local_timer.arm(None);
     }
 }
 
@@ -985,6 +1188,7 @@ impl VhostUserBackendMut for SoundDevice {
             other => log::warn!("unexpected device event {other}"),
         }
         self.handle_broker_messages();
+        self.settle();
         self.deliver_events(&mem.memory(), &mut done);
         done.signal(self.event_idx);
         // Errors here would stop the device thread: everything was handled and logged above.

@@ -23,28 +23,10 @@ impl Backend for NullBackend {
         port: RingPort,
     ) -> Result<Box<dyn BackendStream>, BackendError> {
         let io = Box::new(NullIo {
-            silence: silence_sample(spec.params.format),
+            silence: crate::protocol::silence_sample(spec.params.format),
         });
         Ok(Box::new(ClockedStream::new(spec, port, io)?))
     }
-}
-
-/// One sample of silence, little-endian: unsigned formats are centred, not zero.
-pub fn silence_sample(format: u8) -> Vec<u8> {
-    use crate::protocol::format::*;
-    let width = crate::protocol::sample_bytes(format).unwrap_or(1) as usize;
-    let mut sample = vec![0u8; width];
-    let centre_bit = match format {
-        U8 => 7,
-        U16 => 15,
-        U18_3 => 17,
-        U20_3 | U20 => 19,
-        U24_3 | U24 => 23,
-        U32 => 31,
-        _ => return sample,
-    };
-    sample[centre_bit / 8] = 1 << (centre_bit % 8);
-    sample
 }
 
 struct NullIo {
@@ -61,21 +43,5 @@ impl ClockedIo for NullIo {
             sample.copy_from_slice(&self.silence[..sample.len()]);
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::format;
-
-    #[test]
-    fn silence_is_the_centre_value() {
-        assert_eq!(silence_sample(format::S16), vec![0, 0]);
-        assert_eq!(silence_sample(format::U8), vec![0x80]);
-        assert_eq!(silence_sample(format::U16), vec![0, 0x80]);
-        assert_eq!(silence_sample(format::U24_3), vec![0, 0, 0x80]);
-        assert_eq!(silence_sample(format::U32), vec![0, 0, 0, 0x80]);
-        assert_eq!(silence_sample(format::FLOAT), vec![0; 4]);
     }
 }

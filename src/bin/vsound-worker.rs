@@ -15,7 +15,6 @@ use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
 use vsound::config::Config;
-use vsound::ipc::Channel;
 use vsound::listen::{self, SocketKind, SocketPath, Source};
 use vsound::sandbox::{self, Mode, PathRule, Role};
 use vsound::worker::{GuestMemory, SoundDevice, DEVICE_EVENT};
@@ -84,13 +83,12 @@ fn run(args: Args, source: Source) -> Result<(), String> {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
-    let channel = Channel::connect(&args.broker).map_err(|e| {
+    let device = SoundDevice::new(&config, &args.broker).map_err(|e| {
         format!(
-            "cannot connect to the broker at {}: {e}",
+            "cannot start with the broker at {}: {e}",
             args.broker.display()
         )
     })?;
-    let device = SoundDevice::new(&config, channel).map_err(|e| e.to_string())?;
     log::info!(
         "worker: broker client {}, {} streams",
         device.broker_client_id(),

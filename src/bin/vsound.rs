@@ -194,6 +194,39 @@ fn bind(path: &Path, kind: SocketKind) -> Result<(OwnedFd, SocketPath), String> 
     listen::bind(path, kind).map_err(|e| e.to_string())
 }
 
+/// As root the worker runs as `worker_group`'s member and reconnects to the broker by path
+/// whenever the broker restarts: the broker socket is made its group's (0660), like the shipped
+/// units do with the `vsound-broker` group, and an unreachable directory is reported at once.
+fn let_worker_reconnect(broker_socket: &Path, worker_group: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let group = nix::unistd::Group::from_name(worker_group)
+        .map_err(|e| format!("looking up group {worker_group}: {e}"))?
+        .ok_or_else(|| format!("no group {worker_group}"))?;
+    nix::unistd::chown(broker_socket, None, Some(group.gid))
+        .map_err(|e| format!("chown {}: {e}", broker_socket.display()))?;
+    std::fs::set_permissions(broker_socket, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("chmod {}: {e}", broker_socket.display()))?;
+    for dir in broker_socket.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        use std::os::unix::fs::MetadataExt;
+        let traversable = meta.mode() & 0o001 != 0
+            || (meta.gid() == group.gid.as_raw() && meta.mode() & 0o010 != 0);
+        if !traversable {
+            log::warn!(
+                "the worker (group {worker_group}) cannot reach {}: {} is not searchable for \
+                 it, so the worker cannot reconnect after a broker restart; choose a \
+                 --broker-socket in a directory it can traverse",
+                broker_socket.display(),
+                dir.display()
+            );
+            break;
+        }
+    }
+    Ok(())
+}
+
 struct RunOptions {
     socket: PathBuf,
     config: Option<PathBuf>,
@@ -229,6 +262,9 @@ fn run(options: RunOptions) -> Result<(), String> {
     // Dropped at the end of run: removes both socket files (while they still are ours).
     let (broker_fd, _broker_path) = bind(&broker_socket, SocketKind::SeqPacket)?;
     let (worker_fd, _worker_path) = bind(&socket, SocketKind::Stream)?;
+    if nix::unistd::Uid::effective().is_root() {
+        let_worker_reconnect(&broker_socket, &worker_group)?;
+    }
 
     let mut common: Vec<OsString> = vec!["--sandbox".into(), sandbox.into()];
     if let Some(config) = &config {

@@ -81,6 +81,8 @@ pub fn spawn_broker_with_env(
     env: &[(&str, PathBuf)],
 ) -> (Proc, PathBuf) {
     let socket = dir.join("broker.sock");
+    // A dead broker's socket file would satisfy the wait below before the new one binds.
+    let _ = std::fs::remove_file(&socket);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound-broker"));
     cmd.arg("--socket")
         .arg(&socket)
@@ -96,7 +98,18 @@ pub fn spawn_broker_with_env(
         child: cmd.stdin(Stdio::null()).spawn().expect("start broker"),
     };
     wait_for_path(&socket, &mut proc);
+    allow_unprivileged_workers(dir, &socket);
     (proc, socket)
+}
+
+/// As root the tests' workers run as `nobody`; like the shipped units (which give the worker
+/// the broker socket's group), let them reach the broker's socket again after a restart.
+fn allow_unprivileged_workers(dir: &Path, socket: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if nix::unistd::Uid::effective().is_root() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
 }
 
 pub fn spawn_worker(
