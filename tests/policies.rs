@@ -386,7 +386,8 @@ fn check_policies_script_passes() {
 
 /// The shipped units under a real systemd (this machine's, booted in systemd-nspawn on an
 /// overlay of /): started by their sockets, confined, the worker surviving broker restarts and
-/// exits, and a real QEMU guest playing and recording through them. Needs root; set
+/// exits, and a real QEMU guest playing and recording through them, the broker restarted under
+/// it mid-aplay. Needs root; set
 /// VSOUND_SKIP_BOOT=1 to leave it out knowingly (it then fails nothing and says so).
 #[test]
 fn units_run_under_real_systemd_with_a_real_guest() {
@@ -405,6 +406,9 @@ fn units_run_under_real_systemd_with_a_real_guest() {
         "ok:   boot: vsound-worker@vm1.service active (started by its socket)",
         "ok:   boot: systemctl restart vsound-broker.service: the broker is back, the worker runs on (same PID)",
         "ok:   boot: the next connection starts a new worker",
+        "ok:   guest: the broker restarted mid-aplay; the guest's worker runs on (same PID)",
+        "ok:   guest: the worker reconnected to the new broker",
+        "ok:   guest: the aplay across the restart finished",
         "ok:   guest: aplay arrived in the broker's file",
         "ok:   guest: arecord returned the broker's source",
     ] {
