@@ -83,11 +83,15 @@ need make make
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/vsound-check-policies.XXXXXX")
 OVERLAY_MOUNTED=""
+SCRATCH_MOUNTED=""
 cleanup() {
   if [ -n "$OVERLAY_MOUNTED" ]; then umount "$OVERLAY_MOUNTED" 2>/dev/null || umount -l "$OVERLAY_MOUNTED" || true; fi
+  if [ -n "$SCRATCH_MOUNTED" ]; then umount "$SCRATCH_MOUNTED" 2>/dev/null || umount -l "$SCRATCH_MOUNTED" || true; fi
   rm -rf "$TMP"
 }
 trap cleanup EXIT
+# Killed (a test timeout, Ctrl-C): still unmount and remove everything.
+trap 'exit 130' INT TERM HUP
 
 SERVICES=(systemd/vsound-broker.service "systemd/vsound-worker@.service")
 SOCKETS=(systemd/vsound-broker.socket "systemd/vsound-worker@.socket")
@@ -406,6 +410,11 @@ if [ "$BOOT" = 1 ]; then
     fi
     E2E_CACHE=$(cd "$E2E_CACHE" && pwd)
   fi
+  # The overlay's writable layer on a tmpfs: an upper directory cannot be on an overlayfs (as
+  # /tmp is where / itself is one, e.g. in a container), and nothing is left on disk.
+  mkdir -p "$TMP/ov"
+  mount -t tmpfs -o mode=0700 tmpfs "$TMP/ov"
+  SCRATCH_MOUNTED=$TMP/ov
   mkdir -p "$TMP/ov/up" "$TMP/ov/work" "$TMP/ov/root"
   mount -t overlay overlay -o "lowerdir=/,upperdir=$TMP/ov/up,workdir=$TMP/ov/work" "$TMP/ov/root"
   OVERLAY_MOUNTED=$TMP/ov/root
