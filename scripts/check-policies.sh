@@ -32,7 +32,9 @@
 #  - `systemctl restart vsound-broker.service`, then SIGKILL of the broker: it comes back
 #    (Restart=always) and the worker keeps running with the same PID;
 #  - the VMM disconnects: the worker exits cleanly, the socket listens on, and the next
-#    connection starts a new worker.
+#    connection starts a new worker; without a VMM none runs;
+#  - 200 back-to-back VMM sessions (connect, GET_FEATURES, disconnect; VSOUND_BOOT_CYCLES) are
+#    all answered, each by a fresh worker, and the socket stays up (no start or trigger limit).
 # --guest: the broker restarts on a wav-backend config; tests/e2e/play.sh, run as the VMM's user
 #  inside the container, boots the e2e guest (tests/e2e/build-guest.sh, built on the host first)
 #  on the worker socket. The broker is restarted mid-aplay: that aplay must finish, the worker
@@ -401,6 +403,7 @@ if [ "$BOOT" = 1 ]; then
   need setpriv util-linux
   [ "$(id -u)" -eq 0 ] || { fail "--boot needs root"; exit 1; }
   GUEST_SECONDS=2
+  CYCLES=${VSOUND_BOOT_CYCLES:-200}
   if [ "$GUEST" = 1 ]; then
     # Built (or found in the cache) on the host: the container sees the same path.
     E2E_CACHE=${VSOUND_E2E_CACHE:-$ROOT_DIR/target/e2e-cache}
@@ -477,7 +480,7 @@ StandardError=inherit
 EOF
   {
     # tests/e2e and the guest cache are bound in read-only (they may be on another mount than /).
-    printf 'GUEST=%q E2E_CACHE=/vsound-e2e-cache E2E_DIR=/vsound-e2e GUEST_SECONDS=%q\n' "$GUEST" "$GUEST_SECONDS"
+    printf 'GUEST=%q E2E_CACHE=/vsound-e2e-cache E2E_DIR=/vsound-e2e GUEST_SECONDS=%q CYCLES=%q\n' "$GUEST" "$GUEST_SECONDS" "$CYCLES"
     cat <<'EOF'
 B=vsound-broker.service W=vsound-worker@vm1.service
 BS=vsound-broker.socket WS=vsound-worker@vm1.socket
@@ -508,6 +511,31 @@ s.connect(sys.argv[1])
 print("connected", flush=True)
 time.sleep(600)'
 connect='import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])'
+# N back-to-back VMM sessions: connect, GET_FEATURES, answer read, disconnect; each is served by
+# a fresh worker that the socket starts.
+cycles='import socket, struct, sys, time
+path, count = sys.argv[1], int(sys.argv[2])
+answered, started = 0, time.monotonic()
+for i in range(count):
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(struct.pack("<III", 1, 1, 0))
+        reply = b""
+        while len(reply) < 20:
+            chunk = s.recv(20 - len(reply))
+            if not chunk:
+                break
+            reply += chunk
+        s.close()
+        if len(reply) == 20 and struct.unpack("<III", reply[:12]) == (1, 5, 8):
+            answered += 1
+        else:
+            print(f"cycle {i}: reply {reply!r}", file=sys.stderr)
+    except OSError as e:
+        print(f"cycle {i}: {e}", file=sys.stderr)
+print(f"{answered} of {count} in {time.monotonic() - started:.1f} s")'
 
 for u in $BS $WS; do echo "listening $u $(systemctl is-active $u)"; done
 echo "before $W $(systemctl is-active $W) $B $(systemctl is-active $B)"
@@ -552,6 +580,11 @@ wait_state $W active 10
 sleep 0.5
 echo "second $W $(systemctl is-active $W) $(mainpid $W) was $worker"
 kill $vmm; wait $vmm 2>/dev/null
+wait_state $W inactive 10
+sleep 1
+echo "idle $W $(systemctl is-active $W) $WS $(systemctl is-active $WS)"
+echo "cycles $("${AS_VMM[@]}" python3 -c "$cycles" $SOCK $CYCLES 2>/tmp/cycles.err) $WS $(systemctl is-active $WS)"
+sed 's/^/cycles-error /' /tmp/cycles.err | head -n 5
 wait_state $W inactive 10
 
 if [ "$GUEST" = 1 ]; then
@@ -693,6 +726,13 @@ EOF
     else
       fail "boot: the next connection: $second"
     fi
+    has "idle $W inactive $INSTANCE_SOCKET active" \
+      && pass "boot: without a VMM no worker runs (no restart loop), the socket listens" \
+      || fail "boot: without a VMM: $(line "idle $W")"
+    cycles=$(line "cycles ")
+    [[ $cycles =~ ^cycles\ $CYCLES\ of\ $CYCLES\ in\ [0-9.]+\ s\ $INSTANCE_SOCKET\ active$ ]] \
+      && pass "boot: $CYCLES back-to-back VMM sessions (connect, GET_FEATURES, disconnect), each served by a fresh worker: ${cycles#cycles }" \
+      || { fail "boot: back-to-back VMM sessions: $cycles"; grep '^cycles-error ' "$OUT" | sed 's/^/    /'; }
     if [ "$GUEST" = 1 ]; then
       has "guest-config $B active" && pass "guest: the broker restarted on the guest's configuration (wav backend)" \
         || fail "guest: the broker did not restart on the guest's configuration: $(line guest-config)"

@@ -243,6 +243,25 @@ fn worker_socket_serves_one_vm_per_instance() {
     );
 }
 
+/// Each VMM session starts a worker: systemd's default limits (5 starts in 10 s, 20 triggers in
+/// 2 s) would fail the socket after a few back-to-back sessions and refuse the VM for good.
+#[test]
+fn worker_limits_allow_back_to_back_sessions() {
+    let path = repo().join("systemd/vsound-worker@.service");
+    let unit = unit_section(&path, "Unit");
+    let burst: u32 = last(&unit, "StartLimitBurst")
+        .expect("StartLimitBurst=")
+        .parse()
+        .unwrap();
+    assert!(burst >= 200, "StartLimitBurst={burst}");
+    let socket = socket_unit("vsound-worker@.socket");
+    let triggers: u32 = last(&socket, "TriggerLimitBurst")
+        .expect("TriggerLimitBurst=")
+        .parse()
+        .unwrap();
+    assert!(triggers >= 200, "TriggerLimitBurst={triggers}");
+}
+
 #[test]
 fn broker_socket_is_the_one_workers_connect_to() {
     let socket = socket_unit("vsound-broker.socket");
@@ -406,6 +425,8 @@ fn units_run_under_real_systemd_with_a_real_guest() {
         "ok:   boot: vsound-worker@vm1.service active (started by its socket)",
         "ok:   boot: systemctl restart vsound-broker.service: the broker is back, the worker runs on (same PID)",
         "ok:   boot: the next connection starts a new worker",
+        "ok:   boot: without a VMM no worker runs (no restart loop), the socket listens",
+        "ok:   boot: 200 back-to-back VMM sessions",
         "ok:   guest: the broker restarted mid-aplay; the guest's worker runs on (same PID)",
         "ok:   guest: the worker reconnected to the new broker",
         "ok:   guest: the aplay across the restart finished",
