@@ -46,7 +46,9 @@
 #
 # Debian packages needed: systemd (systemd-analyze, systemd-sysusers, systemd-tmpfiles),
 # selinux-policy-dev (its Makefile; pulls checkpolicy, policycoreutils, m4, make);
-# optional: selinux-policy-default (link check), systemd-container (--boot).
+# optional: selinux-policy-default (link check), systemd-container (--boot), QEMU 10 and the
+# guest packages tests/e2e needs (--guest; the guest cache is $VSOUND_E2E_CACHE, else
+# target/e2e-cache).
 #
 # Idempotent: everything is done in a temporary directory, removed on exit. Exits non-zero on
 # any failure.
