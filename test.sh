@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Sets up what is missing, then runs the whole test suite: formatting, lints, and every test.
+# Sets up what is missing, then runs the whole test suite: formatting, lints, and every test
+# (as root, tests/policies.rs also boots the units under systemd-nspawn with a real guest;
+# VSOUND_SKIP_BOOT=1 leaves that out).
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup.sh

@@ -11,6 +11,8 @@ PACKAGES=(
   libclang-dev      # bindgen, for the PipeWire bindings
   libasound2-dev    # the broker's ALSA backend links libasound
   systemd           # tests: systemd-analyze verify/security of the shipped units
+  systemd-container # tests: systemd-nspawn boots this machine's systemd to run the units for real
+  python3           # tests: check-policies.sh (syscall sets, WAV files, a VMM stand-in)
   selinux-policy-dev selinux-policy-default  # tests: build the SELinux module, link it into Debian's policy
   strace            # tests/sandbox.rs: glibc's heap-trim open is refused (not killed) in the worker
   dbus-daemon       # tests/sandbox.rs: a private D-Bus system bus for the broker's PipeWire client
