@@ -154,6 +154,9 @@ const TAIL_QUANTA: u64 = 3;
 /// The longest a stopped or released stream lingers for its tail (a graph that stopped
 /// running, or a stream never linked, plays nothing out).
 const TAIL_TIMEOUT: Duration = Duration::from_millis(500);
+/// The most released streams of one worker that may linger at once: a guest that cycles
+/// PREPARE, START and RELEASE gets no pile of PipeWire nodes (its oldest tail goes first).
+const MAX_LINGERING_PER_CLIENT: usize = 4;
 /// How often the PipeWire thread looks whether lingering streams have played out their tails.
 const TAIL_POLL: Duration = Duration::from_millis(5);
 
@@ -424,6 +427,7 @@ impl Entry {
 /// A released stream that plays out its tail before it is destroyed.
 struct Lingering {
     key: u64,
+    client_id: u32,
     live: LiveStream,
     shared: Arc<Shared>,
     since: std::time::Instant,
@@ -697,8 +701,24 @@ fn run_loop(
                 let _ = live.stream.disconnect();
                 return;
             }
+            let client_id = entry.spec.client_id;
+            let of_client = |l: &Lingering| l.client_id == client_id;
+            if session.lingering.iter().filter(|l| of_client(l)).count() >= MAX_LINGERING_PER_CLIENT
+            {
+                if let Some(oldest) = session.lingering.iter().position(of_client) {
+                    let oldest = session.lingering.remove(oldest);
+                    let _ = oldest.live.stream.disconnect();
+                    log_tail(
+                        oldest.key,
+                        oldest.since,
+                        false,
+                        "was destroyed (too many lingering)",
+                    );
+                }
+            }
             session.lingering.push(Lingering {
                 key,
+                client_id,
                 live,
                 shared: entry.shared,
                 since: entry.stopping.unwrap_or_else(std::time::Instant::now),
