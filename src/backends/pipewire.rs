@@ -6,6 +6,17 @@
 //! between its ring and PipeWire's buffer: it never blocks and never allocates, and reports
 //! xruns and ring violations through atomics and an eventfd the broker watches.
 //!
+//! What the callback has taken from the ring the guest counts as played (the worker completes
+//! a buffer once its last byte is taken), but PipeWire may still hold it: when a stream's first
+//! buffer is sized for a quantum the graph has not switched to yet (node.latency raises it),
+//! the stream's converter carries the rest of every buffer into the next cycle, up to a quantum
+//! that `pw_stream_get_time` does not report. Deactivating or destroying the stream drops that.
+//! So at STOP a playback stream stays active, playing silence, until the callback has handed
+//! PipeWire [`TAIL_QUANTA`] buffers of silence after its last frames (or [`TAIL_TIMEOUT`]
+//! passed), and only then goes inactive; at RELEASE (or a new PREPARE, or the worker leaving)
+//! it leaves the broker's table at once and is destroyed the same way, so a new stream of the
+//! same slot can open meanwhile. The broker's answers never wait for this.
+//!
 //! If the daemon goes away, the thread drops the dead streams, keeps each running virtio
 //! stream on a silence clock at its real-time pace (so the guest hears silence but never
 //! hangs), tries to reconnect once a second, and recreates the streams when the daemon is back.
@@ -136,9 +147,24 @@ fn spa_position(position: u8) -> u32 {
     }
 }
 
+/// How many buffers of silence a stopped stream hands PipeWire after its last frames before it
+/// goes inactive or is destroyed. One pushes a carried remainder through the converter (the
+/// measured need); the others are margin for a resampler's history and a quantum change.
+const TAIL_QUANTA: u64 = 3;
+/// The longest a stopped or released stream lingers for its tail (a graph that stopped
+/// running, or a stream never linked, plays nothing out).
+const TAIL_TIMEOUT: Duration = Duration::from_millis(500);
+/// The most released streams of one worker that may linger at once: a guest that cycles
+/// PREPARE, START and RELEASE gets no pile of PipeWire nodes (its oldest tail goes first).
+const MAX_LINGERING_PER_CLIENT: usize = 4;
+/// How often the PipeWire thread looks whether lingering streams have played out their tails.
+const TAIL_POLL: Duration = Duration::from_millis(5);
+
 /// State shared between the broker's handle and the real-time callback.
 struct Shared {
     running: AtomicBool,
+    /// Buffers of silence the callback has handed PipeWire since it last played frames.
+    silent_quanta: AtomicU64,
     xruns: AtomicU64,
     violation: AtomicBool,
     /// Signalled by the real-time callback on an xrun or a violation.
@@ -259,7 +285,10 @@ impl RtState {
         *chunk.stride_mut() = stride as i32;
         *chunk.size_mut() = (frames * stride) as u32;
         drop(buffer);
-        if running {
+        if !running {
+            self.shared.silent_quanta.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.shared.silent_quanta.store(0, Ordering::Release);
             self.xrun_edge(filled < frames * stride);
             self.publish_delay(stream);
             if filled > 0 {
@@ -307,8 +336,17 @@ impl RtState {
 
 enum Command {
     Open(Box<OpenRequest>),
-    SetActive { key: u64, active: bool },
-    Close { key: u64 },
+    Start {
+        key: u64,
+    },
+    /// Goes inactive once the tail is played.
+    Stop {
+        key: u64,
+    },
+    /// Destroys the stream once the tail is played.
+    Close {
+        key: u64,
+    },
 }
 
 struct OpenRequest {
@@ -370,9 +408,51 @@ struct Entry {
     props: NodeProps,
     spec: StreamSpec,
     rt: Arc<Mutex<RtState>>,
+    /// The callback's side of `rt`, read without taking its lock.
+    shared: Arc<Shared>,
     active: bool,
     live: Option<LiveStream>,
     silence: SilenceClock,
+    /// Since when a STOP waits for the tail before the stream goes inactive.
+    stopping: Option<std::time::Instant>,
+}
+
+impl Entry {
+    /// Whether the stream has a tail to play before it goes: playback has, capture has not.
+    fn plays_out(&self) -> bool {
+        self.spec.direction == D_OUTPUT
+    }
+}
+
+/// A released stream that plays out its tail before it is destroyed.
+struct Lingering {
+    key: u64,
+    client_id: u32,
+    live: LiveStream,
+    shared: Arc<Shared>,
+    since: std::time::Instant,
+    /// Keeps the ring and the callback's state alive until the stream is gone.
+    _rt: Arc<Mutex<RtState>>,
+}
+
+/// Whether a stopped stream's last frames have reached the sink, or it has waited long enough.
+fn tail_played(shared: &Shared, since: std::time::Instant) -> Option<bool> {
+    if shared.silent_quanta.load(Ordering::Acquire) >= TAIL_QUANTA {
+        Some(true)
+    } else if since.elapsed() >= TAIL_TIMEOUT {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+fn log_tail(key: u64, since: std::time::Instant, played: bool, what: &str) {
+    let ms = since.elapsed().as_secs_f64() * 1000.0;
+    if played {
+        log::debug!("pipewire: stream {key} played its tail in {ms:.0} ms, then {what}");
+    } else {
+        log::info!("pipewire: stream {key} {what} after {ms:.0} ms without playing its tail");
+    }
 }
 
 struct LiveStream {
@@ -385,6 +465,8 @@ struct LiveStream {
 struct Session {
     core: Option<(pw::core::CoreRc, pw::core::Listener)>,
     entries: HashMap<u64, Entry>,
+    /// Released streams still playing their tails.
+    lingering: Vec<Lingering>,
     /// Set by the core's error callback (which never borrows the session, so it cannot clash
     /// with a borrow held around a PipeWire call); acted on from the supervisor timer.
     lost: Rc<std::cell::Cell<bool>>,
@@ -422,6 +504,9 @@ impl Session {
         for (key, entry) in this.entries.iter_mut() {
             match open_stream(&core, &entry.props, &entry.spec, entry.rt.clone()) {
                 Ok(live) => {
+                    if entry.stopping.take().is_some() {
+                        entry.active = false;
+                    }
                     if entry.active {
                         let _ = live.stream.set_active(true);
                     }
@@ -440,8 +525,13 @@ impl Session {
     /// Drops the dead connection's streams and core; the entries stay for the reconnect.
     fn disconnect(&mut self, connected: &AtomicBool) {
         connected.store(false, Ordering::Release);
+        // A dead daemon plays no tail.
+        self.lingering.clear();
         for entry in self.entries.values_mut() {
             entry.live = None;
+            if entry.stopping.take().is_some() {
+                entry.active = false;
+            }
             if let Ok(rt) = entry.rt.lock() {
                 rt.port.ring.shared().set_backend_delay(0);
             }
@@ -514,6 +604,24 @@ fn run_loop(
         })
     };
     *supervisor.borrow_mut() = Some(timer);
+    let tail_timer: Rc<RefCell<Option<pw::loop_::TimerSource<'static>>>> = Rc::default();
+    let timer = {
+        let session = session.clone();
+        let tail_timer = tail_timer.clone();
+        mainloop.loop_().add_timer(move |_expirations| {
+            if play_out_tails(&mut session.borrow_mut()) {
+                if let Some(timer) = tail_timer.borrow().as_ref() {
+                    let _ = timer.update_timer(None, None);
+                }
+            }
+        })
+    };
+    *tail_timer.borrow_mut() = Some(timer);
+    let arm_tails = move || {
+        if let Some(timer) = tail_timer.borrow().as_ref() {
+            let _ = timer.update_timer(Some(TAIL_POLL), Some(TAIL_POLL));
+        }
+    };
     let table = session.clone();
     let _attached = receiver.attach(mainloop.loop_(), move |command| match command {
         Command::Open(request) => {
@@ -524,6 +632,7 @@ fn run_loop(
                 rt,
                 reply,
             } = *request;
+            let shared = rt.shared.clone();
             let rt = Arc::new(Mutex::new(rt));
             let mut session = table.borrow_mut();
             let result = match &session.core {
@@ -538,33 +647,119 @@ fn run_loop(
                     props,
                     spec,
                     rt,
+                    shared,
                     active: false,
                     live: Some(live),
                     silence: SilenceClock::default(),
+                    stopping: None,
                 };
                 session.entries.insert(key, entry);
             }
         }
-        Command::SetActive { key, active } => {
+        Command::Start { key } => {
             if let Some(entry) = table.borrow_mut().entries.get_mut(&key) {
-                entry.active = active;
+                // A stream still playing its tail is active already and just goes on.
+                entry.stopping = None;
+                entry.active = true;
                 if let Some(live) = &entry.live {
-                    if let Err(e) = live.stream.set_active(active) {
-                        log::warn!("pipewire: set_active({active}): {e}");
+                    if let Err(e) = live.stream.set_active(true) {
+                        log::warn!("pipewire: set_active(true): {e}");
                     }
                 }
             }
         }
-        Command::Close { key } => {
-            if let Some(entry) = table.borrow_mut().entries.remove(&key) {
-                if let Some(live) = entry.live {
-                    let _ = live.stream.disconnect();
+        Command::Stop { key } => {
+            let mut session = table.borrow_mut();
+            let Some(entry) = session.entries.get_mut(&key) else {
+                return;
+            };
+            if !entry.active || entry.stopping.is_some() {
+                return;
+            }
+            if entry.plays_out() {
+                entry.stopping = Some(std::time::Instant::now());
+                arm_tails();
+                return;
+            }
+            entry.active = false;
+            if let Some(live) = &entry.live {
+                if let Err(e) = live.stream.set_active(false) {
+                    log::warn!("pipewire: set_active(false): {e}");
                 }
             }
+        }
+        Command::Close { key } => {
+            let mut session = table.borrow_mut();
+            let Some(entry) = session.entries.remove(&key) else {
+                return;
+            };
+            let has_tail = entry.active && entry.plays_out();
+            let Some(live) = entry.live else {
+                return;
+            };
+            if !has_tail {
+                let _ = live.stream.disconnect();
+                return;
+            }
+            let client_id = entry.spec.client_id;
+            let of_client = |l: &Lingering| l.client_id == client_id;
+            if session.lingering.iter().filter(|l| of_client(l)).count() >= MAX_LINGERING_PER_CLIENT
+            {
+                if let Some(oldest) = session.lingering.iter().position(of_client) {
+                    let oldest = session.lingering.remove(oldest);
+                    let _ = oldest.live.stream.disconnect();
+                    log_tail(
+                        oldest.key,
+                        oldest.since,
+                        false,
+                        "was destroyed (too many lingering)",
+                    );
+                }
+            }
+            session.lingering.push(Lingering {
+                key,
+                client_id,
+                live,
+                shared: entry.shared,
+                since: entry.stopping.unwrap_or_else(std::time::Instant::now),
+                _rt: entry.rt,
+            });
+            arm_tails();
         }
     });
     let _ = ready.send(Ok(()));
     mainloop.run();
+}
+
+/// The tail timer: runs only while a stream plays out its tail. Deactivates stopped streams
+/// and destroys released ones whose tails are played. Returns whether none is left (then the
+/// timer disarms).
+fn play_out_tails(session: &mut Session) -> bool {
+    for (key, entry) in session.entries.iter_mut() {
+        let Some(since) = entry.stopping else {
+            continue;
+        };
+        let Some(played) = tail_played(&entry.shared, since) else {
+            continue;
+        };
+        entry.stopping = None;
+        entry.active = false;
+        if let Some(live) = &entry.live {
+            if let Err(e) = live.stream.set_active(false) {
+                log::warn!("pipewire: set_active(false): {e}");
+            }
+        }
+        log_tail(*key, since, played, "went inactive");
+    }
+    session.lingering.retain(|lingering| {
+        let Some(played) = tail_played(&lingering.shared, lingering.since) else {
+            return true;
+        };
+        let _ = lingering.live.stream.disconnect();
+        log_tail(lingering.key, lingering.since, played, "was destroyed");
+        false
+    });
+    session.lingering.is_empty() && session.entries.values().all(|e| e.stopping.is_none())
 }
 
 /// The supervisor timer: runs only while PipeWire is away (armed by the core's error callback).
@@ -743,6 +938,7 @@ impl Backend for PipewireBackend {
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(io::Error::from)?;
         let shared = Arc::new(Shared {
             running: AtomicBool::new(false),
+            silent_quanta: AtomicU64::new(0),
             xruns: AtomicU64::new(0),
             violation: AtomicBool::new(false),
             wake,
@@ -791,22 +987,17 @@ impl BackendStream for PipewireStream {
         if self.shared.violation.load(Ordering::Acquire) {
             return Err(io::Error::other("stream failed"));
         }
+        self.shared.silent_quanta.store(0, Ordering::Release);
         self.shared.running.store(true, Ordering::Release);
         self.thread
-            .send(Command::SetActive {
-                key: self.key,
-                active: true,
-            })
+            .send(Command::Start { key: self.key })
             .map_err(io::Error::other)
     }
 
     fn stop(&mut self) -> io::Result<()> {
         self.shared.running.store(false, Ordering::Release);
         self.thread
-            .send(Command::SetActive {
-                key: self.key,
-                active: false,
-            })
+            .send(Command::Stop { key: self.key })
             .map_err(io::Error::other)
     }
 
