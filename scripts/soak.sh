@@ -272,8 +272,8 @@ column_of() {  # FIELD FIRST LAST: that column (1-based) of rows FIRST..LAST (0-
 }
 judge() {  # NAME FIELD SLACK
   local third=$(( N / 3 > 0 ? N / 3 : 1 )) first_max last_min
-  first_max=$(column_of "$2" 0 "$third" | grep -v '^-$' | sort -n | tail -n 1)
-  last_min=$(column_of "$2" $((N - third)) "$N" | grep -v '^-$' | sort -n | head -n 1)
+  first_max=$(column_of "$2" 0 "$third" | { grep -v '^-$' || true; } | sort -n | tail -n 1)
+  last_min=$(column_of "$2" $((N - third)) "$N" | { grep -v '^-$' || true; } | sort -n | head -n 1)
   if [ -z "$first_max" ] || [ -z "$last_min" ]; then
     FAIL+=("worker $1: no samples"); return
   fi
@@ -313,6 +313,8 @@ if [ "$N" -gt 0 ]; then
 fi
 echo "broker kills: $KILLS; new brokers seen: $RESTARTS; launcher logged $LAUNCHER_RESTARTS broker exits"
 echo "guest cycles failed: ${#FAILED_CYCLES[@]}${FAILED_CYCLES[*]:+ (${FAILED_CYCLES[*]})}"
+tr -d '\r' < "$CONSOLE" | grep -E '^(aplay|arecord):' | sort | uniq -c | sed 's/^ */guest said (times): /' \
+  || true
 if [ "$N" -gt 0 ]; then
   echo "aplay seconds (2 s of audio): $(column_of 4 0 "$N" | sort -n | head -n 1) to $(column_of 4 0 "$N" | sort -n | tail -n 1);" \
     "arecord seconds (1 s): $(column_of 5 0 "$N" | sort -n | head -n 1) to $(column_of 5 0 "$N" | sort -n | tail -n 1)"
