@@ -6,7 +6,7 @@
 #   scripts/soak.sh [--cycles N] [--restart-every K] [--backend pipewire|null] [--debug]
 #                   [--keep]
 #
-#   --cycles N         guest cycles (default 40; about 4.5 s each under TCG, plus ~15 s boot)
+#   --cycles N         guest cycles (default 40; about 3.3 s each under TCG, plus ~10 s to boot)
 #   --restart-every K  kill the broker 0.8 s into the aplay of every K-th cycle (default 5;
 #                      0: never); the launcher restarts it and the worker reconnects
 #   --backend B        pipewire (default: a private headless daemon with WirePlumber and a null
@@ -24,7 +24,7 @@
 #   - the worker leaked: see TOLERANCE below.
 # Needs root (the launcher then runs the worker as nobody, as in production), QEMU 10 with
 # vhost-user-snd-pci, and for the pipewire backend pipewire, wireplumber and pw-cli. Not part
-# of ./test.sh: a default run takes about 3.5 minutes.
+# of ./test.sh: a default run takes about 2 minutes 15 s.
 #
 # TOLERANCE. Samples are taken when the guest prints its end-of-cycle marker, when no stream is
 # open, so a worker without leaks is in the same state at each. Compared: the first third of
