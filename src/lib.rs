@@ -14,6 +14,7 @@ pub mod ipc;
 pub mod listen;
 pub mod local_clock;
 pub mod protocol;
+pub mod ratelimit;
 pub mod ring;
 pub mod sandbox;
 pub mod worker;

@@ -26,7 +26,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -41,13 +41,17 @@ use crate::guest::{Chain, GuestBuffer};
 use crate::ipc::{BrokerMsg, WorkerMsg};
 use crate::local_clock::{LocalClock, WakeTimer};
 use crate::protocol::{self as p, Status};
+use crate::ratelimit::{guest_log, LogLimiter};
 use crate::ring::{Consumer, Producer, SharedRing};
+use log::Level;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 type Mem = GuestMemoryAtomic<GuestMemory>;
 
 /// Events waiting for a free event-queue buffer; older ones are dropped past this.
 const MAX_PENDING_EVENTS: usize = 64;
+/// Largest queue size the device accepts (what `max_queue_size` offers the VMM).
+const MAX_QUEUE_SIZE: usize = 1024;
 /// Device event id of the nested epoll (ids up to NUM_QUEUES are the library's).
 pub const DEVICE_EVENT: u16 = p::NUM_QUEUES as u16 + 1;
 /// Epoll data of the nested epoll's fds other than the streams' (whose data is their id).
@@ -94,6 +98,8 @@ struct RxBuf {
     /// Writable part: payload followed by the 8-byte status.
     writable: GuestBuffer,
     filled: u64,
+    /// BAD_MSG once frames could not be written to it (like a tx buffer that cannot be read).
+    status: Status,
 }
 
 impl RxBuf {
@@ -152,15 +158,17 @@ impl TxStats {
         self.ahead_bytes += u128::from(buf.latency_bytes);
     }
 
-    /// One log line, then reset.
-    fn report(&mut self, stream_id: u32, params: Option<PcmParams>) {
+    /// One log line (the guest decides how often: rate-limited), then reset.
+    fn report(&mut self, stream_id: u32, params: Option<PcmParams>, limiter: &mut LogLimiter) {
         let stats = std::mem::take(self);
         let Some(params) = params.filter(|_| stats.buffers > 0) else {
             return;
         };
         let n = u128::from(stats.buffers);
         let bytes_per_s = u128::from(params.frame_bytes()) * u128::from(params.rate_hz());
-        log::info!(
+        guest_log!(
+            limiter,
+            Level::Info,
             "stream {stream_id}: {} tx buffers; arrival to completion mean {} us, max {} us; \
              queued ahead on copy (latency_bytes) mean {} us",
             stats.buffers,
@@ -178,27 +186,139 @@ impl<T: zerocopy::KnownLayout + Sized> SizeOf for T {
     const SIZE: u64 = std::mem::size_of::<T>() as u64;
 }
 
-/// Completions gathered during one event, signalled once at the end.
+/// Heads of one queue that the device holds (taken off the avail ring, not yet used). Only
+/// heads below the queue's size can be held and each at most once, so the device never holds
+/// more chains than the queue's size, however often the guest republishes a head.
+#[derive(Default)]
+struct HeldHeads {
+    bits: [u64; MAX_QUEUE_SIZE / 64],
+}
+
+/// Why a chain cannot be held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldRefused {
+    /// The guest republished a head the device still holds.
+    AlreadyHeld,
+    /// Not a head of this queue: it can never be returned in the used ring.
+    OutOfRange,
+}
+
+impl std::fmt::Display for HoldRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HoldRefused::AlreadyHeld => "head republished while the device holds it",
+            HoldRefused::OutOfRange => "head beyond the queue size",
+        })
+    }
+}
+
+impl HeldHeads {
+    fn hold(&mut self, head: u16, queue_size: u16) -> Result<(), HoldRefused> {
+        if head >= queue_size || usize::from(head) >= MAX_QUEUE_SIZE {
+            return Err(HoldRefused::OutOfRange);
+        }
+        let (word, bit) = (usize::from(head) / 64, 1u64 << (head % 64));
+        if self.bits[word] & bit != 0 {
+            return Err(HoldRefused::AlreadyHeld);
+        }
+        self.bits[word] |= bit;
+        Ok(())
+    }
+
+    fn release(&mut self, head: u16) {
+        if let Some(word) = self.bits.get_mut(usize::from(head) / 64) {
+            *word &= !(1u64 << (head % 64));
+        }
+    }
+}
+
+/// What the device keeps about the guest's chains across events: the heads it holds per
+/// queue, and the limiter of the log lines the guest can trigger.
+#[derive(Default)]
+struct GuestLedger {
+    held: [HeldHeads; p::NUM_QUEUES],
+    log: LogLimiter,
+}
+
+/// Completions gathered during one event, signalled once at the end. It carries the device's
+/// ledger for the event, so that every completion of a held chain releases its head.
 struct Completer<'a> {
     vrings: &'a [VringRwLock<Mem>],
     dirty: [bool; p::NUM_QUEUES],
+    /// Each queue's negotiated size, read once per event.
+    sizes: [u16; p::NUM_QUEUES],
+    ledger: &'a mut GuestLedger,
 }
 
 impl<'a> Completer<'a> {
-    fn new(vrings: &'a [VringRwLock<Mem>]) -> Self {
+    fn new(vrings: &'a [VringRwLock<Mem>], ledger: &'a mut GuestLedger) -> Self {
+        let mut sizes = [0; p::NUM_QUEUES];
+        for (size, vring) in sizes.iter_mut().zip(vrings) {
+            *size = vring.get_ref().get_queue().size();
+        }
         Completer {
             vrings,
             dirty: [false; p::NUM_QUEUES],
+            sizes,
+            ledger,
         }
     }
 
+    fn log(&mut self) -> &mut LogLimiter {
+        &mut self.ledger.log
+    }
+
+    fn queue_size(&self, queue: u16) -> u16 {
+        self.sizes.get(queue as usize).copied().unwrap_or(0)
+    }
+
+    /// Records that the device holds `head` until it calls [`Completer::release`].
+    fn hold(&mut self, queue: u16, head: u16) -> Result<(), HoldRefused> {
+        let size = self.queue_size(queue);
+        match self.ledger.held.get_mut(queue as usize) {
+            Some(held) => held.hold(head, size),
+            None => Err(HoldRefused::OutOfRange),
+        }
+    }
+
+    /// Completes a chain the device held.
+    fn release(&mut self, queue: u16, head: u16, len: u32) {
+        if let Some(held) = self.ledger.held.get_mut(queue as usize) {
+            held.release(head);
+        }
+        self.used(queue, head, len);
+    }
+
+    /// Completes a chain the device did not hold (answered at once).
     fn used(&mut self, queue: u16, head: u16, len: u32) {
         let Some(vring) = self.vrings.get(queue as usize) else {
             return;
         };
         match vring.add_used(head, len) {
             Ok(()) => self.dirty[queue as usize] = true,
-            Err(e) => log::error!("queue {queue}: add_used failed: {e}"),
+            Err(e) => guest_log!(
+                self.ledger.log,
+                Level::Error,
+                "queue {queue}: add_used failed: {e}"
+            ),
+        }
+    }
+
+    /// Writes a tx/rx status at `offset` of a chain's writable part.
+    fn write_status(
+        &mut self,
+        mem: &GuestMemory,
+        writable: &GuestBuffer,
+        offset: u64,
+        status: Status,
+        latency: u32,
+    ) {
+        let st = p::PcmStatus {
+            status: status.code().into(),
+            latency_bytes: latency.into(),
+        };
+        if let Err(e) = writable.write(mem, offset, st.as_bytes()) {
+            guest_log!(self.log(), Level::Warn, "cannot write a pcm status: {e}");
         }
     }
 
@@ -215,22 +335,6 @@ impl<'a> Completer<'a> {
                 }
             }
         }
-    }
-}
-
-fn write_status(
-    mem: &GuestMemory,
-    writable: &GuestBuffer,
-    offset: u64,
-    status: Status,
-    latency: u32,
-) {
-    let st = p::PcmStatus {
-        status: status.code().into(),
-        latency_bytes: latency.into(),
-    };
-    if let Err(e) = writable.write(mem, offset, st.as_bytes()) {
-        log::warn!("cannot write a pcm status: {e}");
     }
 }
 
@@ -273,16 +377,17 @@ impl StreamIo {
             } else {
                 buf.status
             };
-            write_status(mem, &buf.writable, 0, status, 0);
-            done.used(p::TX_QUEUE, buf.head, p::PcmStatus::SIZE as u32);
+            done.write_status(mem, &buf.writable, 0, status, 0);
+            done.release(p::TX_QUEUE, buf.head, p::PcmStatus::SIZE as u32);
         }
         for buf in self.rx.drain(..) {
-            write_status(mem, &buf.writable, buf.payload_len(), status, 0);
-            done.used(
-                p::RX_QUEUE,
-                buf.head,
-                (buf.filled + p::PcmStatus::SIZE) as u32,
-            );
+            let (status, filled) = if buf.status == Status::Ok {
+                (status, buf.filled)
+            } else {
+                (buf.status, 0)
+            };
+            done.write_status(mem, &buf.writable, buf.payload_len(), status, 0);
+            done.release(p::RX_QUEUE, buf.head, (filled + p::PcmStatus::SIZE) as u32);
         }
     }
 
@@ -345,8 +450,8 @@ impl StreamIo {
                     if buf.status == Status::Ok {
                         self.tx_stats.record(&buf);
                     }
-                    write_status(mem, &buf.writable, 0, buf.status, buf.latency_bytes);
-                    done.used(p::TX_QUEUE, buf.head, p::PcmStatus::SIZE as u32);
+                    done.write_status(mem, &buf.writable, 0, buf.status, buf.latency_bytes);
+                    done.release(p::TX_QUEUE, buf.head, p::PcmStatus::SIZE as u32);
                 }
                 _ => break,
             }
@@ -377,7 +482,7 @@ impl StreamIo {
                             producer.push(data).map_err(|e| e.to_string())?;
                         }
                         Err(e) => {
-                            log::warn!("tx buffer {}: {e}", buf.head);
+                            guest_log!(done.log(), Level::Warn, "tx buffer {}: {e}", buf.head);
                             buf.status = Status::BadMsg;
                         }
                     }
@@ -415,8 +520,15 @@ impl StreamIo {
                         if got == 0 {
                             break;
                         }
-                        if let Err(e) = buf.writable.write(mem, buf.filled, &self.scratch[..got]) {
-                            log::warn!("rx buffer {}: {e}", buf.head);
+                        // Once a write failed, the buffer's frames are lost: consume them only.
+                        let written = if buf.status == Status::Ok {
+                            buf.writable.write(mem, buf.filled, &self.scratch[..got])
+                        } else {
+                            Ok(())
+                        };
+                        if let Err(e) = written {
+                            guest_log!(done.log(), Level::Warn, "rx buffer {}: {e}", buf.head);
+                            buf.status = Status::BadMsg;
                         }
                         buf.filled += got as u64;
                     }
@@ -442,11 +554,15 @@ impl StreamIo {
                         if n == 0 {
                             break;
                         }
-                        if let Err(e) =
+                        let result = if buf.status == Status::Ok {
                             buf.writable
                                 .write(mem, buf.filled + written, &chunk[..n as usize])
-                        {
-                            log::warn!("rx buffer {}: {e}", buf.head);
+                        } else {
+                            Ok(())
+                        };
+                        if let Err(e) = result {
+                            guest_log!(done.log(), Level::Warn, "rx buffer {}: {e}", buf.head);
+                            buf.status = Status::BadMsg;
                         }
                         written += n;
                     }
@@ -478,17 +594,20 @@ impl StreamIo {
     }
 }
 
-/// Completes the front rx buffer, which is full.
+/// Completes the front rx buffer, which is full. One whose frames could not be written
+/// reports only its status, BAD_MSG (the guest gave memory the device cannot write: a
+/// malformed message, as for tx), still at the capture pace so that it cannot be used to spin.
 fn complete_rx(rx: &mut VecDeque<RxBuf>, mem: &GuestMemory, latency: u32, done: &mut Completer) {
     let Some(buf) = rx.pop_front() else {
         return;
     };
-    write_status(mem, &buf.writable, buf.payload_len(), Status::Ok, latency);
-    done.used(
-        p::RX_QUEUE,
-        buf.head,
-        (buf.filled + p::PcmStatus::SIZE) as u32,
-    );
+    let filled = if buf.status == Status::Ok {
+        buf.filled
+    } else {
+        0
+    };
+    done.write_status(mem, &buf.writable, buf.payload_len(), buf.status, latency);
+    done.release(p::RX_QUEUE, buf.head, (filled + p::PcmStatus::SIZE) as u32);
 }
 
 /// Asks the broker for a stream's ring and maps it.
@@ -558,7 +677,7 @@ impl Host<'_, '_> {
     fn drop_transport(&mut self, stream_id: u32) {
         let io = &mut self.streams[stream_id as usize];
         io.flush(self.mem, Status::Ok, self.done);
-        io.tx_stats.report(stream_id, io.params);
+        io.tx_stats.report(stream_id, io.params, self.done.log());
         if let Some(Transport::Ring { notify, .. }) = io.transport.take() {
             let _ = self.epoll.delete(&notify);
         }
@@ -614,7 +733,11 @@ impl PcmHost for Host<'_, '_> {
         // then the stream runs on the worker's clock and is handed over when it is back. A
         // broker away for longer is reported.
         if self.link.down_for() > LOCAL_PREPARE_WINDOW {
-            log::warn!("stream {stream_id}: cannot prepare: the broker is away");
+            guest_log!(
+                self.done.log(),
+                Level::Warn,
+                "stream {stream_id}: cannot prepare: the broker is away"
+            );
             return Err(Status::IoErr);
         }
         self.streams[stream_id as usize].use_local_clock(*params, self.epoll);
@@ -665,6 +788,8 @@ pub struct SoundDevice {
     event_idx: bool,
     event_buffers: VecDeque<Chain>,
     pending_events: VecDeque<p::Event>,
+    /// Held heads and the guest-log limiter; lent to each event's [`Completer`].
+    ledger: GuestLedger,
     /// Tells the vring thread to exit when the VMM has gone, so the worker can end. Handed
     /// over once (one vring thread), so no fd is duplicated under the seccomp policy.
     exit: std::sync::Mutex<Option<(EventConsumer, EventNotifier)>>,
@@ -710,6 +835,7 @@ impl SoundDevice {
             event_idx: false,
             event_buffers: VecDeque::new(),
             pending_events: VecDeque::new(),
+            ledger: GuestLedger::default(),
             exit: std::sync::Mutex::new(Some(new_event_consumer_and_notifier(
                 EventFlag::NONBLOCK | EventFlag::CLOEXEC,
             )?)),
@@ -753,17 +879,35 @@ impl SoundDevice {
                         })
                         .collect(),
                     Err(e) => {
-                        log::error!("queue {queue}: {e}; ignoring it until the next kick");
+                        guest_log!(
+                            done.log(),
+                            Level::Error,
+                            "queue {queue}: {e}; ignoring it until the next kick"
+                        );
                         return;
                     }
                 }
             };
             // The chains were taken off the ring; hand each to the handler.
+            let size = done.queue_size(queue);
             for chain in chains {
                 match chain {
+                    // Not a descriptor of this queue: there is nothing to read, and the used
+                    // ring cannot take it back.
+                    Ok(Chain { head, .. }) | Err((head, _)) if head >= size => {
+                        guest_log!(
+                            done.log(),
+                            Level::Warn,
+                            "queue {queue}: head {head} ignored: beyond the queue size {size}"
+                        );
+                    }
                     Ok(chain) => f(self, &guard, chain, done),
                     Err((head, e)) => {
-                        log::warn!("queue {queue}: malformed chain {head}: {e}");
+                        guest_log!(
+                            done.log(),
+                            Level::Warn,
+                            "queue {queue}: malformed chain {head}: {e}"
+                        );
                         done.used(queue, head, 0);
                     }
                 }
@@ -779,13 +923,22 @@ impl SoundDevice {
     }
 
     fn handle_control(&mut self, mem: &GuestMemory, chain: Chain, done: &mut Completer) {
+        let capacity = chain.writable.len().min(usize::MAX as u64) as usize;
+        if capacity < p::Hdr::SIZE as usize {
+            guest_log!(
+                done.log(),
+                Level::Warn,
+                "control request without room for a status ({capacity} bytes)"
+            );
+            done.used(p::CONTROL_QUEUE, chain.head, 0);
+            return;
+        }
         let request_len = chain.readable.len().min(4096) as usize;
         let mut request = vec![0u8; request_len];
         if let Err(e) = chain.readable.read(mem, 0, &mut request) {
-            log::warn!("control request: {e}");
+            guest_log!(done.log(), Level::Warn, "control request: {e}");
             request.clear();
         }
-        let capacity = chain.writable.len().min(usize::MAX as u64) as usize;
         let response = {
             let mut host = Host {
                 streams: &mut self.streams,
@@ -797,7 +950,7 @@ impl SoundDevice {
             self.control.handle(&request, capacity, &mut host)
         };
         if let Err(e) = chain.writable.write(mem, 0, &response) {
-            log::warn!("control response: {e}");
+            guest_log!(done.log(), Level::Warn, "control response: {e}");
         }
         done.used(p::CONTROL_QUEUE, chain.head, response.len() as u32);
     }
@@ -824,20 +977,26 @@ impl SoundDevice {
     fn handle_tx(&mut self, mem: &GuestMemory, chain: Chain, done: &mut Completer) {
         let status_len = p::PcmStatus::SIZE;
         if chain.writable.len() < status_len {
-            log::warn!("tx buffer {} has no room for a status", chain.head);
+            guest_log!(
+                done.log(),
+                Level::Warn,
+                "tx buffer {} has no room for a status",
+                chain.head
+            );
             done.used(p::TX_QUEUE, chain.head, 0);
             return;
         }
-        let reject = |done: &mut Completer, why: &str| {
-            log::debug!("tx buffer {}: {why}", chain.head);
-            write_status(mem, &chain.writable, 0, Status::BadMsg, 0);
+        // Requests a driver may get wrong are logged at debug, a hostile driver's at warn.
+        let reject = |done: &mut Completer, level: Level, why: &dyn std::fmt::Display| {
+            guest_log!(done.log(), level, "tx buffer {}: {why}", chain.head);
+            done.write_status(mem, &chain.writable, 0, Status::BadMsg, 0);
             done.used(p::TX_QUEUE, chain.head, status_len as u32);
         };
         let mut header = [0u8; 4];
         if chain.readable.len() < p::PcmXfer::SIZE
             || chain.readable.read(mem, 0, &mut header).is_err()
         {
-            return reject(done, "short header");
+            return reject(done, Level::Debug, &"short header");
         }
         let stream_id = u32::from_le_bytes(header);
         let state = self.control.stream_state(stream_id);
@@ -846,10 +1005,10 @@ impl SoundDevice {
             .get(stream_id as usize)
             .is_some_and(|s| s.output)
         {
-            return reject(done, "not an output stream");
+            return reject(done, Level::Debug, &"not an output stream");
         }
         if !state.is_some_and(|s| s.accepts_io()) {
-            return reject(done, "stream is not prepared");
+            return reject(done, Level::Debug, &"stream is not prepared");
         }
         let io = &mut self.streams[stream_id as usize];
         let limit = match &io.transport {
@@ -858,11 +1017,14 @@ impl SoundDevice {
                 ..
             }) => producer.ring().capacity(),
             Some(Transport::Local(_)) => io.params.map_or(0, |p| u64::from(p.buffer_bytes)),
-            _ => return reject(done, "stream has no transport"),
+            _ => return reject(done, Level::Debug, &"stream has no transport"),
         };
         let payload = chain.readable.len() - p::PcmXfer::SIZE;
         if payload == 0 || payload > limit {
-            return reject(done, "payload empty or larger than the ring");
+            return reject(done, Level::Debug, &"payload empty or larger than the ring");
+        }
+        if let Err(refused) = done.hold(p::TX_QUEUE, chain.head) {
+            return reject(done, Level::Warn, &refused);
         }
         io.tx.push_back(TxBuf {
             head: chain.head,
@@ -879,21 +1041,27 @@ impl SoundDevice {
     fn handle_rx(&mut self, mem: &GuestMemory, chain: Chain, done: &mut Completer) {
         let status_len = p::PcmStatus::SIZE;
         if chain.writable.len() < status_len {
-            log::warn!("rx buffer {} has no room for a status", chain.head);
+            guest_log!(
+                done.log(),
+                Level::Warn,
+                "rx buffer {} has no room for a status",
+                chain.head
+            );
             done.used(p::RX_QUEUE, chain.head, 0);
             return;
         }
         let status_at = chain.writable.len() - status_len;
-        let reject = |done: &mut Completer, why: &str| {
-            log::debug!("rx buffer {}: {why}", chain.head);
-            write_status(mem, &chain.writable, status_at, Status::BadMsg, 0);
+        // Requests a driver may get wrong are logged at debug, a hostile driver's at warn.
+        let reject = |done: &mut Completer, level: Level, why: &dyn std::fmt::Display| {
+            guest_log!(done.log(), level, "rx buffer {}: {why}", chain.head);
+            done.write_status(mem, &chain.writable, status_at, Status::BadMsg, 0);
             done.used(p::RX_QUEUE, chain.head, status_len as u32);
         };
         let mut header = [0u8; 4];
         if chain.readable.len() < p::PcmXfer::SIZE
             || chain.readable.read(mem, 0, &mut header).is_err()
         {
-            return reject(done, "short header");
+            return reject(done, Level::Debug, &"short header");
         }
         let stream_id = u32::from_le_bytes(header);
         if self
@@ -901,31 +1069,45 @@ impl SoundDevice {
             .get(stream_id as usize)
             .is_none_or(|s| s.output)
         {
-            return reject(done, "not an input stream");
+            return reject(done, Level::Debug, &"not an input stream");
         }
         if !self
             .control
             .stream_state(stream_id)
             .is_some_and(|s| s.accepts_io())
         {
-            return reject(done, "stream is not prepared");
+            return reject(done, Level::Debug, &"stream is not prepared");
         }
         if status_at == 0 {
-            return reject(done, "no room for frames");
+            return reject(done, Level::Debug, &"no room for frames");
         }
         let io = &mut self.streams[stream_id as usize];
         if io.transport.is_none() {
-            return reject(done, "stream has no transport");
+            return reject(done, Level::Debug, &"stream has no transport");
+        }
+        if let Err(refused) = done.hold(p::RX_QUEUE, chain.head) {
+            return reject(done, Level::Warn, &refused);
         }
         io.rx.push_back(RxBuf {
             head: chain.head,
             writable: chain.writable,
             filled: 0,
+            status: Status::Ok,
         });
         self.pump(stream_id, Some(mem), done);
     }
 
-    fn handle_event_buffer(&mut self, _mem: &GuestMemory, chain: Chain, _done: &mut Completer) {
+    fn handle_event_buffer(&mut self, _mem: &GuestMemory, chain: Chain, done: &mut Completer) {
+        if let Err(refused) = done.hold(p::EVENT_QUEUE, chain.head) {
+            guest_log!(
+                done.log(),
+                Level::Warn,
+                "event buffer {}: {refused}",
+                chain.head
+            );
+            done.used(p::EVENT_QUEUE, chain.head, 0);
+            return;
+        }
         // Held until an event happens; never treated as work to do.
         self.event_buffers.push_back(chain);
     }
@@ -946,10 +1128,14 @@ impl SoundDevice {
         }
     }
 
-    fn queue_event(&mut self, event: p::Event) {
+    fn queue_event(&mut self, event: p::Event, done: &mut Completer) {
         if self.pending_events.len() >= MAX_PENDING_EVENTS {
             self.pending_events.pop_front();
-            log::warn!("event queue full: dropping the oldest event");
+            guest_log!(
+                done.log(),
+                Level::Warn,
+                "event queue full: dropping the oldest event"
+            );
         }
         self.pending_events.push_back(event);
     }
@@ -960,15 +1146,20 @@ impl SoundDevice {
                 return;
             };
             if chain.writable.len() < p::Event::SIZE {
-                log::warn!("event buffer {} too small", chain.head);
-                done.used(p::EVENT_QUEUE, chain.head, 0);
+                guest_log!(
+                    done.log(),
+                    Level::Warn,
+                    "event buffer {} too small",
+                    chain.head
+                );
+                done.release(p::EVENT_QUEUE, chain.head, 0);
                 continue;
             }
             let event = self.pending_events.pop_front().expect("not empty");
             if let Err(e) = chain.writable.write(mem, 0, event.as_bytes()) {
-                log::warn!("event buffer {}: {e}", chain.head);
+                guest_log!(done.log(), Level::Warn, "event buffer {}: {e}", chain.head);
             }
-            done.used(p::EVENT_QUEUE, chain.head, p::Event::SIZE as u32);
+            done.release(p::EVENT_QUEUE, chain.head, p::Event::SIZE as u32);
         }
     }
 
@@ -1015,7 +1206,7 @@ impl SoundDevice {
         }
     }
 
-    fn handle_broker_messages(&mut self) {
+    fn handle_broker_messages(&mut self, done: &mut Completer) {
         for msg in self.link.take_events() {
             if let BrokerMsg::Xrun { stream_id } = msg {
                 let wants_xruns = self
@@ -1023,12 +1214,15 @@ impl SoundDevice {
                     .stream_params(stream_id)
                     .is_some_and(|p| p.features & (1 << p::PCM_F_EVT_XRUNS) != 0);
                 if wants_xruns {
-                    self.queue_event(p::Event {
-                        hdr: p::Hdr {
-                            code: p::EVT_PCM_XRUN.into(),
+                    self.queue_event(
+                        p::Event {
+                            hdr: p::Hdr {
+                                code: p::EVT_PCM_XRUN.into(),
+                            },
+                            data: stream_id.into(),
                         },
-                        data: stream_id.into(),
-                    });
+                        done,
+                    );
                 }
             }
         }
@@ -1108,6 +1302,8 @@ impl SoundDevice {
         self.control.reset();
         self.event_buffers.clear();
         self.pending_events.clear();
+        // Nothing is held any more; the log limiter keeps counting across resets.
+        self.ledger.held = Default::default();
         self.local_timer.arm(None);
     }
 }
@@ -1121,7 +1317,7 @@ impl VhostUserBackendMut for SoundDevice {
     }
 
     fn max_queue_size(&self) -> usize {
-        1024
+        MAX_QUEUE_SIZE
     }
 
     fn features(&self) -> u64 {
@@ -1175,7 +1371,9 @@ impl VhostUserBackendMut for SoundDevice {
     ) -> io::Result<()> {
         let guard = self.mem.as_ref().map(|mem| mem.memory());
         let mem = guard.as_deref();
-        let mut done = Completer::new(vrings);
+        // Lent to the event's completer and returned below (handlers reach it through it).
+        let mut ledger = std::mem::take(&mut self.ledger);
+        let mut done = Completer::new(vrings, &mut ledger);
         match device_event {
             DEVICE_EVENT => self.handle_device_event(mem, &mut done),
             // The queues' buffers live in guest memory: none can be read before it is set.
@@ -1190,13 +1388,39 @@ impl VhostUserBackendMut for SoundDevice {
             p::RX_QUEUE => self.process_queue(device_event, vrings, &mut done, Self::handle_rx),
             other => log::warn!("unexpected device event {other}"),
         }
-        self.handle_broker_messages();
+        self.handle_broker_messages(&mut done);
         self.settle();
         if let Some(mem) = mem {
             self.deliver_events(mem, &mut done);
         }
         done.signal(self.event_idx);
+        self.ledger = ledger;
         // Errors here would stop the device thread: everything was handled and logged above.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_is_held_once_and_only_below_the_queue_size() {
+        let mut held = HeldHeads::default();
+        for head in 0..64 {
+            assert_eq!(held.hold(head, 64), Ok(()));
+        }
+        // Republished while held, or not a head of a 64-entry queue.
+        assert_eq!(held.hold(5, 64), Err(HoldRefused::AlreadyHeld));
+        assert_eq!(held.hold(64, 64), Err(HoldRefused::OutOfRange));
+        assert_eq!(held.hold(u16::MAX, u16::MAX), Err(HoldRefused::OutOfRange));
+        held.release(5);
+        assert_eq!(held.hold(5, 64), Ok(()));
+        // Releasing what is not held (or cannot be) changes nothing.
+        held.release(u16::MAX);
+        assert_eq!(held.hold(63, 64), Err(HoldRefused::AlreadyHeld));
+        let mut large = HeldHeads::default();
+        assert_eq!(large.hold(1023, 1024), Ok(()));
+        assert_eq!(large.hold(1023, 1024), Err(HoldRefused::AlreadyHeld));
     }
 }

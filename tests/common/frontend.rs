@@ -126,6 +126,9 @@ struct Queue {
     free_descs: Vec<u16>,
     /// Indexed by head descriptor.
     chains: Vec<Option<Chain>>,
+    /// Indexed by head descriptor: how many more times the head was published while in
+    /// flight ([`GuestVm::republish`]), i.e. used elements expected before the chain's own.
+    republished: Vec<u32>,
     in_flight: usize,
     next_avail: Wrapping<u16>,
     last_used: Wrapping<u16>,
@@ -363,6 +366,7 @@ impl GuestVm {
                 // Pop from the end: hand out low indices first.
                 free_descs: (0..qsize).rev().collect(),
                 chains: (0..qsize).map(|_| None).collect(),
+                republished: vec![0; usize::from(qsize)],
                 in_flight: 0,
                 next_avail: Wrapping(0),
                 last_used: Wrapping(0),
@@ -626,17 +630,30 @@ impl GuestVm {
             mem.read_obj::<u32>(GuestAddress(elem.0 + 4))
                 .expect("read used elem len"),
         );
-        let chain = usize::try_from(id)
+        let index = usize::try_from(id)
             .ok()
-            .and_then(|i| q.chains.get_mut(i))
-            .and_then(Option::take)
+            .filter(|&i| q.chains.get(i).is_some_and(Option::is_some))
             .unwrap_or_else(|| {
                 panic!(
                     "queue {queue}: device returned head {id} (len {len}) which is not in flight"
                 )
             });
+        // A republished head comes back once per publication: the chain stays in flight
+        // until the last one.
+        let republished = q.republished[index] > 0;
+        let chain = if republished {
+            q.republished[index] -= 1;
+            let chain = q.chains[index].as_ref().expect("checked above");
+            Chain {
+                descs: Vec::new(),
+                bufs: Vec::new(),
+                writable: chain.writable.clone(),
+            }
+        } else {
+            q.in_flight -= 1;
+            q.chains[index].take().expect("checked above")
+        };
         q.last_used += Wrapping(1);
-        q.in_flight -= 1;
         if event_idx {
             // Ask to be notified when the next element is published.
             mem.store(
@@ -742,6 +759,25 @@ impl GuestVm {
         used.written
     }
 
+    /// Publishes `head`, a chain still in flight, once more in the avail ring, the way a
+    /// malicious driver would, without kicking. Its extra used element is expected first
+    /// (see [`GuestVm::try_used`]); the chain stays in flight until its last one.
+    pub fn republish(&mut self, queue: u16, head: u16) {
+        let q = &mut self.queues[queue as usize];
+        assert!(
+            q.chains[usize::from(head)].is_some(),
+            "queue {queue}: head {head} is not in flight"
+        );
+        q.republished[usize::from(head)] += 1;
+        self.publish_head(queue, head);
+    }
+
+    /// Publishes an arbitrary head value (for example one beyond the queue size) without
+    /// bookkeeping and without kicking: the device must never return it.
+    pub fn publish_raw_head(&mut self, queue: u16, head: u16) {
+        self.publish_head(queue, head);
+    }
+
     /// Number of chains submitted on `queue` and not yet returned as used.
     pub fn in_flight(&self, queue: u16) -> usize {
         self.queue(queue).in_flight
@@ -815,7 +851,14 @@ impl GuestVm {
             writable,
         });
         q.in_flight += 1;
+        self.publish_head(queue, head);
+        head
+    }
 
+    /// Writes `head` into the next avail ring slot and publishes the new index.
+    fn publish_head(&mut self, queue: u16, head: u16) {
+        let mem = &self.mem;
+        let q = &mut self.queues[queue as usize];
         mem.write_obj(head.to_le(), q.avail_ring_addr(q.next_avail.0))
             .expect("write avail ring");
         q.next_avail += Wrapping(1);
@@ -828,6 +871,5 @@ impl GuestVm {
         .expect("write avail idx");
         // Full barrier before a following kick / avail_event check (virtio spec 2.7.13).
         fence(Ordering::SeqCst);
-        head
     }
 }

@@ -1,0 +1,120 @@
+//! Rate limit for the log lines a guest can trigger at will (malformed chains, republished
+//! heads, unwritable buffers): a guest must not be able to fill the host's journal or keep the
+//! device thread busy formatting lines. The first few lines of each period are logged; the rest
+//! are only counted, and the count is logged when the next period begins.
+
+use std::time::{Duration, Instant};
+
+/// Lines logged per period before the limiter starts counting instead.
+pub const GUEST_LOG_BURST: u32 = 8;
+/// Length of one period.
+pub const GUEST_LOG_PERIOD: Duration = Duration::from_secs(5);
+
+/// Admits at most `burst` lines per `period` and counts the others (a counter: nothing is
+/// allocated or formatted for a suppressed line).
+#[derive(Debug)]
+pub struct LogLimiter {
+    burst: u32,
+    period: Duration,
+    period_start: Option<Instant>,
+    admitted: u32,
+    suppressed: u64,
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter::new(GUEST_LOG_BURST, GUEST_LOG_PERIOD)
+    }
+}
+
+impl LogLimiter {
+    pub const fn new(burst: u32, period: Duration) -> LogLimiter {
+        LogLimiter {
+            burst,
+            period,
+            period_start: None,
+            admitted: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether one more line may be logged now. The first call of a new period first logs how
+    /// many lines the previous one suppressed.
+    pub fn admit(&mut self, now: Instant) -> bool {
+        let period_over = self
+            .period_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= self.period);
+        if period_over {
+            self.report_suppressed();
+            self.period_start = Some(now);
+            self.admitted = 0;
+        }
+        if self.admitted < self.burst {
+            self.admitted += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Lines counted but not logged since the last report.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
+
+    /// Logs the count of suppressed lines, if there are any, and resets it.
+    pub fn report_suppressed(&mut self) {
+        let suppressed = std::mem::take(&mut self.suppressed);
+        if suppressed > 0 {
+            log::warn!(
+                "{suppressed} more guest-triggered log lines suppressed (at most {} per {:?})",
+                self.burst,
+                self.period
+            );
+        }
+    }
+}
+
+/// `guest_log!(limiter, level, format, args...)`: logs like `log::log!` if the logger would
+/// keep the line and `limiter` admits it. A line the logger filters out costs no budget.
+macro_rules! guest_log {
+    ($limiter:expr, $level:expr, $($arg:tt)+) => {{
+        let level: ::log::Level = $level;
+        if ::log::log_enabled!(level) && $limiter.admit(::std::time::Instant::now()) {
+            ::log::log!(level, $($arg)+);
+        }
+    }};
+}
+pub(crate) use guest_log;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admits_a_burst_per_period_and_counts_the_rest() {
+        let mut limiter = LogLimiter::new(3, Duration::from_secs(1));
+        let start = Instant::now();
+        let admitted = (0..100).filter(|_| limiter.admit(start)).count();
+        assert_eq!(admitted, 3);
+        assert_eq!(limiter.suppressed(), 97);
+        // Still within the period.
+        assert!(!limiter.admit(start + Duration::from_millis(999)));
+        assert_eq!(limiter.suppressed(), 98);
+        // A new period: the count is reported (and reset), a new burst is admitted.
+        assert!(limiter.admit(start + Duration::from_secs(1)));
+        assert_eq!(limiter.suppressed(), 0);
+        let later = start + Duration::from_secs(1);
+        assert_eq!((0..10).filter(|_| limiter.admit(later)).count(), 2);
+        assert_eq!(limiter.suppressed(), 8);
+    }
+
+    #[test]
+    fn a_clock_going_backwards_does_not_reopen_the_period() {
+        let start = Instant::now() + Duration::from_secs(10);
+        let mut limiter = LogLimiter::new(1, Duration::from_secs(1));
+        assert!(limiter.admit(start));
+        assert!(!limiter.admit(start - Duration::from_secs(5)));
+    }
+}
