@@ -63,6 +63,16 @@ struct Rss {
     shmem: u64,
 }
 
+impl std::fmt::Display for Rss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VmRSS {} KiB (RssAnon {}, RssFile {}, RssShmem {})",
+            self.vm_rss, self.anon, self.file, self.shmem
+        )
+    }
+}
+
 fn rss_kib(pid: u32) -> Rss {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
@@ -291,8 +301,7 @@ fn republished_heads_are_refused_and_the_worker_stays_bounded() {
     let after = rss_kib(pid);
     eprintln!(
         "flood: {refused:?} republished heads refused (tx, rx, event; queue size {QUEUE_SIZE}) \
-         during periods {flood_from}..{flood_until}; worker KiB before {before:?}, after \
-         {after:?}"
+         during periods {flood_from}..{flood_until}; worker before: {before}; after: {after}"
     );
     // Held lists cannot grow: whatever the guest publishes, the worker's own memory stays
     // where it was (1 MiB of slack for the allocator; 9600 held chains would take more).
