@@ -1,7 +1,7 @@
 //! Rate limit for the log lines a guest can trigger at will (malformed chains, republished
 //! heads, unwritable buffers): a guest must not be able to fill the host's journal or keep the
 //! device thread busy formatting lines. The first few lines of each period are logged; the rest
-//! are only counted, and the count is logged when the next period begins.
+//! are only counted, and the count is logged once the period is over.
 
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,18 @@ impl LogLimiter {
         }
     }
 
+    /// Logs the count of the lines a finished period suppressed, so that it appears even when
+    /// no further line comes (the device calls this after every event).
+    pub fn report_if_due(&mut self, now: Instant) {
+        let period_over = self
+            .period_start
+            .is_some_and(|start| now.saturating_duration_since(start) >= self.period);
+        if period_over && self.suppressed > 0 {
+            self.report_suppressed();
+            self.period_start = None;
+        }
+    }
+
     /// Lines counted but not logged since the last report.
     pub fn suppressed(&self) -> u64 {
         self.suppressed
@@ -108,6 +120,14 @@ mod tests {
         let later = start + Duration::from_secs(1);
         assert_eq!((0..10).filter(|_| limiter.admit(later)).count(), 2);
         assert_eq!(limiter.suppressed(), 8);
+        // With no further line, the count is reported once the period is over, not before.
+        limiter.report_if_due(later + Duration::from_millis(500));
+        assert_eq!(limiter.suppressed(), 8);
+        limiter.report_if_due(later + Duration::from_secs(1));
+        assert_eq!(limiter.suppressed(), 0);
+        // And the next line starts a fresh period.
+        let next = later + Duration::from_secs(1);
+        assert_eq!((0..5).filter(|_| limiter.admit(next)).count(), 3);
     }
 
     #[test]

@@ -1394,6 +1394,7 @@ impl VhostUserBackendMut for SoundDevice {
             self.deliver_events(mem, &mut done);
         }
         done.signal(self.event_idx);
+        ledger.log.report_if_due(Instant::now());
         self.ledger = ledger;
         // Errors here would stop the device thread: everything was handled and logged above.
         Ok(())
