@@ -396,6 +396,17 @@ fn attack_while_a_good_worker_plays(vm: &mut GuestVm, broker_pid: u32, broker_so
     };
     let fds_before = open_fds(broker_pid);
 
+    // Attacker 2: shuts its wake-up fd down and closes it at once.
+    let quitter = Hostile::connect(broker_socket);
+    assert!(
+        quitter.hello(Duration::from_secs(5)),
+        "second hostile Hello"
+    );
+    let (_ring, _, notify) = quitter.prepare(0);
+    let _ = rustix::net::shutdown(&notify, rustix::net::Shutdown::Both);
+    drop(notify);
+    quitter.start(0);
+
     // Attacker 1: both streams prepared and started, each wake-up fd made blocking and filled,
     // never read; its playback ring kept full so that every backend wakes it each period.
     let hostile = Hostile::connect(broker_socket);
@@ -411,19 +422,12 @@ fn attack_while_a_good_worker_plays(vm: &mut GuestVm, broker_pid: u32, broker_so
             let ring = ring.try_clone().unwrap();
             feeder = Some(keep_ring_full(ring, capacity, stop_feeding.clone()));
         }
-        hostile.start(stream_id);
         held.push((ring, notify));
     }
-    // Attacker 2: shuts its wake-up fd down and closes it at once.
-    let quitter = Hostile::connect(broker_socket);
-    assert!(
-        quitter.hello(Duration::from_secs(5)),
-        "second hostile Hello"
-    );
-    let (_ring, _, notify) = quitter.prepare(0);
-    let _ = rustix::net::shutdown(&notify, rustix::net::Shutdown::Both);
-    drop(notify);
-    quitter.start(0);
+    // Both at once: a broker that blocks at the first stream's first wake-up would never
+    // answer the second START (what it answers is checked below, once the evidence is in).
+    hostile.send(&ToBroker::Start { stream_id: 0 });
+    hostile.send(&ToBroker::Start { stream_id: 1 });
     let attack_started = Instant::now();
 
     let attacked = play_timed(vm, &params, periods, stall);
@@ -441,6 +445,14 @@ fn attack_while_a_good_worker_plays(vm: &mut GuestVm, broker_pid: u32, broker_so
         std::thread::sleep(Duration::from_millis(20));
     }
     let most_in_write = in_write.values().copied().max().unwrap_or(0);
+    let starts_done = (0..2)
+        .filter(|_| {
+            matches!(
+                hostile.recv(Duration::from_millis(500)),
+                Some((FromBroker::Done { .. }, _))
+            )
+        })
+        .count();
     let fresh = Hostile::connect(broker_socket);
     let welcomed = fresh.hello(Duration::from_secs(3));
     eprintln!(
@@ -453,6 +465,7 @@ fn attack_while_a_good_worker_plays(vm: &mut GuestVm, broker_pid: u32, broker_so
         panic!("the good stream stalled under attack: {e}; broker threads in write(): {parked:?}")
     });
     assert!(welcomed, "a fresh worker got no Welcome");
+    assert_eq!(starts_done, 2, "the hostile STARTs were not both answered");
     assert!(
         most_in_write < samples / 2,
         "a broker thread sits in write(): {parked:?}"
@@ -676,4 +689,46 @@ fn a_hostile_brokers_wake_up_fd_cannot_block_the_worker() {
     );
     drop(vm);
     broker.join().unwrap();
+}
+
+const ASOUNDRC: &str = r#"
+pcm.vsound_test {
+    type pipewire
+    playback_node "vsound-test-sink"
+    capture_node "vsound-test-sink"
+}
+"#;
+
+const ALSA_CONFIG: &str = r#"
+[[streams]]
+name = "media"
+direction = "output"
+backend = "alsa"
+alsa_device = "vsound_test"
+formats = ["S16"]
+rates = [48000]
+[[streams]]
+name = "mic"
+direction = "input"
+backend = "alsa"
+alsa_device = "vsound_test"
+formats = ["S16"]
+rates = [48000]
+"#;
+
+/// ALSA backends (a PCM of the PipeWire ALSA plugin): the wake-ups are sent from the ALSA
+/// path, on the broker's loop.
+#[test]
+fn a_worker_cannot_block_the_alsa_path_through_its_wake_up_fd() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start(dir.path());
+    std::fs::write(dir.path().join(".asoundrc"), ASOUNDRC).unwrap();
+    let config = dir.path().join("vsound.toml");
+    std::fs::write(&config, ALSA_CONFIG).unwrap();
+    let mut env = pw.env();
+    env.push(("HOME", dir.path().to_path_buf()));
+    let (broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &env);
+    let (_worker, socket) = spawn_worker(dir.path(), "vm", &broker_socket, Some(&config));
+    let mut vm = GuestVm::connect(&socket, FrontendOptions::default()).unwrap();
+    attack_while_a_good_worker_plays(&mut vm, broker.pid(), &broker_socket);
 }

@@ -2,8 +2,8 @@
 //!
 //! A backend opens a [`BackendStream`] at every PREPARE and is handed the broker's end of the
 //! stream's ring ([`RingPort`]). Whatever clock drives the backend moves frames through the ring
-//! and wakes the worker (a [`WakeSender`] that never blocks). `null` and `wav` are driven by the broker's own timer
-//! ([`clocked`]); real audio backends are driven by their device's clock.
+//! and wakes the worker (a [`WakeSender`], which never blocks). `null` and `wav` are driven by
+//! the broker's own timer ([`clocked`]); real audio backends are driven by their device's clock.
 
 use std::io;
 use std::os::fd::BorrowedFd;
