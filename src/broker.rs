@@ -11,14 +11,13 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use rustix::event::{eventfd, EventfdFlags};
 
 use crate::backends::{self, Backend, BackendStream, RingPort, StreamRing, StreamSpec};
 use crate::config::Config;
 use crate::control::{PcmCaps, PcmParams};
 use crate::ipc::{self, BrokerMsg, Channel, IpcError, Listener, WorkerMsg};
 use crate::protocol::D_OUTPUT;
-use crate::ring::{Consumer, Producer, RingError, SharedRing};
+use crate::ring::{Consumer, Producer, RingError, SharedRing, WakeSender};
 
 /// Most workers one broker serves at once.
 pub const MAX_CLIENTS: usize = 64;
@@ -341,9 +340,10 @@ impl Broker {
         let capacity =
             u64::from(params.period_bytes) * u64::from(self.config.limits.lookahead_periods.max(2));
         let (ring, ring_fd) = SharedRing::create(capacity).map_err(|e| e.to_string())?;
-        let notify = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(|e| format!("eventfd: {e}"))?;
-        let worker_notify = notify.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        // Not an fd shared with the worker (an eventfd dup's flags and counter would be the
+        // worker's to set): each side has its own end.
+        let (notify, worker_notify) =
+            WakeSender::pair().map_err(|e| format!("wake-up socket: {e}"))?;
         let spec = StreamSpec {
             client_id: id,
             stream_id,

@@ -65,8 +65,9 @@ pub enum BrokerMsg {
     Refused {
         reason: String,
     },
-    /// The stream's ring; carries two fds: the ring memfd and the eventfd the broker signals
-    /// whenever it moved the ring's position.
+    /// The stream's ring; carries two fds: the ring memfd and the worker's end of a
+    /// SOCK_SEQPACKET socketpair on which the broker sends a byte whenever it moved the ring's
+    /// position (`ring::WakeSender`: the broker keeps the other end, never a shared file).
     Prepared {
         stream_id: u32,
         ring_capacity: u64,

@@ -12,7 +12,7 @@
 //! `unsafe`.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memfd::{FileSeal, Memfd, MemfdOptions};
@@ -44,6 +44,8 @@ pub enum RingError {
     BadPeerPosition { pos: u64, min: u64, max: u64 },
     #[error("shared memory access failed: {0}")]
     Access(String),
+    #[error("the wake-up fd is not an open socket")]
+    WakeupFd,
 }
 
 /// One mapping of a ring; used through [`Producer`] or [`Consumer`].
@@ -303,6 +305,97 @@ impl Consumer {
     }
 }
 
+/// How the broker tells a worker that a ring moved: a SOCK_SEQPACKET socketpair, one end each.
+///
+/// The two ends are separate open files, so nothing the worker does to its end (flags, never
+/// reading, shutdown, close) can make the broker's sends block: they are `MSG_DONTWAIT`, a full
+/// queue means a wake-up is already pending, and a gone peer means nobody is left to wake. The
+/// broker's end gets the smallest send buffer, so an unread end pins a few kilobytes of kernel
+/// memory, and it is shut for reading, so the worker cannot queue anything towards it. The
+/// worker in turn only ever reads its end with `MSG_DONTWAIT`, so a hostile broker cannot block
+/// the worker's device thread either.
+pub struct WakeSender {
+    fd: OwnedFd,
+}
+
+/// What the worker's end of a [`WakeSender`] had to say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wakeups {
+    /// Nothing (more) queued: wait for the next wake-up.
+    Drained,
+    /// The broker's end is gone, or the fd is not a socket: it will never wake us again.
+    Closed,
+}
+
+/// Most wake-ups read per call: a broker that floods its end cannot keep the worker's device
+/// thread in one loop (the level-triggered epoll reports the rest).
+const WAKEUPS_PER_DRAIN: usize = 64;
+
+impl WakeSender {
+    /// A new pair: the broker keeps the sender, the other end is for the worker (SCM_RIGHTS).
+    pub fn pair() -> std::io::Result<(WakeSender, OwnedFd)> {
+        let (broker_end, worker_end) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+            None,
+        )?;
+        // The kernel raises this to its minimum: a few queued one-byte packets.
+        rustix::net::sockopt::set_socket_send_buffer_size(&broker_end, 1)?;
+        // Also shuts the worker's end for sending: its packets fail with EPIPE.
+        rustix::net::shutdown(&broker_end, rustix::net::Shutdown::Read)?;
+        Ok((WakeSender { fd: broker_end }, worker_end))
+    }
+
+    /// Signals the worker. Never blocks and never allocates (one system call), so it is safe on
+    /// the broker's loop and on a real-time audio thread; every error means there is nothing to
+    /// do (EAGAIN: a wake-up is pending; EPIPE, ECONNRESET: the worker is gone).
+    pub fn wake(&self) {
+        let _ = rustix::net::send(
+            &self.fd,
+            &[1],
+            rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+        );
+    }
+}
+
+/// Reads the worker's end of a wake-up socket without ever blocking, whatever its flags.
+fn recv_wakeup(fd: BorrowedFd<'_>) -> Result<usize, rustix::io::Errno> {
+    let mut byte = [0u8; 1];
+    // No room for ancillary data: fds a hostile broker attaches are discarded by the kernel.
+    let mut control = rustix::net::RecvAncillaryBuffer::default();
+    rustix::net::recvmsg(
+        fd,
+        &mut [std::io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        rustix::net::RecvFlags::DONTWAIT,
+    )
+    .map(|msg| msg.bytes)
+}
+
+/// Reads every queued wake-up (at most [`WAKEUPS_PER_DRAIN`]) without blocking.
+pub fn drain_wakeups(fd: BorrowedFd<'_>) -> Wakeups {
+    for _ in 0..WAKEUPS_PER_DRAIN {
+        match recv_wakeup(fd) {
+            Ok(0) => return Wakeups::Closed,
+            Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => return Wakeups::Drained,
+            Err(_) => return Wakeups::Closed,
+        }
+    }
+    Wakeups::Drained
+}
+
+/// Checks that a wake-up fd from the broker is one the worker can read without blocking (a
+/// socket): anything else would be reported readable by epoll forever.
+pub fn check_wakeup_fd(fd: BorrowedFd<'_>) -> Result<(), RingError> {
+    match recv_wakeup(fd) {
+        Ok(n) if n > 0 => Ok(()),
+        Err(rustix::io::Errno::AGAIN) => Ok(()),
+        _ => Err(RingError::WakeupFd),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,5 +496,88 @@ mod tests {
         let (tx, rx) = pair(16);
         rx.ring().set_backend_delay(480);
         assert_eq!(tx.ring().backend_delay(), 480);
+    }
+
+    /// Clears O_NONBLOCK on a worker's end, as a hostile worker would.
+    fn make_blocking(fd: BorrowedFd<'_>) {
+        let flags = rustix::fs::fcntl_getfl(fd).unwrap();
+        rustix::fs::fcntl_setfl(fd, flags - rustix::fs::OFlags::NONBLOCK).unwrap();
+    }
+
+    #[test]
+    fn waking_never_blocks_on_an_unread_blocking_end() {
+        let (sender, worker_end) = WakeSender::pair().unwrap();
+        make_blocking(worker_end.as_fd());
+        let started = std::time::Instant::now();
+        for _ in 0..10_000 {
+            sender.wake();
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Only a few wake-ups are ever queued: the broker's end has the smallest send buffer.
+        let mut queued = 0;
+        while recv_wakeup(worker_end.as_fd()).is_ok_and(|n| n > 0) {
+            queued += 1;
+        }
+        assert!((1..100).contains(&queued), "{queued} wake-ups queued");
+        // A drained end reads as such without blocking, although it is blocking.
+        assert_eq!(drain_wakeups(worker_end.as_fd()), Wakeups::Drained);
+        sender.wake();
+        assert_eq!(drain_wakeups(worker_end.as_fd()), Wakeups::Drained);
+        assert_eq!(
+            recv_wakeup(worker_end.as_fd()),
+            Err(rustix::io::Errno::AGAIN)
+        );
+    }
+
+    #[test]
+    fn the_worker_cannot_queue_data_towards_the_broker() {
+        let (_sender, worker_end) = WakeSender::pair().unwrap();
+        let sent = rustix::net::send(
+            &worker_end,
+            &[0; 64],
+            rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+        );
+        assert_eq!(sent, Err(rustix::io::Errno::PIPE));
+    }
+
+    #[test]
+    fn waking_a_gone_or_shut_worker_is_nothing_to_do() {
+        let (sender, worker_end) = WakeSender::pair().unwrap();
+        rustix::net::shutdown(&worker_end, rustix::net::Shutdown::Both).unwrap();
+        sender.wake();
+        drop(worker_end);
+        sender.wake();
+    }
+
+    #[test]
+    fn a_closed_broker_end_or_a_foreign_fd_is_reported() {
+        let (sender, worker_end) = WakeSender::pair().unwrap();
+        assert!(check_wakeup_fd(worker_end.as_fd()).is_ok());
+        sender.wake();
+        drop(sender);
+        // The pending wake-up first, then the end of the socket.
+        assert_eq!(drain_wakeups(worker_end.as_fd()), Wakeups::Closed);
+        assert!(check_wakeup_fd(worker_end.as_fd()).is_err());
+        // An eventfd (what the broker used to send) or a pipe is refused.
+        let eventfd = rustix::event::eventfd(0, rustix::event::EventfdFlags::empty()).unwrap();
+        assert!(matches!(
+            check_wakeup_fd(eventfd.as_fd()),
+            Err(RingError::WakeupFd)
+        ));
+        let (read_end, _write_end) = rustix::pipe::pipe().unwrap();
+        assert!(check_wakeup_fd(read_end.as_fd()).is_err());
+        assert_eq!(drain_wakeups(read_end.as_fd()), Wakeups::Closed);
+    }
+
+    #[test]
+    fn a_flooding_broker_cannot_keep_the_worker_reading() {
+        let (sender, worker_end) = WakeSender::pair().unwrap();
+        // A hostile broker with a large buffer: more wake-ups than one drain reads.
+        rustix::net::sockopt::set_socket_send_buffer_size(&sender.fd, 1 << 20).unwrap();
+        for _ in 0..(2 * WAKEUPS_PER_DRAIN) {
+            sender.wake();
+        }
+        assert_eq!(drain_wakeups(worker_end.as_fd()), Wakeups::Drained);
+        assert!(recv_wakeup(worker_end.as_fd()).is_ok_and(|n| n == 1));
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! It runs one epoll thread (vhost-user-backend's) that serves the four virtqueues plus one
 //! nested epoll of its own holding the broker channel, two timers and each stream's wake-up
-//! eventfd. Guest input never makes it return an error (that would stop the thread): bad
-//! requests get the spec's status, bad chains are completed empty and logged.
+//! socket (read only with MSG_DONTWAIT, so a broker cannot block this thread through it). Guest
+//! input never makes it return an error (that would stop the thread): bad requests get the
+//! spec's status, bad chains are completed empty and logged.
 //!
 //! Playback pacing: a tx buffer is copied into the stream's ring only when the ring has room
 //! (it holds a few periods), and completed only once the broker has consumed its last byte at
@@ -42,7 +43,7 @@ use crate::ipc::{BrokerMsg, WorkerMsg};
 use crate::local_clock::{LocalClock, WakeTimer};
 use crate::protocol::{self as p, Status};
 use crate::ratelimit::{guest_log, LogLimiter};
-use crate::ring::{Consumer, Producer, SharedRing};
+use crate::ring::{check_wakeup_fd, drain_wakeups, Consumer, Producer, SharedRing, Wakeups};
 use log::Level;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -116,7 +117,8 @@ enum RingEnd {
 
 /// How a prepared stream's frames move.
 enum Transport {
-    /// Through the broker's ring; it signals `notify` whenever it moved the ring.
+    /// Through the broker's ring; it signals `notify` (our end of a socketpair) whenever it
+    /// moved the ring.
     Ring { end: RingEnd, notify: OwnedFd },
     /// The broker is away: the worker's own clock paces the stream (playback dropped, capture
     /// silent) until a broker takes it back.
@@ -636,6 +638,7 @@ fn open_ring(
     let (Some(notify), Some(ring_fd)) = (fds.pop(), fds.pop()) else {
         return Err(link.down(&"Prepared without its fds"));
     };
+    check_wakeup_fd(notify.as_fd()).map_err(|e| link.down(&e))?;
     // The ring must hold at least one period, and stay within our own limit.
     if capacity < u64::from(params.period_bytes) {
         return Err(link.down(&"ring smaller than a period"));
@@ -780,7 +783,7 @@ pub struct SoundDevice {
     streams: Vec<StreamIo>,
     link: BrokerLink,
     /// Holds the broker channel, the link's reconnection timer, the local clock's timer and
-    /// every stream's wake-up eventfd.
+    /// every stream's wake-up socket.
     epoll: Epoll,
     /// Fires when the local clock completes a buffer of a stream the broker does not hold.
     local_timer: WakeTimer,
@@ -1197,8 +1200,12 @@ impl SoundDevice {
                         .get(stream_id as usize)
                         .and_then(|io| io.transport.as_ref())
                     {
-                        let mut counter = [0u8; 8];
-                        let _ = rustix::io::read(notify, &mut counter);
+                        // A closed end stays readable: stop watching it (a broker that went
+                        // away is the link's to notice).
+                        if drain_wakeups(notify.as_fd()) == Wakeups::Closed {
+                            log::debug!("stream {stream_id}: the broker closed its wake-ups");
+                            let _ = self.epoll.delete(notify);
+                        }
                     }
                     self.pump(stream_id, mem, done);
                 }

@@ -2,17 +2,17 @@
 //!
 //! A backend opens a [`BackendStream`] at every PREPARE and is handed the broker's end of the
 //! stream's ring ([`RingPort`]). Whatever clock drives the backend moves frames through the ring
-//! and signals the worker's eventfd. `null` and `wav` are driven by the broker's own timer
-//! ([`clocked`]); real audio backends are driven by their device's clock.
+//! and wakes the worker (a [`WakeSender`], which never blocks). `null` and `wav` are driven by
+//! the broker's own timer ([`clocked`]); real audio backends are driven by their device's clock.
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 
 use std::sync::Arc;
 
 use crate::config::{BackendKind, Config, StreamConfig};
 use crate::control::{PcmCaps, PcmParams};
-use crate::ring::{Consumer, Producer, RingError, SharedRing};
+use crate::ring::{Consumer, Producer, RingError, SharedRing, WakeSender};
 
 pub mod alsa;
 pub mod clocked;
@@ -55,20 +55,21 @@ impl StreamRing {
     }
 }
 
-/// Everything a backend stream needs to move frames: the ring and the worker's eventfd.
+/// Everything a backend stream needs to move frames: the ring and the worker's wake-up.
 pub struct RingPort {
     pub ring: StreamRing,
-    notify: OwnedFd,
+    notify: WakeSender,
 }
 
 impl RingPort {
-    pub fn new(ring: StreamRing, notify: OwnedFd) -> RingPort {
+    pub fn new(ring: StreamRing, notify: WakeSender) -> RingPort {
         RingPort { ring, notify }
     }
 
-    /// Tells the worker the ring moved (non-blocking; safe on a real-time thread).
+    /// Tells the worker the ring moved: never blocks whatever the worker did to its end, and
+    /// makes no allocation, so it is safe on a real-time thread.
     pub fn notify_worker(&self) {
-        let _ = rustix::io::write(&self.notify, &1u64.to_ne_bytes());
+        self.notify.wake();
     }
 }
 
