@@ -14,7 +14,8 @@ use std::time::Duration;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::net::{
     self, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, Shutdown, SocketAddrUnix, SocketFlags,
+    SocketType,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -219,6 +220,35 @@ impl Channel {
         Ok(())
     }
 
+    /// The uid of the process that connected (or created the pair), as the kernel recorded it
+    /// then (SO_PEERCRED): the peer cannot choose or change it.
+    pub fn peer_uid(&self) -> io::Result<u32> {
+        Ok(net::sockopt::socket_peercred(&self.fd)?.uid.as_raw())
+    }
+
+    /// Bytes this end sent that the peer has not read yet (SIOCOUTQ, which AF_UNIX answers
+    /// with the kernel buffers of every unread packet, fds and all); 0 once the peer read
+    /// everything or closed its end.
+    pub fn unread_by_peer(&self) -> io::Result<usize> {
+        const SIOCOUTQ: rustix::ioctl::Opcode = nix::libc::TIOCOUTQ as rustix::ioctl::Opcode;
+        // SAFETY: SIOCOUTQ (the same number as TIOCOUTQ) on a socket writes one C int, the
+        // type the getter provides; the fd is a socket this Channel owns.
+        let unread = unsafe {
+            rustix::ioctl::ioctl(
+                &self.fd,
+                rustix::ioctl::Getter::<SIOCOUTQ, std::ffi::c_int>::new(),
+            )
+        }?;
+        Ok(usize::try_from(unread).unwrap_or(0))
+    }
+
+    /// Hangs up both directions at once, even if another process holds a duplicate: the peer
+    /// reads end-of-file and can send nothing more.
+    pub fn shutdown(&self) -> io::Result<()> {
+        net::shutdown(&self.fd, Shutdown::Both)?;
+        Ok(())
+    }
+
     /// Waits until a packet is readable, up to `timeout` (forever if `None`).
     pub fn wait_readable(&self, timeout: Option<Duration>) -> Result<(), IpcError> {
         let timeout = timeout.map(|t| Timespec {
@@ -406,6 +436,28 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(b.recv::<WorkerMsg>(), Err(IpcError::Truncated)));
+    }
+
+    #[test]
+    fn unread_bytes_and_peer_uid() {
+        let (a, b) = Channel::pair().unwrap();
+        assert_eq!(a.peer_uid().unwrap(), rustix::process::getuid().as_raw());
+        assert_eq!(a.unread_by_peer().unwrap(), 0);
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let msg = BrokerMsg::Prepared {
+            stream_id: 0,
+            ring_capacity: 64,
+        };
+        a.send(&msg, &[file.as_fd(), file.as_fd()]).unwrap();
+        assert!(a.unread_by_peer().unwrap() > 0);
+        let _ = b.recv::<BrokerMsg>().unwrap();
+        assert_eq!(a.unread_by_peer().unwrap(), 0);
+        // Unread packets stay charged to the sender after its shutdown, until the peer closes.
+        a.send(&msg, &[file.as_fd(), file.as_fd()]).unwrap();
+        a.shutdown().unwrap();
+        assert!(a.unread_by_peer().unwrap() > 0);
+        drop(b);
+        assert_eq!(a.unread_by_peer().unwrap(), 0);
     }
 
     #[test]

@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod frontend;
+pub mod hostile;
 pub mod pipewire;
 pub mod vsound;
