@@ -428,6 +428,16 @@ fn a_node_never_linked_plays_into_silence_on_time_and_says_why() {
     );
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+
+    // Capture the same way: silence, at the real-time pace.
+    let params = short_periods(1);
+    prepare(&mut rig.vm, &params);
+    let (started, done) = record(&mut rig.vm, &params, 100);
+    let first = assert_paced(started, &done, &params, Duration::ZERO);
+    println!("capture: START to the first completion: {first:?}");
+    assert!(done.iter().all(|c| c.data.iter().all(|&b| b == 0)));
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
 }
 
 #[test]
