@@ -576,8 +576,13 @@ impl Broker {
             .map_err(|s| format!("invalid params ({s:?})"))?;
         // Re-preparing replaces the old transport.
         self.free_stream(id, stream_id);
-        let capacity =
-            u64::from(params.period_bytes) * u64::from(self.config.limits.lookahead_periods.max(2));
+        let backend = self
+            .backends
+            .get(stream_id as usize)
+            .ok_or("no such stream")?;
+        let capacity = (u64::from(params.period_bytes)
+            * u64::from(self.config.limits.lookahead_periods.max(2)))
+        .max(backend.ring_bytes(&params));
         let (ring, ring_fd) = SharedRing::create(capacity).map_err(|e| e.to_string())?;
         // Not an fd shared with the worker (an eventfd dup's flags and counter would be the
         // worker's to set): each side has its own end.

@@ -1,13 +1,17 @@
 //! The PipeWire backend against a real, private, headless PipeWire daemon: what the guest plays
 //! arrives at the sink sample for sample; what plays into the sink arrives in the guest's rx
-//! buffers; node properties come from the config.
+//! buffers; node properties come from the config. A node PipeWire does not schedule (never
+//! linked, unlinked mid-stream) plays into silence at the real-time pace and plays again once
+//! linked; a ring is sized from a pinned graph quantum, not only from the guest's period.
 
 mod common;
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::frontend::{FrontendOptions, GuestVm};
-use common::pipewire::{assert_arrived_intact, assert_carries_signal, PipeWire, SINK};
+use common::pipewire::{assert_arrived_intact, assert_carries_signal, find, PipeWire, SINK};
 use common::vsound::*;
 use vsound::protocol as p;
 
@@ -206,6 +210,339 @@ fn daemon_loss_goes_silent_without_a_hang_and_streams_come_back() {
     std::thread::sleep(Duration::from_millis(300));
     drop(recorder);
     let recorded = std::fs::read(&recording).unwrap();
+    assert_arrived_intact(&recorded, &data);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+}
+
+/// A rig whose broker logs (at info) to `log`, so that a test can read why it did what.
+struct LoggedRig {
+    pw: PipeWire,
+    _broker: Proc,
+    _worker: Proc,
+    vm: GuestVm,
+    log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl LoggedRig {
+    fn start(dir: tempfile::TempDir, pw: PipeWire) -> LoggedRig {
+        let config = dir.path().join("vsound.toml");
+        std::fs::write(&config, CONFIG).unwrap();
+        let socket = dir.path().join("broker.sock");
+        let log = dir.path().join("broker.log");
+        let mut broker = Proc {
+            child: Command::new(env!("CARGO_BIN_EXE_vsound-broker"))
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "info")
+                .env_remove("XDG_RUNTIME_DIR")
+                .env_remove("PIPEWIRE_RUNTIME_DIR")
+                .envs(pw.env())
+                .stdin(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("start broker"),
+        };
+        wait_for_path(&socket, &mut broker);
+        // As root the workers run as `nobody` (see spawn_broker_with_env).
+        if nix::unistd::Uid::effective().is_root() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |m| std::fs::Permissions::from_mode(m);
+            std::fs::set_permissions(dir.path(), mode(0o711)).unwrap();
+            std::fs::set_permissions(&socket, mode(0o666)).unwrap();
+        }
+        let (worker, vm_socket) = spawn_worker(dir.path(), "vm", &socket, Some(&config));
+        let vm = GuestVm::connect(&vm_socket, FrontendOptions::default()).unwrap();
+        LoggedRig {
+            pw,
+            _broker: broker,
+            _worker: worker,
+            vm,
+            log,
+            dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Prints the PipeWire backend's log lines (the figures a run reports).
+    fn print_backend_log(&self) {
+        for line in self.log().lines().filter(|l| l.contains("pipewire:")) {
+            println!("broker: {line}");
+        }
+    }
+}
+
+/// How long a test waits for one completion: far beyond any pace, far below `WAIT`, so that a
+/// stream that hangs fails quickly.
+const HANG: Duration = Duration::from_secs(3);
+
+/// Like `play`, but calls `at_completion(n, rig)` after the n-th completion (from 1).
+fn play_with(
+    rig: &mut LoggedRig,
+    params: &Params,
+    data: &[u8],
+    mut at_completion: impl FnMut(usize, &mut LoggedRig),
+) -> (Instant, Vec<Completion>) {
+    let mut chunks = data.chunks(params.period_bytes as usize);
+    let mut in_flight = 0;
+    for chunk in chunks.by_ref().take(params.periods as usize) {
+        tx_submit(&mut rig.vm, params.stream, chunk);
+        in_flight += 1;
+    }
+    let started = Instant::now();
+    assert_eq!(
+        control(&mut rig.vm, &pcm(p::R_PCM_START, params.stream)),
+        0x8000,
+        "START"
+    );
+    let mut done = Vec::new();
+    while in_flight > 0 {
+        let Some(used) = rig.vm.wait_used(p::TX_QUEUE, HANG) else {
+            panic!(
+                "no tx completion for {HANG:?} after {} of {} (the guest's aplay would fail \
+                 with EIO); broker log:\n{}",
+                done.len(),
+                data.len() / params.period_bytes as usize,
+                rig.log()
+            );
+        };
+        done.push(split_status(&used, 0));
+        in_flight -= 1;
+        at_completion(done.len(), rig);
+        if let Some(chunk) = chunks.next() {
+            tx_submit(&mut rig.vm, params.stream, chunk);
+            in_flight += 1;
+        }
+    }
+    (started, done)
+}
+
+/// Asserts what a guest needs from a stream's completions: all OK, none before the frames it
+/// carries were due at the real-time pace from START (less `lead`: PipeWire takes a quantum
+/// into its buffer at the start of the cycle that plays it), no gap a guest's ALSA would give
+/// up on (100 ms), and the whole at about the audio's duration. Returns the first completion's
+/// delay.
+fn assert_paced(
+    started: Instant,
+    done: &[Completion],
+    params: &Params,
+    lead: Duration,
+) -> Duration {
+    assert!(
+        done.iter().all(|c| c.status == 0x8000),
+        "a completion not OK"
+    );
+    for (k, c) in done.iter().enumerate() {
+        let due = (params.period() * (k as u32 + 1)).saturating_sub(lead);
+        // The test's START instant precedes the broker's: a completion at its due time is
+        // never before it here.
+        assert!(
+            c.at - started >= due,
+            "completion {k} at {:?}, before its frames were due at {due:?}",
+            c.at - started
+        );
+    }
+    let mut last = started;
+    for (k, c) in done.iter().enumerate() {
+        assert!(
+            c.at - last < Duration::from_millis(100),
+            "no completion for {:?} before completion {k}",
+            c.at - last
+        );
+        last = c.at;
+    }
+    let audio = params.period() * done.len() as u32;
+    let took = done.last().unwrap().at - started;
+    println!(
+        "{} periods of {:?} completed in {took:?}",
+        done.len(),
+        params.period()
+    );
+    assert!(
+        took >= audio && took < audio + Duration::from_millis(250),
+        "{audio:?} of audio completed in {took:?}"
+    );
+    done[0].at - started
+}
+
+/// The underruns the sink heard while it played `data` (S16 stereo, non-zero everywhere): runs
+/// of at least 16 silent frames between its first and its last frames in `recorded`.
+fn silent_gaps(recorded: &[u8], data: &[u8]) -> Option<usize> {
+    let skip = 480 * 4 * 10;
+    let start = find(recorded, &data[skip..skip + 256], 4)?;
+    let end = find(&recorded[start..], &data[data.len() - 256..], 4)? + start;
+    let mut gaps = 0;
+    let mut silent = 0;
+    for frame in recorded[start..end].chunks(4) {
+        if frame.iter().all(|&b| b == 0) {
+            silent += 1;
+            if silent == 16 {
+                gaps += 1;
+            }
+        } else {
+            silent = 0;
+        }
+    }
+    Some(gaps)
+}
+
+/// 264-frame periods (5.5 ms at 48 kHz stereo S16), four of them: a 22 ms guest buffer.
+fn short_periods(stream: u32) -> Params {
+    Params {
+        period_bytes: 264 * 4,
+        periods: 4,
+        ..Params::s16_48k(stream)
+    }
+}
+
+#[test]
+fn a_node_never_linked_plays_into_silence_on_time_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start_without_session_manager(dir.path());
+    let mut rig = LoggedRig::start(dir, pw);
+    let params = short_periods(0);
+    prepare(&mut rig.vm, &params);
+    let data = pattern(params.period_bytes as usize * 100, 21);
+    let (started, done) = play_with(&mut rig, &params, &data, |_, _| {});
+    assert_eq!(done.len(), 100);
+    // Only the silence clock consumes here: nothing may come before it is due.
+    let first = assert_paced(started, &done, &params, Duration::ZERO);
+    println!("START to the first completion (the silence clock took over): {first:?}");
+    // A guest's whole buffer never passes without a completion (plus the loaded machine's
+    // scheduling slack).
+    assert!(
+        first < params.period() * params.periods + Duration::from_millis(20),
+        "first completion after {first:?}"
+    );
+    rig.print_backend_log();
+    let log = rig.log();
+    assert!(
+        log.contains("not scheduled") && log.contains("PipeWire says"),
+        "the broker does not say why the stream plays silence:\n{log}"
+    );
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+
+    // Capture the same way: silence, at the real-time pace.
+    let params = short_periods(1);
+    prepare(&mut rig.vm, &params);
+    let (started, done) = record(&mut rig.vm, &params, 100);
+    let first = assert_paced(started, &done, &params, Duration::ZERO);
+    println!("capture: START to the first completion: {first:?}");
+    assert!(done.iter().all(|c| c.data.iter().all(|&b| b == 0)));
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
+}
+
+#[test]
+fn a_node_unlinked_mid_stream_keeps_pace_and_plays_again_once_relinked() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start(dir.path());
+    let mut rig = LoggedRig::start(dir, pw);
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    let recording = rig.dir.path().join("sink.raw");
+    let recorder = rig.pw.record_sink(&recording);
+    std::thread::sleep(Duration::from_millis(500));
+    let periods = 250;
+    let data = known_signal(params.period_bytes as usize * periods, 22);
+    let mut relinked_at = None;
+    let mut resumed_after = None;
+    let (started, done) = play_with(&mut rig, &params, &data, |n, rig| match n {
+        40 => {
+            let node = "vsound-test-media";
+            assert!(
+                !rig.pw.links_of(node).is_empty(),
+                "the node was not linked:\n{}",
+                rig.pw.link_list()
+            );
+            // WirePlumber's links go with it, and nothing relinks the node.
+            rig.pw.stop_session_manager();
+            rig.pw.unlink_node(node);
+        }
+        100 => {
+            rig.pw.start_session_manager();
+            relinked_at = Some(Instant::now());
+        }
+        _ if n > 100 && resumed_after.is_none() && rig.log().contains("scheduled again") => {
+            resumed_after = relinked_at.map(|t| t.elapsed());
+        }
+        _ => {}
+    });
+    assert_eq!(done.len(), periods);
+    // The graph's quantum is the guest's period here.
+    assert_paced(started, &done, &params, params.period());
+    println!("relink (session manager started) to resumed: {resumed_after:?}");
+    assert!(
+        resumed_after.is_some(),
+        "the stream never resumed:\n{}",
+        rig.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    let recorded = std::fs::read(&recording).unwrap();
+    // The last 0.5 s were played after the relink: they reached the sink sample for sample.
+    assert_arrived_intact(
+        &recorded,
+        &data[data.len() - 50 * params.period_bytes as usize..],
+    );
+    rig.print_backend_log();
+    let log = rig.log();
+    assert!(log.contains("not scheduled"), "{log}");
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+}
+
+#[test]
+fn a_ring_is_sized_from_a_pinned_quantum_not_only_from_the_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start(dir.path());
+    pw.set_setting("clock.force-quantum", "1024");
+    let mut rig = LoggedRig::start(dir, pw);
+    const EVENT_BUFFERS: usize = 32;
+    for _ in 0..EVENT_BUFFERS {
+        rig.vm.submit_no_kick(p::EVENT_QUEUE, &[], &[8]);
+    }
+    rig.vm.kick(p::EVENT_QUEUE);
+    // A 44 ms guest buffer: room for a 1024-frame quantum and a period more.
+    let params = Params {
+        periods: 8,
+        features: 1 << p::PCM_F_EVT_XRUNS,
+        ..short_periods(0)
+    };
+    prepare(&mut rig.vm, &params);
+    let recording = rig.dir.path().join("sink.raw");
+    let recorder = rig.pw.record_sink(&recording);
+    std::thread::sleep(Duration::from_millis(500));
+    let periods = 400;
+    let data = known_signal(params.period_bytes as usize * periods, 23);
+    let (started, done) = play_with(&mut rig, &params, &data, |_, _| {});
+    assert_eq!(done.len(), periods);
+    let took = done.last().unwrap().at - started;
+    let audio = params.period() * periods as u32;
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    let mut xruns = 0;
+    while let Some(event) = rig.vm.try_used(p::EVENT_QUEUE) {
+        let code = u32::from_le_bytes(event.written[..4].try_into().unwrap());
+        xruns += usize::from(code == p::EVT_PCM_XRUN);
+    }
+    rig.print_backend_log();
+    let recorded = std::fs::read(&recording).unwrap();
+    let gaps = silent_gaps(&recorded, &data);
+    println!(
+        "pinned quantum 1024, 264-frame periods: {audio:?} of audio in {took:?}, {xruns} xrun \
+         events, {gaps:?} silent gaps at the sink"
+    );
+    assert!(took < audio * 21 / 20, "{audio:?} of audio took {took:?}");
+    assert!(xruns <= 2, "{xruns} xrun events");
+    assert_eq!(gaps, Some(0), "underruns at the sink");
     assert_arrived_intact(&recorded, &data);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);

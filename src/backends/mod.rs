@@ -106,6 +106,12 @@ pub trait Backend: Send {
     fn name(&self) -> &'static str;
     /// Narrows the config's offer to what this backend really accepts.
     fn caps(&self, offered: &PcmCaps) -> PcmCaps;
+    /// The smallest ring a stream of `params` needs, in bytes, beyond the broker's own
+    /// lookahead (a backend whose device takes more than a few periods at once says so).
+    fn ring_bytes(&self, params: &PcmParams) -> u64 {
+        let _ = params;
+        0
+    }
     fn open(
         &self,
         spec: &StreamSpec,

@@ -17,9 +17,22 @@
 //! it leaves the broker's table at once and is destroyed the same way, so a new stream of the
 //! same slot can open meanwhile. The broker's answers never wait for this.
 //!
-//! If the daemon goes away, the thread drops the dead streams, keeps each running virtio
-//! stream on a silence clock at its real-time pace (so the guest hears silence but never
-//! hangs), tries to reconnect once a second, and recreates the streams when the daemon is back.
+//! A running stream whose node PipeWire does not schedule (not linked yet, no session manager,
+//! unlinked, target gone, the daemon away) would never complete a guest buffer, and the guest's
+//! ALSA gives up with EIO once no period completes for 100 ms. So a watchdog on the PipeWire
+//! thread watches each running stream's cycle counter (atomics the callback bumps) and, once
+//! no cycle ran for [`stall_limit`] (from START or the last cycle), logs why (the stream's state
+//! as PipeWire reports it), reports an xrun and plays the stream into silence at its real-time
+//! pace; the first cycle PipeWire runs again takes over. The silence continues the stream's own
+//! clock from the last cycle (or START), so no frame is consumed twice or before it is due.
+//!
+//! If the daemon goes away, the thread drops the dead streams (the watchdog keeps them in
+//! silence), tries to reconnect once a second, and recreates the streams when it is back.
+//!
+//! Rings are sized for the graph's quantum, which the host may pin above the guest's period
+//! (`clock.force-quantum`, `clock.min-quantum` in the daemon's `settings` metadata, which the
+//! thread follows): a cycle takes a whole quantum at once, so the ring holds a quantum and a
+//! period more.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -40,6 +53,7 @@ use super::{
 };
 use crate::control::{PcmCaps, PcmParams};
 use crate::protocol::{chmap, format, D_OUTPUT};
+use crate::ratelimit::LogLimiter;
 use crate::ring::RingError;
 
 /// How long the broker waits for the PipeWire thread to create a stream.
@@ -163,6 +177,14 @@ const TAIL_POLL: Duration = Duration::from_millis(5);
 /// State shared between the broker's handle and the real-time callback.
 struct Shared {
     running: AtomicBool,
+    /// When the stream last STARTed (monotonic ns).
+    started_ns: AtomicU64,
+    /// Cycles PipeWire ran the stream's callback while it was running, and when the last one
+    /// ran (monotonic ns; 0: none since START): the watchdog's evidence of scheduling.
+    cycles: AtomicU64,
+    last_cycle_ns: AtomicU64,
+    /// The most frames PipeWire asked for in one cycle (the quantum it really runs).
+    largest_request: AtomicU64,
     /// Buffers of silence the callback has handed PipeWire since it last played frames.
     silent_quanta: AtomicU64,
     xruns: AtomicU64,
@@ -177,6 +199,32 @@ impl Shared {
     }
 }
 
+/// Monotonic nanoseconds: libc's clock_gettime (the vDSO: no syscall, no lock, so safe on the
+/// real-time thread; rustix's would read the auxv with a prctl the sandbox forbids).
+fn monotonic_ns() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|now| {
+            (now.tv_sec() as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(now.tv_nsec() as u64)
+        })
+        .unwrap_or(0)
+}
+
+/// A running stream's own clock: the frames its cycles and the silence have accounted for
+/// since START, and where the silence would continue from.
+#[derive(Debug, Default, Clone, Copy)]
+struct StreamClock {
+    /// The START this clock counts from (`Shared::started_ns`).
+    start_ns: u64,
+    frames: u64,
+    /// The last cycle's time and the frames before it: that cycle covered the frames up to
+    /// `frames`, so silence continues at the real-time pace from `anchor_frames` at `anchor_ns`.
+    anchor_ns: u64,
+    anchor_frames: u64,
+}
+
 /// Everything the real-time callback touches.
 struct RtState {
     port: RingPort,
@@ -184,9 +232,54 @@ struct RtState {
     frame_bytes: usize,
     rate: u32,
     xrun: XrunEdge,
+    clock: StreamClock,
 }
 
 impl RtState {
+    /// Restarts the clock if the stream STARTed since it last ran.
+    fn sync_start(&mut self) {
+        let started = self.shared.started_ns.load(Ordering::Acquire);
+        if started != self.clock.start_ns {
+            self.clock = StreamClock {
+                start_ns: started,
+                frames: 0,
+                anchor_ns: started,
+                anchor_frames: 0,
+            };
+        }
+    }
+
+    /// A cycle of PipeWire's that accounts for `frames` of the stream.
+    fn count_cycle(&mut self, frames: u64) {
+        self.sync_start();
+        let now = monotonic_ns();
+        self.clock.anchor_ns = now;
+        self.clock.anchor_frames = self.clock.frames;
+        self.clock.frames = self.clock.frames.saturating_add(frames);
+        self.shared.last_cycle_ns.store(now, Ordering::Release);
+        self.shared.cycles.fetch_add(1, Ordering::AcqRel);
+        self.shared
+            .largest_request
+            .fetch_max(frames, Ordering::AcqRel);
+    }
+
+    /// The silence clock, for while PipeWire runs no cycle: moves the frames due at the
+    /// real-time pace since the last cycle (or START) that no cycle has accounted for.
+    fn silence_tick(&mut self, now_ns: u64) {
+        self.sync_start();
+        let elapsed = u128::from(now_ns.saturating_sub(self.clock.anchor_ns));
+        let due = elapsed * u128::from(self.rate) / 1_000_000_000;
+        let due = self
+            .clock
+            .anchor_frames
+            .saturating_add(u64::try_from(due).unwrap_or(u64::MAX));
+        if due > self.clock.frames {
+            let frames = due - self.clock.frames;
+            self.clock.frames = due;
+            self.move_silence(frames);
+        }
+    }
+
     fn violated(&mut self, e: RingError) {
         if !self.shared.violation.swap(true, Ordering::AcqRel) {
             self.shared.signal();
@@ -288,6 +381,7 @@ impl RtState {
         if !running {
             self.shared.silent_quanta.fetch_add(1, Ordering::AcqRel);
         } else {
+            self.count_cycle(frames as u64);
             self.shared.silent_quanta.store(0, Ordering::Release);
             self.xrun_edge(filled < frames * stride);
             self.publish_delay(stream);
@@ -328,6 +422,7 @@ impl RtState {
             }
         }
         drop(buffer);
+        self.count_cycle((size / stride) as u64);
         self.xrun_edge(short);
         self.publish_delay(stream);
         self.port.notify_worker();
@@ -353,6 +448,8 @@ struct OpenRequest {
     key: u64,
     props: NodeProps,
     spec: StreamSpec,
+    /// The graph quantum the stream was prepared for, in its frames.
+    quantum_frames: u64,
     rt: RtState,
     reply: mpsc::SyncSender<Result<(), String>>,
 }
@@ -361,6 +458,7 @@ struct OpenRequest {
 pub struct PipewireThread {
     sender: pw::channel::Sender<Command>,
     connected: Arc<AtomicBool>,
+    settings: Arc<GraphSettings>,
     next_key: AtomicU64,
 }
 
@@ -370,11 +468,13 @@ impl PipewireThread {
     pub fn start() -> Result<Arc<PipewireThread>, String> {
         let (sender, receiver) = pw::channel::channel::<Command>();
         let connected = Arc::new(AtomicBool::new(false));
+        let settings = Arc::new(GraphSettings::default());
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let flag = connected.clone();
+        let graph = settings.clone();
         std::thread::Builder::new()
             .name("pipewire".into())
-            .spawn(move || run_loop(receiver, flag, ready_tx))
+            .spawn(move || run_loop(receiver, flag, graph, ready_tx))
             .map_err(|e| format!("cannot start the PipeWire thread: {e}"))?;
         ready_rx
             .recv_timeout(OPEN_TIMEOUT)
@@ -382,6 +482,7 @@ impl PipewireThread {
         Ok(Arc::new(PipewireThread {
             sender,
             connected,
+            settings,
             next_key: AtomicU64::new(1),
         }))
     }
@@ -397,10 +498,97 @@ impl PipewireThread {
     }
 }
 
-/// How often, while PipeWire is away, the silence clock moves frames.
-const SILENCE_TICK: Duration = Duration::from_millis(10);
-/// How often, while PipeWire is away, the thread tries to reconnect (in silence ticks).
+/// How often, while PipeWire is away, the supervisor looks at the connection.
+const SUPERVISOR_TICK: Duration = Duration::from_millis(10);
+/// How often, while PipeWire is away, the thread tries to reconnect (in supervisor ticks).
 const RECONNECT_TICKS: u32 = 100;
+/// How often, while a stream runs, the watchdog looks at its progress (and, while PipeWire
+/// runs none of its cycles, moves its silence).
+const WATCH_TICK: Duration = Duration::from_millis(5);
+
+/// How long a running stream may go without a cycle before it plays into silence. At least two
+/// periods, and a quantum and a period (a cycle takes a quantum at once, so cycles come a
+/// quantum apart): PipeWire merely late is left alone. At most the guest's buffer less a
+/// period, so that with the watchdog's tick a guest's whole buffer never passes without a
+/// completion (its ALSA fails the stream once no period completes for 100 ms).
+fn stall_limit(params: &PcmParams, quantum_frames: u64) -> Duration {
+    let period = u64::from(params.period_frames());
+    let buffer = u64::from(params.buffer_bytes / params.frame_bytes().max(1));
+    let wanted = (2 * period).max(quantum_frames + period);
+    let most = buffer.saturating_sub(period).max(period);
+    let frames = wanted.min(most);
+    Duration::from_nanos(frames * 1_000_000_000 / u64::from(params.rate_hz().max(1)))
+}
+
+/// The graph clock's settings, from the daemon's `settings` metadata (0: not set or unknown).
+#[derive(Default)]
+struct GraphSettings {
+    rate: AtomicU64,
+    min_quantum: AtomicU64,
+    max_quantum: AtomicU64,
+    force_quantum: AtomicU64,
+}
+
+impl GraphSettings {
+    fn update(&self, key: Option<&str>, value: Option<&str>) {
+        let number = value
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let slot = match key {
+            Some("clock.rate") => &self.rate,
+            Some("clock.min-quantum") => &self.min_quantum,
+            Some("clock.max-quantum") => &self.max_quantum,
+            Some("clock.force-quantum") => &self.force_quantum,
+            None => {
+                for slot in [
+                    &self.rate,
+                    &self.min_quantum,
+                    &self.max_quantum,
+                    &self.force_quantum,
+                ] {
+                    slot.store(0, Ordering::Release);
+                }
+                return;
+            }
+            _ => return,
+        };
+        slot.store(number, Ordering::Release);
+        log::debug!("pipewire: graph setting {key:?} = {value:?}");
+    }
+
+    /// The quantum the graph will run a stream of these params at, in the stream's frames:
+    /// the pinned quantum if there is one, else the period it asks for (node.latency) within
+    /// the graph's limits.
+    fn quantum_frames(&self, params: &PcmParams) -> u64 {
+        let rate = u64::from(params.rate_hz().max(1));
+        let graph_rate = match self.rate.load(Ordering::Acquire) {
+            0 => rate,
+            r => r,
+        };
+        let asked = u64::from(params.period_frames()) * graph_rate / rate;
+        let forced = self.force_quantum.load(Ordering::Acquire);
+        let graph_frames = if forced > 0 {
+            forced
+        } else {
+            let min = self.min_quantum.load(Ordering::Acquire);
+            let max = match self.max_quantum.load(Ordering::Acquire) {
+                0 => u64::MAX,
+                m => m,
+            };
+            asked.max(min).min(max.max(min))
+        };
+        // In the stream's frames, rounded up.
+        (graph_frames * rate).div_ceil(graph_rate)
+    }
+}
+
+/// The ring a stream needs for a graph quantum of `quantum_frames`: a cycle takes a whole
+/// quantum at once while the worker refills in whole periods, so a quantum and a period, in
+/// whole periods.
+fn ring_bytes_for(params: &PcmParams, quantum_frames: u64) -> u64 {
+    let period = u64::from(params.period_frames().max(1));
+    (quantum_frames.div_ceil(period) + 1) * u64::from(params.period_bytes)
+}
 
 /// A virtio stream as the PipeWire thread keeps it: enough to recreate its PipeWire stream
 /// after the daemon comes back, and a silence clock for while it is away.
@@ -412,9 +600,24 @@ struct Entry {
     shared: Arc<Shared>,
     active: bool,
     live: Option<LiveStream>,
-    silence: SilenceClock,
     /// Since when a STOP waits for the tail before the stream goes inactive.
     stopping: Option<std::time::Instant>,
+    /// See [`stall_limit`].
+    stall_limit: Duration,
+    /// The ring's size in frames, to tell when PipeWire asks for more in one cycle.
+    ring_frames: u64,
+    quantum_warned: bool,
+    /// Set while the stream plays into silence because PipeWire runs none of its cycles.
+    fallback: Option<Fallback>,
+    /// The watchdog's lines: a guest cycling START on an unlinked node must not flood the log.
+    log_limit: LogLimiter,
+}
+
+/// A stream the watchdog keeps in silence.
+struct Fallback {
+    since: std::time::Instant,
+    /// `Shared::cycles` when it began: any cycle since means PipeWire runs the stream again.
+    cycles: u64,
 }
 
 impl Entry {
@@ -458,6 +661,8 @@ fn log_tail(key: u64, since: std::time::Instant, played: bool, what: &str) {
 struct LiveStream {
     stream: pw::stream::StreamRc,
     _listener: pw::stream::StreamListener<Arc<Mutex<RtState>>>,
+    /// The stream's state as PipeWire last reported it (the watchdog's reason).
+    state: Arc<Mutex<String>>,
 }
 
 /// The PipeWire thread's state: the connection (if any) and every open stream.
@@ -471,6 +676,58 @@ struct Session {
     /// with a borrow held around a PipeWire call); acted on from the supervisor timer.
     lost: Rc<std::cell::Cell<bool>>,
     ticks_since_attempt: u32,
+    /// The graph clock's settings the rings are sized for, followed while connected.
+    settings: Arc<GraphSettings>,
+    registry: Option<(pw::registry::RegistryRc, pw::registry::Listener)>,
+    settings_metadata: SettingsMetadata,
+}
+
+type SettingsMetadata =
+    Rc<RefCell<Option<(pw::metadata::Metadata, pw::metadata::MetadataListener)>>>;
+
+/// Follows the daemon's `settings` metadata (the graph clock's rate and quantum limits) into
+/// `settings`, binding it when the registry announces it.
+fn follow_settings(
+    core: &pw::core::CoreRc,
+    settings: &Arc<GraphSettings>,
+    bound: &SettingsMetadata,
+) -> Result<(pw::registry::RegistryRc, pw::registry::Listener), pw::Error> {
+    let registry = core.get_registry_rc()?;
+    let weak = registry.downgrade();
+    let settings = settings.clone();
+    let bound = bound.clone();
+    let listener = registry
+        .add_listener_local()
+        .global(move |global| {
+            let is_settings = global.type_ == pw::types::ObjectType::Metadata
+                && global
+                    .props
+                    .and_then(|p| p.get("metadata.name"))
+                    .is_some_and(|name| name == "settings");
+            let Some(registry) = weak.upgrade().filter(|_| is_settings) else {
+                return;
+            };
+            let metadata: pw::metadata::Metadata = match registry.bind(global) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::warn!("pipewire: cannot follow the graph's settings: {e}");
+                    return;
+                }
+            };
+            let settings = settings.clone();
+            let listener = metadata
+                .add_listener_local()
+                .property(move |subject, key, _type, value| {
+                    if subject == pw::core::PW_ID_CORE {
+                        settings.update(key, value);
+                    }
+                    0
+                })
+                .register();
+            *bound.borrow_mut() = Some((metadata, listener));
+        })
+        .register();
+    Ok((registry, listener))
 }
 
 impl Session {
@@ -496,11 +753,16 @@ impl Session {
                     let Some(timer) = timer.as_ref() else {
                         return;
                     };
-                    let _ = timer.update_timer(Some(Duration::from_nanos(1)), Some(SILENCE_TICK));
+                    let _ =
+                        timer.update_timer(Some(Duration::from_nanos(1)), Some(SUPERVISOR_TICK));
                 }
             })
             .register();
         let mut this = session.borrow_mut();
+        match follow_settings(&core, &this.settings, &this.settings_metadata) {
+            Ok(registry) => this.registry = Some(registry),
+            Err(e) => log::warn!("pipewire: cannot follow the graph's settings: {e}"),
+        }
         for (key, entry) in this.entries.iter_mut() {
             match open_stream(&core, &entry.props, &entry.spec, entry.rt.clone()) {
                 Ok(live) => {
@@ -511,7 +773,6 @@ impl Session {
                         let _ = live.stream.set_active(true);
                     }
                     entry.live = Some(live);
-                    entry.silence = SilenceClock::default();
                 }
                 Err(e) => log::warn!("pipewire: stream {key} not recreated: {e}"),
             }
@@ -536,40 +797,16 @@ impl Session {
                 rt.port.ring.shared().set_backend_delay(0);
             }
         }
+        *self.settings_metadata.borrow_mut() = None;
+        self.registry = None;
         self.core = None;
-    }
-}
-
-/// While PipeWire is away a running stream keeps its real-time pace in silence (playback
-/// frames are dropped, capture gets zeros), so the guest hears nothing but never hangs.
-#[derive(Default)]
-struct SilenceClock {
-    since: Option<std::time::Instant>,
-    frames: u64,
-}
-
-impl SilenceClock {
-    fn tick(&mut self, rt: &mut RtState) {
-        if !rt.shared.running.load(Ordering::Acquire) {
-            *self = SilenceClock::default();
-            return;
-        }
-        let now = std::time::Instant::now();
-        let since = *self.since.get_or_insert(now);
-        // Integer nanoseconds to frames from a fixed origin: no drift.
-        let due = (now - since).as_nanos() * u128::from(rt.rate) / 1_000_000_000;
-        let due = u64::try_from(due).unwrap_or(u64::MAX);
-        let frames = due - self.frames.min(due);
-        self.frames = due;
-        if frames > 0 {
-            rt.move_silence(frames);
-        }
     }
 }
 
 fn run_loop(
     receiver: pw::channel::Receiver<Command>,
     connected: Arc<AtomicBool>,
+    settings: Arc<GraphSettings>,
     ready: mpsc::SyncSender<Result<(), String>>,
 ) {
     pw::init();
@@ -588,7 +825,10 @@ fn run_loop(
     // This thread runs until the broker exits: its loop may live for 'static, so that the
     // supervisor timer can be shared with the callbacks that arm it.
     let mainloop: &'static pw::main_loop::MainLoopRc = Box::leak(Box::new(mainloop));
-    let session = Rc::new(RefCell::new(Session::default()));
+    let session = Rc::new(RefCell::new(Session {
+        settings,
+        ..Session::default()
+    }));
     let supervisor: Rc<RefCell<Option<pw::loop_::TimerSource<'static>>>> = Rc::default();
     if let Err(e) = Session::connect(&session, &context, &supervisor, &connected) {
         let _ = ready.send(Err(format!("cannot connect to PipeWire: {e}")));
@@ -622,6 +862,24 @@ fn run_loop(
             let _ = timer.update_timer(Some(TAIL_POLL), Some(TAIL_POLL));
         }
     };
+    let watch_timer: Rc<RefCell<Option<pw::loop_::TimerSource<'static>>>> = Rc::default();
+    let timer = {
+        let session = session.clone();
+        let watch_timer = watch_timer.clone();
+        mainloop.loop_().add_timer(move |_expirations| {
+            if watch(&mut session.borrow_mut()) {
+                if let Some(timer) = watch_timer.borrow().as_ref() {
+                    let _ = timer.update_timer(None, None);
+                }
+            }
+        })
+    };
+    *watch_timer.borrow_mut() = Some(timer);
+    let arm_watch = move || {
+        if let Some(timer) = watch_timer.borrow().as_ref() {
+            let _ = timer.update_timer(Some(WATCH_TICK), Some(WATCH_TICK));
+        }
+    };
     let table = session.clone();
     let _attached = receiver.attach(mainloop.loop_(), move |command| match command {
         Command::Open(request) => {
@@ -629,9 +887,11 @@ fn run_loop(
                 key,
                 props,
                 spec,
+                quantum_frames,
                 rt,
                 reply,
             } = *request;
+            let ring_frames = rt.port.ring.shared().capacity() / rt.frame_bytes.max(1) as u64;
             let shared = rt.shared.clone();
             let rt = Arc::new(Mutex::new(rt));
             let mut session = table.borrow_mut();
@@ -644,14 +904,18 @@ fn run_loop(
             let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
             if let Ok(live) = result {
                 let entry = Entry {
+                    stall_limit: stall_limit(&spec.params, quantum_frames),
                     props,
                     spec,
                     rt,
                     shared,
                     active: false,
                     live: Some(live),
-                    silence: SilenceClock::default(),
                     stopping: None,
+                    ring_frames,
+                    quantum_warned: false,
+                    fallback: None,
+                    log_limit: LogLimiter::new(4, Duration::from_secs(10)),
                 };
                 session.entries.insert(key, entry);
             }
@@ -661,11 +925,13 @@ fn run_loop(
                 // A stream still playing its tail is active already and just goes on.
                 entry.stopping = None;
                 entry.active = true;
+                entry.fallback = None;
                 if let Some(live) = &entry.live {
                     if let Err(e) = live.stream.set_active(true) {
                         log::warn!("pipewire: set_active(true): {e}");
                     }
                 }
+                arm_watch();
             }
         }
         Command::Stop { key } => {
@@ -731,6 +997,111 @@ fn run_loop(
     mainloop.run();
 }
 
+impl Entry {
+    /// Why PipeWire runs none of the stream's cycles, as far as it tells us.
+    fn unscheduled_reason(&self) -> String {
+        let Some(live) = &self.live else {
+            return "the daemon is away".into();
+        };
+        let state = live.state.lock().map(|s| s.clone()).unwrap_or_default();
+        let node = live.stream.node_id();
+        let hint = if state == "paused" {
+            ": the node is not linked to a running driver (no session manager, its target \
+             gone, unlinked, or the graph suspended)"
+        } else {
+            ""
+        };
+        format!("node {node} is {state}{hint}")
+    }
+
+    /// Warns once if PipeWire asks for more frames a cycle than the ring holds (a quantum
+    /// pinned after the stream was prepared): the stream then underruns every cycle.
+    fn check_quantum(&mut self, key: u64) {
+        let asked = self.shared.largest_request.load(Ordering::Acquire);
+        if !self.quantum_warned && asked > self.ring_frames {
+            self.quantum_warned = true;
+            log::warn!(
+                "pipewire: stream {key}: the graph asks for {asked} frames a cycle, more than \
+                 its ring's {} (prepared for a smaller quantum): it underruns until the guest \
+                 prepares it again",
+                self.ring_frames
+            );
+        }
+    }
+}
+
+/// The watchdog timer: runs while a stream runs. Puts a running stream PipeWire runs no cycle
+/// of into silence (see [`stall_limit`]), moves that silence, and hands the stream back once
+/// PipeWire runs it again. Returns whether no stream runs (then the timer disarms).
+fn watch(session: &mut Session) -> bool {
+    let now_ns = monotonic_ns();
+    let now = std::time::Instant::now();
+    let mut any_running = false;
+    for (&key, entry) in session.entries.iter_mut() {
+        let shared = entry.shared.clone();
+        if !shared.running.load(Ordering::Acquire) {
+            entry.fallback = None;
+            continue;
+        }
+        any_running = true;
+        entry.check_quantum(key);
+        match &entry.fallback {
+            Some(fallback) if shared.cycles.load(Ordering::Acquire) != fallback.cycles => {
+                let ms = fallback.since.elapsed().as_secs_f64() * 1000.0;
+                if entry.log_limit.admit(now) {
+                    log::info!(
+                        "pipewire: stream {key} scheduled again after {ms:.0} ms in silence"
+                    );
+                }
+                entry.fallback = None;
+                continue;
+            }
+            Some(_) => {}
+            None => {
+                let last = shared
+                    .last_cycle_ns
+                    .load(Ordering::Acquire)
+                    .max(shared.started_ns.load(Ordering::Acquire));
+                let stalled = Duration::from_nanos(now_ns.saturating_sub(last));
+                if stalled < entry.stall_limit {
+                    continue;
+                }
+                if entry.log_limit.admit(now) {
+                    let since = if shared.last_cycle_ns.load(Ordering::Acquire)
+                        < shared.started_ns.load(Ordering::Acquire)
+                    {
+                        "START"
+                    } else {
+                        "its last cycle"
+                    };
+                    log::warn!(
+                        "pipewire: stream {key} not scheduled by PipeWire for {:.0} ms since \
+                         {since} (PipeWire says: {}); playing it into silence at the real-time \
+                         pace until PipeWire runs it again",
+                        stalled.as_secs_f64() * 1000.0,
+                        entry.unscheduled_reason()
+                    );
+                }
+                entry.fallback = Some(Fallback {
+                    since: now,
+                    cycles: shared.cycles.load(Ordering::Acquire),
+                });
+                shared.xruns.fetch_add(1, Ordering::AcqRel);
+                shared.signal();
+            }
+        }
+        // Taken only while no cycle runs (but for the instant PipeWire comes back, when that
+        // cycle skips): the callback never waits for it.
+        if let Ok(mut rt) = entry.rt.lock() {
+            rt.silence_tick(now_ns);
+        }
+    }
+    for entry in session.entries.values_mut() {
+        entry.log_limit.report_if_due(now);
+    }
+    !any_running
+}
+
 /// The tail timer: runs only while a stream plays out its tail. Deactivates stopped streams
 /// and destroys released ones whose tails are played. Returns whether none is left (then the
 /// timer disarms).
@@ -763,8 +1134,8 @@ fn play_out_tails(session: &mut Session) -> bool {
 }
 
 /// The supervisor timer: runs only while PipeWire is away (armed by the core's error callback).
-/// Tears the dead connection down, keeps running streams on their silence clocks, and
-/// reconnects when the daemon is back.
+/// Tears the dead connection down and reconnects when the daemon is back (meanwhile the
+/// watchdog keeps running streams in silence).
 fn supervise(
     session: &Rc<RefCell<Session>>,
     context: &pw::context::ContextRc,
@@ -776,11 +1147,6 @@ fn supervise(
         if this.lost.get() && this.core.is_some() {
             this.disconnect(connected);
             this.ticks_since_attempt = 0;
-        }
-        for entry in this.entries.values_mut() {
-            if let Ok(mut rt) = entry.rt.lock() {
-                entry.silence.tick(&mut rt);
-            }
         }
         this.ticks_since_attempt += 1;
         if this.ticks_since_attempt < RECONNECT_TICKS {
@@ -835,8 +1201,25 @@ fn open_stream(
     }
     let stream = pw::stream::StreamRc::new(core.clone(), &node_name, properties)
         .map_err(|e| format!("cannot create a PipeWire stream: {e}"))?;
+    let state = Arc::new(Mutex::new(String::from("connecting")));
+    let state_seen = state.clone();
+    let name = node_name.clone();
     let listener = stream
         .add_local_listener_with_user_data(rt)
+        .state_changed(move |_stream, _rt, old, new| {
+            // Emitted on the PipeWire thread's loop, never in the real-time callback.
+            let new = match new {
+                pw::stream::StreamState::Error(message) => format!("in error ({message})"),
+                pw::stream::StreamState::Unconnected => "unconnected".into(),
+                pw::stream::StreamState::Connecting => "connecting".into(),
+                pw::stream::StreamState::Paused => "paused".into(),
+                pw::stream::StreamState::Streaming => "streaming".into(),
+            };
+            log::debug!("pipewire: node {name:?} went from {old:?} to {new}");
+            if let Ok(mut state) = state_seen.lock() {
+                *state = new;
+            }
+        })
         .process(move |stream, rt| {
             // Uncontended but for the instant the stream is torn down: never waits.
             let Ok(mut rt) = rt.try_lock() else {
@@ -870,6 +1253,7 @@ fn open_stream(
     Ok(LiveStream {
         stream,
         _listener: listener,
+        state,
     })
 }
 
@@ -924,6 +1308,10 @@ impl Backend for PipewireBackend {
         super::caps_with_formats(offered, |f| spa_format(f).is_some())
     }
 
+    fn ring_bytes(&self, params: &PcmParams) -> u64 {
+        ring_bytes_for(params, self.thread.settings.quantum_frames(params))
+    }
+
     fn open(
         &self,
         spec: &StreamSpec,
@@ -938,6 +1326,10 @@ impl Backend for PipewireBackend {
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(io::Error::from)?;
         let shared = Arc::new(Shared {
             running: AtomicBool::new(false),
+            started_ns: AtomicU64::new(0),
+            cycles: AtomicU64::new(0),
+            last_cycle_ns: AtomicU64::new(0),
+            largest_request: AtomicU64::new(0),
             silent_quanta: AtomicU64::new(0),
             xruns: AtomicU64::new(0),
             violation: AtomicBool::new(false),
@@ -951,12 +1343,15 @@ impl Backend for PipewireBackend {
             frame_bytes: spec.params.frame_bytes() as usize,
             rate: spec.params.rate_hz(),
             xrun: XrunEdge::default(),
+            clock: StreamClock::default(),
         };
+        let quantum_frames = self.thread.settings.quantum_frames(&spec.params);
         self.thread
             .send(Command::Open(Box::new(OpenRequest {
                 key,
                 props: self.props.clone(),
                 spec: *spec,
+                quantum_frames,
                 rt,
                 reply,
             })))
@@ -988,6 +1383,10 @@ impl BackendStream for PipewireStream {
             return Err(io::Error::other("stream failed"));
         }
         self.shared.silent_quanta.store(0, Ordering::Release);
+        // Before `running`: a cycle that sees the stream running sees its START.
+        self.shared
+            .started_ns
+            .store(monotonic_ns(), Ordering::Release);
         self.shared.running.store(true, Ordering::Release);
         self.thread
             .send(Command::Start { key: self.key })
@@ -1024,5 +1423,58 @@ impl Drop for PipewireStream {
     fn drop(&mut self) {
         self.shared.running.store(false, Ordering::Release);
         let _ = self.thread.send(Command::Close { key: self.key });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::rate;
+
+    /// 48 kHz stereo S16 with `period` frames, `periods` of them.
+    fn params(period: u32, periods: u32) -> PcmParams {
+        PcmParams {
+            buffer_bytes: period * 4 * periods,
+            period_bytes: period * 4,
+            features: 0,
+            channels: 2,
+            format: format::S16,
+            rate: rate::R48000,
+        }
+    }
+
+    #[test]
+    fn a_pinned_quantum_sizes_the_ring_for_a_quantum_and_a_period() {
+        let settings = GraphSettings::default();
+        let p = params(264, 8);
+        // Unpinned: the graph follows the period, and the broker's lookahead is enough.
+        assert_eq!(settings.quantum_frames(&p), 264);
+        assert!(ring_bytes_for(&p, 264) <= 3 * 264 * 4);
+        settings.update(Some("clock.force-quantum"), Some("1024"));
+        assert_eq!(settings.quantum_frames(&p), 1024);
+        // ceil(1024 / 264) = 4 periods, and one more.
+        assert_eq!(ring_bytes_for(&p, 1024), 5 * 264 * 4);
+        settings.update(Some("clock.force-quantum"), Some("0"));
+        settings.update(Some("clock.min-quantum"), Some("512"));
+        assert_eq!(settings.quantum_frames(&p), 512);
+        // A 96 kHz graph runs a 1024 quantum in 512 of a 48 kHz stream's frames.
+        settings.update(Some("clock.rate"), Some("96000"));
+        settings.update(Some("clock.force-quantum"), Some("1024"));
+        assert_eq!(settings.quantum_frames(&p), 512);
+        settings.update(None, None);
+        assert_eq!(settings.quantum_frames(&p), 264);
+    }
+
+    #[test]
+    fn the_stall_limit_leaves_a_late_cycle_alone_but_never_a_whole_buffer() {
+        // In 48 kHz frames.
+        let frames = |d: Duration| (d.as_nanos() * 48 + 500_000) / 1_000_000;
+        // Two 10 ms periods.
+        assert_eq!(frames(stall_limit(&params(480, 4), 480)), 960);
+        // A 1024-frame quantum and a 264-frame period.
+        assert_eq!(frames(stall_limit(&params(264, 8), 1024)), 1288);
+        // At most the buffer less a period, even for a quantum the buffer cannot hold.
+        assert_eq!(frames(stall_limit(&params(264, 4), 1024)), 792);
+        assert_eq!(frames(stall_limit(&params(480, 2), 480)), 480);
     }
 }

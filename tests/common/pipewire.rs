@@ -1,5 +1,6 @@
-//! A private, headless PipeWire daemon (with WirePlumber to link streams) for tests: its own
-//! runtime directory, a driver node and a null sink named `vsound-test-sink`.
+//! A private, headless PipeWire daemon (with WirePlumber to link streams, or without any session
+//! manager so that nothing links) for tests: its own runtime directory, a driver node and a null
+//! sink named `vsound-test-sink`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -48,6 +49,8 @@ pub struct PipeWire {
     config: PathBuf,
     daemon: Option<Proc>,
     session: Option<Proc>,
+    /// Whether (re)starts run WirePlumber too.
+    with_session_manager: bool,
     /// One daemon at a time per test binary: parallel graphs on two cores miss cycles, and a
     /// missed cycle is a gap in the sample-for-sample comparison, not a vsound fault.
     _exclusive: std::sync::MutexGuard<'static, ()>,
@@ -58,6 +61,15 @@ static ONE_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
 impl PipeWire {
     /// Starts the daemon and WirePlumber in `dir/pw-run`, and waits until the sink exists.
     pub fn start(dir: &Path) -> PipeWire {
+        PipeWire::launch(dir, true)
+    }
+
+    /// Starts the daemon alone: no session manager, so no stream is ever linked.
+    pub fn start_without_session_manager(dir: &Path) -> PipeWire {
+        PipeWire::launch(dir, false)
+    }
+
+    fn launch(dir: &Path, with_session_manager: bool) -> PipeWire {
         let runtime = dir.join("pw-run");
         std::fs::create_dir_all(&runtime).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -70,6 +82,7 @@ impl PipeWire {
             config,
             daemon: None,
             session: None,
+            with_session_manager,
             _exclusive: exclusive,
         };
         pw.restart();
@@ -105,6 +118,17 @@ impl PipeWire {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        if self.with_session_manager {
+            self.start_session_manager();
+        }
+        while !self.node_exists(SINK) {
+            assert!(Instant::now() < deadline, "the test sink never appeared");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts WirePlumber, which links streams to their targets.
+    pub fn start_session_manager(&mut self) {
         self.session = Some(Proc {
             child: Command::new("wireplumber")
                 .envs(env(&self.runtime))
@@ -114,10 +138,73 @@ impl PipeWire {
                 .spawn()
                 .expect("start wireplumber (apt package wireplumber)"),
         });
-        while !self.node_exists(SINK) {
-            assert!(Instant::now() < deadline, "the test sink never appeared");
-            std::thread::sleep(Duration::from_millis(50));
+    }
+
+    /// Stops WirePlumber: links stay, but nothing links or relinks any more.
+    pub fn stop_session_manager(&mut self) {
+        self.session = None;
+    }
+
+    /// The ids of the links from or to the ports of node `name` (`pw-link -lI`: a port line
+    /// "ID node:port", then one "LINK-ID |-> PEER-ID node:port" line per link, `|<-` for input).
+    pub fn links_of(&self, name: &str) -> Vec<u32> {
+        let text = self.link_list();
+        let prefix = format!("{name}:");
+        let mut port_is_ours = false;
+        let mut links = Vec::new();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(id), Some(second)) = (words.next(), words.next()) else {
+                continue;
+            };
+            if second == "|->" || second == "|<-" {
+                let peer = words.nth(1).unwrap_or("");
+                if port_is_ours || peer.starts_with(&prefix) {
+                    links.extend(id.parse::<u32>().ok());
+                }
+            } else {
+                port_is_ours = second.starts_with(&prefix);
+            }
         }
+        links.sort_unstable();
+        links.dedup();
+        links
+    }
+
+    /// `pw-link -lI`: every port with its links, with ids.
+    pub fn link_list(&self) -> String {
+        let out = Command::new("pw-link")
+            .arg("-lI")
+            .envs(self.env())
+            .output()
+            .expect("pw-link (apt package pipewire-bin)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Destroys every link of node `name`; returns how many there were.
+    pub fn unlink_node(&self, name: &str) -> usize {
+        let links = self.links_of(name);
+        for id in &links {
+            let status = Command::new("pw-cli")
+                .args(["destroy", &id.to_string()])
+                .envs(self.env())
+                .stdout(Stdio::null())
+                .status()
+                .expect("pw-cli");
+            assert!(status.success(), "pw-cli destroy {id}");
+        }
+        links.len()
+    }
+
+    /// Sets a key of the daemon's `settings` metadata (for example `clock.force-quantum`).
+    pub fn set_setting(&self, key: &str, value: &str) {
+        let status = Command::new("pw-metadata")
+            .args(["-n", "settings", "0", key, value])
+            .envs(self.env())
+            .stdout(Stdio::null())
+            .status()
+            .expect("pw-metadata (apt package pipewire-bin)");
+        assert!(status.success(), "pw-metadata {key} {value}");
     }
 
     pub fn env(&self) -> Vec<(&'static str, PathBuf)> {
