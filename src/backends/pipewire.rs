@@ -301,8 +301,11 @@ impl RtState {
             let rate = time.rate();
             let delay = time.delay().max(0) as u64;
             // `delay` counts graph ticks of `rate`; convert to our frames.
+            // In u128 and clamped: the daemon's numbers must not overflow on this thread.
             let frames = if rate.denom > 0 {
-                delay * u64::from(rate.num) * u64::from(self.rate) / u64::from(rate.denom)
+                let frames = u128::from(delay) * u128::from(rate.num) * u128::from(self.rate)
+                    / u128::from(rate.denom);
+                u64::try_from(frames).unwrap_or(u64::MAX)
             } else {
                 0
             };
