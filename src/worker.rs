@@ -428,9 +428,12 @@ impl StreamIo {
                 .take(params.buffer_bytes as usize)
                 .collect()
         };
+        // Pending buffers are paced from now, and the timer is set for the first of them even
+        // if the guest queues nothing more.
         for buf in &mut self.tx {
             buf.ring_end = None;
         }
+        queue_on_local_clock(&mut self.tx, &mut clock);
         self.transport = Some(Transport::Local(clock));
         self.params = Some(params);
     }
@@ -492,13 +495,7 @@ impl StreamIo {
                     buf.latency_bytes = latency_field(queued + delay);
                 }
             }
-            Some(Transport::Local(clock)) => {
-                let now = Instant::now();
-                for buf in self.tx.iter_mut().filter(|b| b.ring_end.is_none()) {
-                    buf.latency_bytes = latency_field(clock.queued(now));
-                    buf.ring_end = Some(clock.queue(buf.payload_len()));
-                }
-            }
+            Some(Transport::Local(clock)) => queue_on_local_clock(&mut self.tx, clock),
             _ => {}
         }
         Ok(())
@@ -593,6 +590,15 @@ impl StreamIo {
             let buf = self.rx.front()?;
             clock.when_captured(buf.payload_len() - buf.filled)
         }
+    }
+}
+
+/// Gives the tx buffers not yet queued their end on the local clock.
+fn queue_on_local_clock(tx: &mut VecDeque<TxBuf>, clock: &mut LocalClock) {
+    let now = Instant::now();
+    for buf in tx.iter_mut().filter(|b| b.ring_end.is_none()) {
+        buf.latency_bytes = latency_field(clock.queued(now));
+        buf.ring_end = Some(clock.queue(buf.payload_len()));
     }
 }
 
