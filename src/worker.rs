@@ -1354,6 +1354,14 @@ impl VhostUserBackendMut for SoundDevice {
         self.release_all();
     }
 
+    /// GET_VRING_BASE: the VMM stops the rings when the guest resets the device (a reboot, a
+    /// driver reload; QEMU sends no RESET_DEVICE for this): nothing held can be completed any
+    /// more, and the next driver must find a fresh device, not streams still running.
+    fn stop_vring(&mut self, _queue_index: u32) -> io::Result<()> {
+        self.release_all();
+        Ok(())
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // 12 bytes of config, zero-extended (a VMM built with VIRTIO 1.3 headers reads 16).
         let config = self.control.config_space();

@@ -668,3 +668,39 @@ fn worker_exits_cleanly_when_the_vmm_hangs_up() {
     assert_eq!(exit_code_within(&mut rig.worker, WAIT), Some(0));
     assert!(rig.broker.is_running(), "the broker outlives its workers");
 }
+
+#[test]
+fn a_guest_reset_finds_a_fresh_device() {
+    let mut rig = Rig::start(Some(WAV_CONFIG), FrontendOptions::default());
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    for _ in 0..8 {
+        rig.vm.submit_no_kick(p::EVENT_QUEUE, &[], &[8]);
+    }
+    rig.vm.kick(p::EVENT_QUEUE);
+    for i in 0..params.periods {
+        tx_submit(&mut rig.vm, 0, &pattern(params.period_bytes as usize, i));
+    }
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_START, 0)), 0x8000);
+    // The guest reboots mid-play: QEMU stops the rings, the new driver brings up fresh ones,
+    // reusing the same heads.
+    rig.vm.reset_rings().expect("reset the rings");
+    for _ in 0..8 {
+        rig.vm.submit_no_kick(p::EVENT_QUEUE, &[], &[8]);
+    }
+    rig.vm.kick(p::EVENT_QUEUE);
+    // Its event buffers are held again, not handed back as if republished (a driver re-adds
+    // what comes back at once, and the two would spin).
+    assert!(
+        rig.vm
+            .wait_used(p::EVENT_QUEUE, Duration::from_millis(200))
+            .is_none(),
+        "the new driver's event buffers came back at once"
+    );
+    // The streams start over: SET_PARAMS (not allowed while running) and a whole playback work.
+    let data = pattern(params.period_bytes as usize * 10, 9);
+    prepare(&mut rig.vm, &params);
+    let (_, done) = play(&mut rig.vm, &params, &data);
+    assert!(done.iter().all(|c| c.status == 0x8000), "{done:?}");
+    assert!(rig.worker.is_running());
+}

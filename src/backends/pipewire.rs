@@ -19,7 +19,7 @@
 //!
 //! A running stream whose node PipeWire does not schedule (not linked yet, no session manager,
 //! unlinked, target gone, the daemon away) would never complete a guest buffer, and the guest's
-//! ALSA gives up with EIO once no period completes for 100 ms. So a watchdog on the PipeWire
+//! ALSA gives up with EIO once no period completes for max(100 ms, 1.1 x its buffer). So a watchdog on the PipeWire
 //! thread watches each running stream's cycle counter (atomics the callback bumps) and, once
 //! no cycle ran for [`stall_limit`] (from START or the last cycle), logs why (the stream's state
 //! as PipeWire reports it), reports an xrun and plays the stream into silence at its real-time
@@ -451,8 +451,6 @@ struct OpenRequest {
     key: u64,
     props: NodeProps,
     spec: StreamSpec,
-    /// The graph quantum the stream was prepared for, in its frames.
-    quantum_frames: u64,
     rt: RtState,
     reply: mpsc::SyncSender<Result<(), String>>,
 }
@@ -509,18 +507,19 @@ const RECONNECT_TICKS: u32 = 100;
 /// runs none of its cycles, moves its silence).
 const WATCH_TICK: Duration = Duration::from_millis(5);
 
-/// How long a running stream may go without a cycle before it plays into silence. At least two
-/// periods, and a quantum and a period (a cycle takes a quantum at once, so cycles come a
-/// quantum apart): PipeWire merely late is left alone. At most the guest's buffer less a
-/// period, so that with the watchdog's tick a guest's whole buffer never passes without a
-/// completion (its ALSA fails the stream once no period completes for 100 ms).
-fn stall_limit(params: &PcmParams, quantum_frames: u64) -> Duration {
-    let period = u64::from(params.period_frames());
-    let buffer = u64::from(params.buffer_bytes / params.frame_bytes().max(1));
-    let wanted = (2 * period).max(quantum_frames + period);
-    let most = buffer.saturating_sub(period).max(period);
-    let frames = wanted.min(most);
-    Duration::from_nanos(frames * 1_000_000_000 / u64::from(params.rate_hz().max(1)))
+/// How long a running stream may go without a cycle before it plays into silence: as long as
+/// the guest can wait for a completion, less a margin. The guest's ALSA fails the stream (EIO)
+/// once no period completes for max(100 ms, 1.1 x its buffer's time) (`wait_for_avail`); 30 ms
+/// of that is left for the watchdog's tick and the completion's way to the guest. A cycle that
+/// is merely late (a new node being linked, a quantum change: 20-100 ms seen here) is left
+/// alone, so its audio is not dropped.
+fn stall_limit(params: &PcmParams) -> Duration {
+    const GUEST_MIN_WAIT: Duration = Duration::from_millis(100);
+    const MARGIN: Duration = Duration::from_millis(30);
+    let buffer_frames = u64::from(params.buffer_bytes / params.frame_bytes().max(1));
+    let buffer =
+        Duration::from_nanos(buffer_frames * 1_100_000_000 / u64::from(params.rate_hz().max(1)));
+    buffer.max(GUEST_MIN_WAIT).saturating_sub(MARGIN)
 }
 
 /// The graph clock's settings, from the daemon's `settings` metadata (0: not set or unknown).
@@ -890,7 +889,6 @@ fn run_loop(
                 key,
                 props,
                 spec,
-                quantum_frames,
                 rt,
                 reply,
             } = *request;
@@ -907,7 +905,7 @@ fn run_loop(
             let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
             if let Ok(live) = result {
                 let entry = Entry {
-                    stall_limit: stall_limit(&spec.params, quantum_frames),
+                    stall_limit: stall_limit(&spec.params),
                     props,
                     spec,
                     rt,
@@ -1348,13 +1346,11 @@ impl Backend for PipewireBackend {
             xrun: XrunEdge::default(),
             clock: StreamClock::default(),
         };
-        let quantum_frames = self.thread.settings.quantum_frames(&spec.params);
         self.thread
             .send(Command::Open(Box::new(OpenRequest {
                 key,
                 props: self.props.clone(),
                 spec: *spec,
-                quantum_frames,
                 rt,
                 reply,
             })))
@@ -1469,15 +1465,12 @@ mod tests {
     }
 
     #[test]
-    fn the_stall_limit_leaves_a_late_cycle_alone_but_never_a_whole_buffer() {
-        // In 48 kHz frames.
-        let frames = |d: Duration| (d.as_nanos() * 48 + 500_000) / 1_000_000;
-        // Two 10 ms periods.
-        assert_eq!(frames(stall_limit(&params(480, 4), 480)), 960);
-        // A 1024-frame quantum and a 264-frame period.
-        assert_eq!(frames(stall_limit(&params(264, 8), 1024)), 1288);
-        // At most the buffer less a period, even for a quantum the buffer cannot hold.
-        assert_eq!(frames(stall_limit(&params(264, 4), 1024)), 792);
-        assert_eq!(frames(stall_limit(&params(480, 2), 480)), 480);
+    fn the_stall_limit_leaves_a_late_cycle_alone_but_never_the_guests_patience() {
+        let ms = |d: Duration| d.as_millis();
+        // Small buffers: the guest waits 100 ms for a completion.
+        assert_eq!(ms(stall_limit(&params(480, 4))), 70);
+        assert_eq!(ms(stall_limit(&params(264, 4))), 70);
+        // A 320 ms buffer: 1.1 x 320 ms.
+        assert_eq!(ms(stall_limit(&params(7680, 2))), 322);
     }
 }

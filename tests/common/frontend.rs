@@ -246,6 +246,10 @@ pub struct GuestVm {
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     alloc: BufAllocator,
+    /// The guest memory's address in this process (rings are given to the backend in it).
+    host_base: u64,
+    /// Where buffers go: everything past the rings.
+    data: (u64, u64),
     offered_features: u64,
     negotiated_features: u64,
     offered_protocol_features: VhostUserProtocolFeatures,
@@ -416,6 +420,8 @@ impl GuestVm {
             mem,
             queues,
             alloc: BufAllocator::new(data_start, mem_size - data_start),
+            host_base,
+            data: (data_start, mem_size - data_start),
             offered_features,
             negotiated_features,
             offered_protocol_features,
@@ -425,6 +431,62 @@ impl GuestVm {
     }
 
     /// Virtio features acknowledged with SET_FEATURES.
+    /// What QEMU does when the guest resets the device (a reboot, a driver reload): stops every
+    /// ring (GET_VRING_BASE), then the new driver brings up fresh, empty rings at the same
+    /// addresses (SET_VRING_NUM/ADDR/BASE 0/CALL/KICK/ENABLE). Every buffer the device held is
+    /// forgotten on both sides.
+    pub fn reset_rings(&mut self) -> io::Result<()> {
+        for i in 0..self.queues.len() {
+            self.frontend
+                .get_vring_base(i)
+                .map_err(|e| vhost_err("GET_VRING_BASE", e))?;
+        }
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            let end = q.used_addr + 6 + 8 * u64::from(q.size);
+            let zeros = vec![0u8; (end - q.desc_addr) as usize];
+            self.mem
+                .write_slice(&zeros, GuestAddress(q.desc_addr))
+                .map_err(|e| io::Error::other(format!("clearing ring {i}: {e}")))?;
+            q.free_descs = (0..q.size).rev().collect();
+            q.chains = (0..q.size).map(|_| None).collect();
+            q.republished = vec![0; usize::from(q.size)];
+            q.in_flight = 0;
+            q.next_avail = Wrapping(0);
+            q.last_used = Wrapping(0);
+            let config = VringConfigData {
+                queue_max_size: q.size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: self.host_base + q.desc_addr,
+                used_ring_addr: self.host_base + q.used_addr,
+                avail_ring_addr: self.host_base + q.avail_addr,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(i, q.size)
+                .map_err(|e| vhost_err("SET_VRING_NUM", e))?;
+            self.frontend
+                .set_vring_addr(i, &config)
+                .map_err(|e| vhost_err("SET_VRING_ADDR", e))?;
+            self.frontend
+                .set_vring_base(i, 0)
+                .map_err(|e| vhost_err("SET_VRING_BASE", e))?;
+            self.frontend
+                .set_vring_call(i, &q.call)
+                .map_err(|e| vhost_err("SET_VRING_CALL", e))?;
+            self.frontend
+                .set_vring_kick(i, &q.kick)
+                .map_err(|e| vhost_err("SET_VRING_KICK", e))?;
+            if self.negotiated_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+                self.frontend
+                    .set_vring_enable(i, true)
+                    .map_err(|e| vhost_err("SET_VRING_ENABLE", e))?;
+            }
+        }
+        self.alloc = BufAllocator::new(self.data.0, self.data.1);
+        Ok(())
+    }
+
     pub fn negotiated_features(&self) -> u64 {
         self.negotiated_features
     }
