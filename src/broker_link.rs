@@ -331,9 +331,9 @@ impl BrokerLink {
         Fault::Down
     }
 
-    /// The xruns received so far.
+    /// The xruns received so far (the channel is read when its fd is readable, not here: this
+    /// runs after every event of the device).
     pub fn take_events(&mut self) -> VecDeque<BrokerMsg> {
-        self.read_events();
         std::mem::take(&mut self.events)
     }
 

@@ -20,7 +20,6 @@ use rustix::net::{
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::control::{PcmCaps, PcmParams};
-use crate::listen::{ListenError, SocketKind, SocketPath};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest packet either side sends or accepts.
@@ -317,14 +316,6 @@ impl AsFd for Listener {
 }
 
 impl Listener {
-    /// Binds `path` and listens (see `listen::bind`: a path a running process serves is
-    /// refused, a stale socket file replaced). The returned `SocketPath` removes the socket
-    /// file when dropped.
-    pub fn bind(path: &Path) -> Result<(Listener, SocketPath), ListenError> {
-        let (fd, path) = crate::listen::bind(path, SocketKind::SeqPacket)?;
-        Ok((Listener { fd }, path))
-    }
-
     /// A listening SOCK_SEQPACKET socket (an inherited one checked by `listen::adopt`).
     pub fn from_fd(fd: OwnedFd) -> Listener {
         Listener { fd }

@@ -323,10 +323,6 @@ impl SocketPath {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The directory the socket file is in (what removing it needs access to).
     pub fn directory(&self) -> PathBuf {
         match self.path.parent() {

@@ -42,10 +42,6 @@ impl LocalClock {
         }
     }
 
-    pub fn is_running(&self) -> bool {
-        self.anchor.is_some()
-    }
-
     pub fn start(&mut self, now: Instant) {
         if self.anchor.is_none() {
             self.anchor = Some((now, self.stopped_at));
