@@ -399,6 +399,11 @@ fn wait_for(command: &str) -> bool {
     false
 }
 
+/// Whether `Attacker::spawn` started this process (then `run_attacker` is all it should do).
+pub fn is_attacker() -> bool {
+    std::env::var_os(ATTACK_MODE).is_some()
+}
+
 /// The attacker's side: does nothing unless `Attacker::spawn` started this process.
 pub fn run_attacker() {
     let (Some(socket), Some(mode), Some(count)) = (
