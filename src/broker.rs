@@ -63,6 +63,9 @@ const MESSAGES_PER_WAKE: usize = 16;
 /// per stream granted, and 16 a second is a new sound every 0.2 s on every stream of a
 /// two-stream VM, more than a guest's sound server asks for.
 pub const REQUEST_BURST: u32 = 32;
+/// Of the messages handled per wake-up, how many may be PREPARE, START or STOP: a turn of 64
+/// workers then costs at most 256 backend calls before the loop waits again.
+const COSTLY_PER_WAKE: usize = 4;
 pub const REQUEST_RATE_PER_SEC: u32 = 16;
 /// Over-budget requests are logged once per this period per worker (then counted).
 const BUDGET_LOG_PERIOD: Duration = Duration::from_secs(10);
@@ -184,6 +187,8 @@ struct Client {
     /// Over its request budget: its socket is not read until then (a storm of requests costs
     /// one `Failed` per token, not a busy loop answering them).
     throttled_until: Option<Instant>,
+    /// PREPARE, START and STOP served in the current wake-up.
+    costly_this_wake: usize,
 }
 
 /// A dropped client's socket, shut down but kept while the peer has not read the packets on
@@ -471,6 +476,7 @@ impl Broker {
                 failure_log: LogLimiter::new(1, BUDGET_LOG_PERIOD),
                 parked: None,
                 throttled_until: None,
+                costly_this_wake: 0,
             },
         );
         self.due_at(accepted + HELLO_DEADLINE);
@@ -520,11 +526,18 @@ impl Broker {
     }
 
     fn serve_client(&mut self, id: u32) {
+        if let Some(client) = self.clients.get_mut(&id) {
+            client.costly_this_wake = 0;
+        }
         for _ in 0..MESSAGES_PER_WAKE {
             let Some(client) = self.clients.get_mut(&id) else {
                 return;
             };
-            if client.parked.is_some() || client.throttled_until.is_some() {
+            // The rest waits for the next wake-up (input is level-triggered).
+            if client.parked.is_some()
+                || client.throttled_until.is_some()
+                || client.costly_this_wake >= COSTLY_PER_WAKE
+            {
                 return;
             }
             if client.fds_maybe_unread {
@@ -638,6 +651,9 @@ impl Broker {
             .clients
             .get_mut(&id)
             .ok_or_else(|| Violation::Protocol("no such client".into()))?;
+        if costly {
+            client.costly_this_wake += 1;
+        }
         if costly && !client.budget.take(now) {
             if client.failure_log.admit(now) {
                 log::warn!(
@@ -1089,5 +1105,27 @@ fn discard_input(channel: &Channel) {
             Err(IpcError::Io(_)) | Err(IpcError::Closed) => return,
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let mut budget = RequestBudget::new(REQUEST_BURST);
+        let start = budget.refilled;
+        let served = (0..100).filter(|_| budget.take(start)).count();
+        assert_eq!(served, REQUEST_BURST as usize);
+        // One more fits once a token's time has passed, and not before.
+        let token = Duration::from_secs(1) / REQUEST_RATE_PER_SEC;
+        assert!(!budget.take(start + token / 2));
+        assert!(budget.next_token() <= start + token + Duration::from_millis(1));
+        assert!(budget.take(start + token + Duration::from_millis(1)));
+        // A quiet minute refills the burst, not more.
+        let later = start + Duration::from_secs(60);
+        let served = (0..100).filter(|_| budget.take(later)).count();
+        assert_eq!(served, REQUEST_BURST as usize);
     }
 }

@@ -220,7 +220,9 @@ fn a_control_storm_does_not_delay_another_vms_stream() {
     drop(fresh_vm);
     let after = wait_fds(broker.pid(), baseline_fds);
 
-    let allowed = period + baseline;
+    // One period plus the baseline's jitter, taken as at least 5 ms: a scheduling slice or two
+    // of 2 loaded cores (a quiet baseline can be well under 1 ms).
+    let allowed = period + baseline.max(Duration::from_millis(5));
     eprintln!(
         "lateness percentiles 0/50/90/99/100: baseline {:?}, storm {:?}",
         [0, 50, 90, 99, 100].map(|p| percentile(&baseline_all, p)),
