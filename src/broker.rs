@@ -4,7 +4,9 @@
 //! A worker is assumed compromised: every message is decoded with a size limit and checked
 //! (stream ids, params, states), every ring position it publishes is bound-checked, and a worker
 //! that breaks the protocol is disconnected with all its streams freed while the other workers
-//! keep playing. One thread, one epoll: no lock is ever shared with a worker.
+//! keep playing. One thread, one epoll runs the control messages; the timer-driven streams
+//! (null, wav, ALSA) run on a timer thread of their own while they play ([`TimerThread`]), so
+//! that no control work delays them. No lock is ever shared with a worker.
 
 use std::collections::HashMap;
 use std::io;
@@ -13,11 +15,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
+use crate::backends::clocked::{Returned, TimerCommand, TimerThread, TIMER_SLOTS};
 use crate::backends::{self, Backend, BackendStream, RingPort, StreamRing, StreamSpec};
 use crate::config::Config;
 use crate::control::{PcmCaps, PcmParams};
 use crate::ipc::{self, BrokerMsg, Channel, IpcError, Listener, WorkerMsg};
 use crate::protocol::D_OUTPUT;
+use crate::ratelimit::LogLimiter;
 use crate::ring::{Consumer, Producer, RingError, SharedRing, WakeSender};
 
 /// Most workers (connections past Hello) one broker serves at once.
@@ -47,12 +51,30 @@ const ACCEPTS_PER_WAKE: usize = 16;
 /// Refused connections are logged at most this often (a flood would fill the log).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Messages handled per client per wake-up, so one chatty worker cannot starve the others.
+/// What is costly among them (PREPARE: a memfd, a socket pair and a backend open; START and
+/// STOP: a backend call) is bounded by the request budget below; the rest are answered with
+/// no backend work (a RELEASE frees at most what a PREPARE made).
 const MESSAGES_PER_WAKE: usize = 16;
+/// PREPARE, START and STOP requests a worker may send in a burst, and per second after it (a
+/// token bucket per connection; more are answered `Failed`, which the worker maps to
+/// IO_ERR). The Linux driver sends a handful per stream per open (PREPARE, START, STOP; a
+/// PREPARE and a START again after an xrun or a resume), and a worker restoring its streams
+/// after a broker restart sends a PREPARE and a START per stream: the burst is at least two
+/// per stream granted, and 16 a second is a new sound every 0.2 s on every stream of a
+/// two-stream VM, more than a guest's sound server asks for.
+pub const REQUEST_BURST: u32 = 32;
+/// Of the messages handled per wake-up, how many may be PREPARE, START or STOP: a turn of 64
+/// workers then costs at most 256 backend calls before the loop waits again.
+const COSTLY_PER_WAKE: usize = 4;
+pub const REQUEST_RATE_PER_SEC: u32 = 16;
+/// Over-budget requests are logged once per this period per worker (then counted).
+const BUDGET_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// PCM features the broker implements: xrun reports.
 const BROKER_PCM_FEATURES: u32 = 1 << crate::protocol::PCM_F_EVT_XRUNS;
 
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_STOP: u64 = 1;
+const TOKEN_TIMER_THREAD: u64 = 2;
 const KIND_CLIENT: u64 = 2 << 56;
 const KIND_TIMER: u64 = 3 << 56;
 const KIND_MASK: u64 = 0xff << 56;
@@ -77,9 +99,69 @@ enum Violation {
 }
 
 struct BrokerStream {
-    stream: Box<dyn BackendStream>,
+    /// `None` while the timer thread runs it (in `timer_slot`).
+    stream: Option<Box<dyn BackendStream>>,
+    timer_slot: Option<usize>,
     running: bool,
     xruns: u64,
+}
+
+/// Who a timer thread slot belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotOwner {
+    Free,
+    /// A playing stream; `key` tells its xrun reports from a former occupant's.
+    Stream {
+        client: u32,
+        stream: u32,
+        key: u64,
+    },
+    /// Its worker was dropped: the stream is dropped when the thread gives it back.
+    Orphan,
+}
+
+/// A token bucket: `burst` requests at once, `rate` per second after that.
+#[derive(Debug)]
+struct RequestBudget {
+    burst: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl RequestBudget {
+    fn new(burst: u32) -> RequestBudget {
+        RequestBudget {
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            refilled: Instant::now(),
+        }
+    }
+
+    /// When the next request will fit.
+    fn next_token(&self) -> Instant {
+        let missing = (1.0 - self.tokens).max(0.0);
+        self.refilled + Duration::from_secs_f64(missing / f64::from(REQUEST_RATE_PER_SEC))
+    }
+
+    /// Whether one more request fits now (and takes it).
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * f64::from(REQUEST_RATE_PER_SEC)).min(self.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A request that waits for its stream to come back from the timer thread.
+struct Parked {
+    stream_id: u32,
+    caps: PcmCaps,
+    msg: WorkerMsg,
 }
 
 struct Client {
@@ -95,6 +177,18 @@ struct Client {
     fds_maybe_unread: bool,
     /// Since when a request waits for that (the socket is then not watched for input).
     stalled_since: Option<Instant>,
+    /// PREPARE, START and STOP requests it may still send (set by Hello).
+    budget: RequestBudget,
+    /// Its failed requests' log lines (a worker can fail requests at will).
+    failure_log: LogLimiter,
+    /// A request waiting for its playing stream to come back from the timer thread; the
+    /// socket is not watched meanwhile, so that replies keep the requests' order.
+    parked: Option<Parked>,
+    /// Over its request budget: its socket is not read until then (a storm of requests costs
+    /// one `Failed` per token, not a busy loop answering them).
+    throttled_until: Option<Instant>,
+    /// PREPARE, START and STOP served in the current wake-up.
+    costly_this_wake: usize,
 }
 
 /// A dropped client's socket, shut down but kept while the peer has not read the packets on
@@ -117,6 +211,10 @@ pub struct Broker {
     next_due: Option<Instant>,
     refusals: u64,
     refusal_logged: Option<Instant>,
+    timer: TimerThread,
+    timer_slots: Vec<SlotOwner>,
+    free_slots: Vec<usize>,
+    next_timer_key: u64,
 }
 
 impl Broker {
@@ -127,6 +225,11 @@ impl Broker {
         epoll.add(
             &listener,
             EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
+        )?;
+        let timer = TimerThread::start()?;
+        epoll.add(
+            timer.news_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_TIMER_THREAD),
         )?;
         Ok(Broker {
             config,
@@ -139,6 +242,10 @@ impl Broker {
             next_due: None,
             refusals: 0,
             refusal_logged: None,
+            timer,
+            timer_slots: vec![SlotOwner::Free; TIMER_SLOTS],
+            free_slots: (0..TIMER_SLOTS).rev().collect(),
+            next_timer_key: 0,
         })
     }
 
@@ -174,12 +281,14 @@ impl Broker {
                         return Ok(());
                     }
                     _ if token == TOKEN_LISTENER => self.accept_clients(),
+                    _ if token == TOKEN_TIMER_THREAD => self.timer_news(),
                     KIND_CLIENT => {
                         let id = (token & 0xffff_ffff) as u32;
-                        let stalled = self
-                            .clients
-                            .get(&id)
-                            .is_some_and(|c| c.stalled_since.is_some());
+                        let stalled = self.clients.get(&id).is_some_and(|c| {
+                            c.stalled_since.is_some()
+                                || c.parked.is_some()
+                                || c.throttled_until.is_some()
+                        });
                         if stalled && event.events().contains(EpollFlags::EPOLLHUP) {
                             // It can send nothing more, and would wake us until dropped.
                             self.drop_client(id, &"hung up without reading its replies");
@@ -240,6 +349,27 @@ impl Broker {
                 // Serves it if the peer has read them by now, else schedules the next check.
                 self.serve_client(id);
             }
+        }
+        let throttled: Vec<(u32, Instant)> = self
+            .clients
+            .iter()
+            .filter_map(|(&id, c)| c.throttled_until.map(|until| (id, until)))
+            .collect();
+        for (id, until) in throttled {
+            if now < until {
+                self.due_at(until);
+                continue;
+            }
+            let Some(client) = self.clients.get_mut(&id) else {
+                continue;
+            };
+            client.throttled_until = None;
+            let mut watch = EpollEvent::new(EpollFlags::EPOLLIN, client_token(id));
+            if let Err(e) = self.epoll.modify(&client.channel, &mut watch) {
+                self.drop_client(id, &format!("epoll: {e}"));
+                continue;
+            }
+            self.serve_client(id);
         }
         // Closing the ones whose peer read (or closed) frees them for good.
         self.unread
@@ -342,6 +472,11 @@ impl Broker {
                 streams: HashMap::new(),
                 fds_maybe_unread: false,
                 stalled_since: None,
+                budget: RequestBudget::new(REQUEST_BURST),
+                failure_log: LogLimiter::new(1, BUDGET_LOG_PERIOD),
+                parked: None,
+                throttled_until: None,
+                costly_this_wake: 0,
             },
         );
         self.due_at(accepted + HELLO_DEADLINE);
@@ -367,7 +502,15 @@ impl Broker {
         };
         log::log!(level, "broker: dropping worker {id}: {why}");
         for stream in client.streams.values() {
-            let _ = self.epoll.delete(stream.stream.wake_fd());
+            if let Some(slot) = stream.timer_slot {
+                // Dropped when the thread gives it back.
+                self.timer_slots[slot] = SlotOwner::Orphan;
+                self.recall(slot);
+            } else if let Some(backend_stream) = &stream.stream {
+                if !backend_stream.timer_driven() {
+                    let _ = self.epoll.delete(backend_stream.wake_fd());
+                }
+            }
         }
         let _ = self.epoll.delete(&client.channel);
         discard_input(&client.channel);
@@ -383,10 +526,20 @@ impl Broker {
     }
 
     fn serve_client(&mut self, id: u32) {
+        if let Some(client) = self.clients.get_mut(&id) {
+            client.costly_this_wake = 0;
+        }
         for _ in 0..MESSAGES_PER_WAKE {
             let Some(client) = self.clients.get_mut(&id) else {
                 return;
             };
+            // The rest waits for the next wake-up (input is level-triggered).
+            if client.parked.is_some()
+                || client.throttled_until.is_some()
+                || client.costly_this_wake >= COSTLY_PER_WAKE
+            {
+                return;
+            }
             if client.fds_maybe_unread {
                 match client.channel.unread_by_peer() {
                     Ok(0) => {
@@ -465,6 +618,10 @@ impl Broker {
                 .clients
                 .get_mut(&id)
                 .ok_or_else(|| Violation::Protocol("no such client".into()))?;
+            // At least a PREPARE and a START for every stream it may use (a worker restoring
+            // its streams after a broker restart).
+            let usable = granted.iter().filter(|c| c.formats != 0 && c.rates != 0);
+            client.budget = RequestBudget::new(REQUEST_BURST.max(2 * usable.count() as u32));
             client.caps = Some(granted.clone());
             client.channel.send(
                 &BrokerMsg::Welcome {
@@ -488,6 +645,70 @@ impl Broker {
                 "stream id {stream_id} out of range"
             )));
         };
+        let now = Instant::now();
+        let costly = !matches!(msg, WorkerMsg::Release { .. });
+        let client = self
+            .clients
+            .get_mut(&id)
+            .ok_or_else(|| Violation::Protocol("no such client".into()))?;
+        if costly {
+            client.costly_this_wake += 1;
+        }
+        if costly && !client.budget.take(now) {
+            if client.failure_log.admit(now) {
+                log::warn!(
+                    "broker: worker {id} is over its request rate ({REQUEST_BURST} at once, \
+                     {REQUEST_RATE_PER_SEC}/s): answering Failed"
+                );
+            }
+            let reply = BrokerMsg::Failed {
+                stream_id,
+                reason: ipc::reason("request rate over the limit"),
+            };
+            client.channel.send(&reply, &[])?;
+            // Nothing more is read from it until its next request fits.
+            let until = client.budget.next_token();
+            client.throttled_until = Some(until);
+            let mut none = EpollEvent::new(EpollFlags::empty(), client_token(id));
+            self.epoll
+                .modify(&client.channel, &mut none)
+                .map_err(|e| Violation::Protocol(format!("epoll: {e}")))?;
+            self.due_at(until);
+            return Ok(());
+        }
+        // A playing timer-driven stream is on the timer thread: it must come back first, and
+        // the worker's later requests wait behind this one.
+        let on_timer_thread = client
+            .streams
+            .get(&stream_id)
+            .and_then(|s| s.timer_slot)
+            .filter(|_| !matches!(msg, WorkerMsg::Start { .. }));
+        if let Some(slot) = on_timer_thread {
+            client.parked = Some(Parked {
+                stream_id,
+                caps: stream_caps,
+                msg,
+            });
+            let mut none = EpollEvent::new(EpollFlags::empty(), client_token(id));
+            self.epoll
+                .modify(&client.channel, &mut none)
+                .map_err(|e| Violation::Protocol(format!("epoll: {e}")))?;
+            if !self.recall(slot) {
+                return Err(Violation::Protocol("the timer thread is gone".into()));
+            }
+            return Ok(());
+        }
+        self.dispatch(id, stream_id, stream_caps, msg)
+    }
+
+    /// Carries out a checked request on a stream that is not on the timer thread, and answers.
+    fn dispatch(
+        &mut self,
+        id: u32,
+        stream_id: u32,
+        stream_caps: PcmCaps,
+        msg: WorkerMsg,
+    ) -> Result<(), Violation> {
         let reply = match msg {
             WorkerMsg::Prepare { params, .. } => {
                 match self.prepare(id, stream_id, stream_caps, params) {
@@ -508,7 +729,12 @@ impl Broker {
         let reply = match reply {
             Ok(()) => BrokerMsg::Done { stream_id },
             Err(reason) => {
-                log::warn!("broker: worker {id} stream {stream_id}: {reason}");
+                let now = Instant::now();
+                if let Some(client) = self.clients.get_mut(&id) {
+                    if client.failure_log.admit(now) {
+                        log::warn!("broker: worker {id} stream {stream_id}: {reason}");
+                    }
+                }
                 BrokerMsg::Failed {
                     stream_id,
                     reason: ipc::reason(reason),
@@ -609,14 +835,18 @@ impl Broker {
         let backend_stream = backend
             .open(&spec, RingPort::new(ring, notify))
             .map_err(|e| format!("backend: {e}"))?;
-        self.epoll
-            .add(
-                backend_stream.wake_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, timer_token(id, stream_id)),
-            )
-            .map_err(|e| format!("epoll: {e}"))?;
+        // A timer-driven stream's wake-ups are the timer thread's, once it plays.
+        if !backend_stream.timer_driven() {
+            self.epoll
+                .add(
+                    backend_stream.wake_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, timer_token(id, stream_id)),
+                )
+                .map_err(|e| format!("epoll: {e}"))?;
+        }
         let stream = BrokerStream {
-            stream: backend_stream,
+            stream: Some(backend_stream),
+            timer_slot: None,
             running: false,
             xruns: 0,
         };
@@ -655,12 +885,150 @@ impl Broker {
         if stream.running {
             return Err("already running".into());
         }
-        stream
-            .stream
+        let backend_stream = stream.stream.as_mut().ok_or("stream is busy")?;
+        backend_stream
             .start()
             .map_err(|e| format!("backend start: {e}"))?;
         stream.running = true;
+        if backend_stream.timer_driven() {
+            self.hand_to_timer_thread(id, stream_id)?;
+        }
         Ok(())
+    }
+
+    /// Moves a started timer-driven stream to the timer thread (stopped again if it cannot go).
+    fn hand_to_timer_thread(&mut self, id: u32, stream_id: u32) -> Result<(), String> {
+        let key = self.next_timer_key;
+        self.next_timer_key += 1;
+        let slot = self.free_slots.pop();
+        let stream = self.stream_mut(id, stream_id)?;
+        let backend_stream = stream.stream.take().ok_or("stream is busy")?;
+        let refused = match slot {
+            Some(slot) => match self.timer.send(TimerCommand::Adopt {
+                slot,
+                key,
+                stream: backend_stream,
+            }) {
+                Ok(()) => {
+                    self.timer_slots[slot] = SlotOwner::Stream {
+                        client: id,
+                        stream: stream_id,
+                        key,
+                    };
+                    let stream = self.stream_mut(id, stream_id)?;
+                    stream.timer_slot = Some(slot);
+                    return Ok(());
+                }
+                Err(TimerCommand::Adopt { stream, .. }) => {
+                    self.free_slots.push(slot);
+                    Some(stream)
+                }
+                Err(TimerCommand::Return { .. }) => None,
+            },
+            None => Some(backend_stream),
+        };
+        let stream = self.stream_mut(id, stream_id)?;
+        stream.running = false;
+        if let Some(mut back) = refused {
+            let _ = back.stop();
+            stream.stream = Some(back);
+        }
+        Err("the timer thread has no room".into())
+    }
+
+    /// Asks the timer thread for a stream back; false if it cannot be asked.
+    fn recall(&mut self, slot: usize) -> bool {
+        match self.timer.send(TimerCommand::Return { slot }) {
+            Ok(()) => true,
+            Err(_) => {
+                log::error!("broker: the timer thread takes no commands");
+                false
+            }
+        }
+    }
+
+    /// Xrun reports and streams given back by the timer thread.
+    fn timer_news(&mut self) {
+        self.timer.take_news();
+        // Xruns first: a slot's xrun is queued before its stream is given back.
+        while let Some((slot, key)) = self.timer.next_xrun() {
+            if let Some(SlotOwner::Stream {
+                client,
+                stream,
+                key: owner_key,
+            }) = self.timer_slots.get(slot).copied()
+            {
+                if owner_key == key {
+                    self.report_xrun(client, stream);
+                }
+            }
+        }
+        while let Some(returned) = self.timer.next_returned() {
+            self.take_back(returned);
+        }
+    }
+
+    fn take_back(&mut self, returned: Returned) {
+        let Returned {
+            slot,
+            stream: backend_stream,
+            broken,
+        } = returned;
+        let Some(owner) = self.timer_slots.get_mut(slot) else {
+            return;
+        };
+        let owner = std::mem::replace(owner, SlotOwner::Free);
+        self.free_slots.push(slot);
+        let SlotOwner::Stream {
+            client: id,
+            stream: stream_id,
+            ..
+        } = owner
+        else {
+            // Its worker is gone: dropped here, on the broker's loop (an ALSA close may block).
+            return;
+        };
+        let Ok(stream) = self.stream_mut(id, stream_id) else {
+            return;
+        };
+        stream.stream = Some(backend_stream);
+        stream.timer_slot = None;
+        if let Some(e) = broken {
+            self.drop_client(id, &Violation::Ring(e));
+            return;
+        }
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let Some(parked) = client.parked.take() else {
+            return;
+        };
+        if let Err(e) = self.dispatch(id, parked.stream_id, parked.caps, parked.msg) {
+            self.drop_client(id, &e);
+            return;
+        }
+        let Some(client) = self.clients.get(&id) else {
+            return;
+        };
+        let mut watch = EpollEvent::new(EpollFlags::EPOLLIN, client_token(id));
+        if let Err(e) = self.epoll.modify(&client.channel, &mut watch) {
+            self.drop_client(id, &format!("epoll: {e}"));
+            return;
+        }
+        // What it sent meanwhile.
+        self.serve_client(id);
+    }
+
+    fn report_xrun(&mut self, id: u32, stream_id: u32) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if let Some(stream) = client.streams.get_mut(&stream_id) {
+            stream.xruns += 1;
+        }
+        if let Err(e) = client.channel.send(&BrokerMsg::Xrun { stream_id }, &[]) {
+            log::debug!("broker: cannot report xrun: {e}");
+        }
     }
 
     fn stop(&mut self, id: u32, stream_id: u32) -> Result<(), String> {
@@ -668,9 +1036,9 @@ impl Broker {
         if !stream.running {
             return Err("not running".into());
         }
+        let backend_stream = stream.stream.as_mut().ok_or("stream is busy")?;
         stream.running = false;
-        stream
-            .stream
+        backend_stream
             .stop()
             .map_err(|e| format!("backend stop: {e}"))
     }
@@ -691,7 +1059,15 @@ impl Broker {
         else {
             return false;
         };
-        let _ = self.epoll.delete(stream.stream.wake_fd());
+        if let Some(slot) = stream.timer_slot {
+            // Requests wait for the stream to come back, so this is only a safety net.
+            self.timer_slots[slot] = SlotOwner::Orphan;
+            self.recall(slot);
+        } else if let Some(backend_stream) = &stream.stream {
+            if !backend_stream.timer_driven() {
+                let _ = self.epoll.delete(backend_stream.wake_fd());
+            }
+        }
         if stream.xruns > 0 {
             log::info!(
                 "broker: worker {id} stream {stream_id} released after {} xruns",
@@ -701,6 +1077,8 @@ impl Broker {
         true
     }
 
+    /// A wake-up of a stream the broker's loop watches (one whose backend has a thread of its
+    /// own, which did the work: this passes on what it reported).
     fn tick(&mut self, id: u32, stream_id: u32) {
         let Some(stream) = self
             .clients
@@ -709,15 +1087,13 @@ impl Broker {
         else {
             return;
         };
-        match stream.stream.on_wake() {
+        let Some(backend_stream) = stream.stream.as_mut() else {
+            return;
+        };
+        match backend_stream.on_wake() {
             Ok(wake) => {
                 if wake.xrun {
-                    stream.xruns += 1;
-                    if let Some(client) = self.clients.get(&id) {
-                        if let Err(e) = client.channel.send(&BrokerMsg::Xrun { stream_id }, &[]) {
-                            log::debug!("broker: cannot report xrun: {e}");
-                        }
-                    }
+                    self.report_xrun(id, stream_id);
                 }
             }
             Err(e) => self.drop_client(id, &Violation::Ring(e)),
@@ -734,5 +1110,27 @@ fn discard_input(channel: &Channel) {
             Err(IpcError::Io(_)) | Err(IpcError::Closed) => return,
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let mut budget = RequestBudget::new(REQUEST_BURST);
+        let start = budget.refilled;
+        let served = (0..100).filter(|_| budget.take(start)).count();
+        assert_eq!(served, REQUEST_BURST as usize);
+        // One more fits once a token's time has passed, and not before.
+        let token = Duration::from_secs(1) / REQUEST_RATE_PER_SEC;
+        assert!(!budget.take(start + token / 2));
+        assert!(budget.next_token() <= start + token + Duration::from_millis(1));
+        assert!(budget.take(start + token + Duration::from_millis(1)));
+        // A quiet minute refills the burst, not more.
+        let later = start + Duration::from_secs(60);
+        let served = (0..100).filter(|_| budget.take(later)).count();
+        assert_eq!(served, REQUEST_BURST as usize);
     }
 }

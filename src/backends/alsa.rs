@@ -285,6 +285,10 @@ impl BackendStream for AlsaStream {
         self.timer.as_fd()
     }
 
+    fn timer_driven(&self) -> bool {
+        true
+    }
+
     fn on_wake(&mut self) -> Result<Wake, RingError> {
         super::clocked::drain_timer(&self.timer);
         if !self.running {

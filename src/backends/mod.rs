@@ -3,7 +3,9 @@
 //! A backend opens a [`BackendStream`] at every PREPARE and is handed the broker's end of the
 //! stream's ring ([`RingPort`]). Whatever clock drives the backend moves frames through the ring
 //! and wakes the worker (a [`WakeSender`], which never blocks). `null` and `wav` are driven by
-//! the broker's own timer ([`clocked`]); real audio backends are driven by their device's clock.
+//! the broker's own timer ([`clocked`]); real audio backends are driven by their device's clock
+//! (ALSA's is polled by a timer too). Timer-driven streams run on the broker's timer thread while
+//! they play ([`clocked::TimerThread`]).
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -138,6 +140,13 @@ pub trait BackendStream: Send {
     ///
     /// [`on_wake`]: BackendStream::on_wake
     fn wake_fd(&self) -> BorrowedFd<'_>;
+    /// Whether the stream is paced by its `wake_fd` timer (null, wav, ALSA): then it runs on
+    /// the broker's timer thread ([`clocked::TimerThread`]) while it plays, and `on_wake` must
+    /// allocate nothing and wait on nothing. Otherwise (PipeWire) `on_wake` runs on the broker's
+    /// loop and only reports what the backend's own thread did.
+    fn timer_driven(&self) -> bool {
+        false
+    }
     /// Does the work that is due. A ring error means the worker broke the ring protocol.
     fn on_wake(&mut self) -> Result<Wake, RingError>;
 }

@@ -260,10 +260,16 @@ pub enum Attack {
     /// Says Hello on each and reads the answer; reports how many were welcomed and refused.
     /// On "close-one" closes a welcomed one and reports whether a new one gets in.
     Greedy,
+    /// Says Hello on each, then until told "end" sends bursts of legal requests (`STORM_BURST`
+    /// of PREPARE, PREPARE, START, STOP, ...) on each and reads their replies; reports
+    /// "storming" once all are welcomed, then the replies it got: `succeeded failed missing`.
+    Storm,
 }
 
 /// PREPAREs per connection in `Attack::NeverRead`.
 pub const PREPARES_UNREAD: usize = 40;
+/// Requests per burst in `Attack::Storm`: every one legal in its order.
+pub const STORM_BURST: usize = 16;
 
 impl Attack {
     fn name(self) -> &'static str {
@@ -271,6 +277,7 @@ impl Attack {
             Attack::Idle => "idle",
             Attack::NeverRead => "never-read",
             Attack::Greedy => "greedy",
+            Attack::Storm => "storm",
         }
     }
 }
@@ -392,6 +399,11 @@ fn wait_for(command: &str) -> bool {
     false
 }
 
+/// Whether `Attacker::spawn` started this process (then `run_attacker` is all it should do).
+pub fn is_attacker() -> bool {
+    std::env::var_os(ATTACK_MODE).is_some()
+}
+
 /// The attacker's side: does nothing unless `Attacker::spawn` started this process.
 pub fn run_attacker() {
     let (Some(socket), Some(mode), Some(count)) = (
@@ -469,6 +481,92 @@ pub fn run_attacker() {
                 wait_for("end");
             }
         }
+        "storm" => storm(socket, count),
         other => panic!("unknown attack {other}"),
     }
+}
+
+/// The stream an `Attack::Storm` storms (its Hello asks for two output streams).
+pub const STORM_STREAM: u32 = 1;
+
+/// The requests of one `Attack::Storm` burst on `STORM_STREAM`: a PREPARE (replacing the stream), START
+/// and STOP over and over, and a PREPARE; each is legal after the one before it. Only the
+/// PREPAREs carry fds (the broker serves nothing more until they are read); the START and STOP
+/// in between are served back to back.
+pub fn storm_burst() -> Vec<Vec<u8>> {
+    (0..STORM_BURST)
+        .map(|i| match i {
+            0 => wire::prepare(STORM_STREAM, 1920, 4),
+            _ if i == STORM_BURST - 1 => wire::prepare(STORM_STREAM, 1920, 4),
+            _ if i % 2 == 1 => wire::stream_request(2, STORM_STREAM),
+            _ => wire::stream_request(3, STORM_STREAM),
+        })
+        .collect()
+}
+
+/// Replies to one burst: (succeeded, failed, missing). Waits for each at most `timeout`.
+pub fn storm_once(conn: &Hostile, burst: &[Vec<u8>], timeout: Duration) -> (usize, usize, usize) {
+    let mut sent = 0;
+    for packet in burst {
+        if conn.send(packet).is_ok() {
+            sent += 1;
+        }
+    }
+    let (mut succeeded, mut failed) = (0, 0);
+    while succeeded + failed < sent {
+        match conn.recv(timeout) {
+            Ok(Some(Reply::Prepared { .. } | Reply::Done)) => succeeded += 1,
+            Ok(Some(Reply::Failed)) => failed += 1,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    (succeeded, failed, burst.len() - succeeded - failed)
+}
+
+/// Each connection storms from a thread of its own, so that its replies are read (and its next
+/// burst sent) as soon as the broker answers.
+///
+/// It runs at the lowest priority (nice 19): on a test machine's few cores the storming clients
+/// stand for other VMs' workers on cores of their own, so the delay they cause is the broker's,
+/// not the machine's (their requests still come as fast as the broker answers when it is idle).
+fn storm(socket: &Path, count: usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _ = rustix::process::nice(19);
+    let conns: Vec<Hostile> = (0..count)
+        .map(|_| Hostile::hello(socket, 2).unwrap())
+        .filter(|conn| conn.recv(Duration::from_secs(5)).ok() == Some(Some(Reply::Welcome)))
+        .collect();
+    say("storming", conns.len());
+    let end = Arc::new(AtomicBool::new(false));
+    let stormers: Vec<_> = conns
+        .into_iter()
+        .map(|conn| {
+            let end = end.clone();
+            std::thread::spawn(move || {
+                let burst = storm_burst();
+                let mut totals = (0, 0, 0);
+                while !end.load(Ordering::Acquire) {
+                    let (s, f, m) = storm_once(&conn, &burst, Duration::from_secs(2));
+                    totals = (totals.0 + s, totals.1 + f, totals.2 + m);
+                }
+                (conn, totals)
+            })
+        })
+        .collect();
+    wait_for("end");
+    end.store(true, Ordering::Release);
+    let (mut succeeded, mut failed, mut missing) = (0, 0, 0);
+    let mut conns = Vec::new();
+    for stormer in stormers {
+        let (conn, (s, f, m)) = stormer.join().unwrap();
+        conns.push(conn);
+        succeeded += s;
+        failed += f;
+        missing += m;
+    }
+    say("replies", format!("{succeeded} {failed} {missing}"));
+    // Holds its connections until the test closes our stdin.
+    wait_for("close");
 }
