@@ -12,7 +12,7 @@
 //! the stream's converter carries the rest of every buffer into the next cycle, up to a quantum
 //! that `pw_stream_get_time` does not report. Deactivating or destroying the stream drops that.
 //! So at STOP a playback stream stays active, playing silence, until the callback has handed
-//! PipeWire [`TAIL_QUANTA`] buffers of silence after its last frames (or [`TAIL_TIMEOUT`]
+//! PipeWire [`TAIL_QUANTA`] buffers and [`TAIL_MIN`] of silence after its last frames (or [`TAIL_TIMEOUT`]
 //! passed), and only then goes inactive; at RELEASE (or a new PREPARE, or the worker leaving)
 //! it leaves the broker's table at once and is destroyed the same way, so a new stream of the
 //! same slot can open meanwhile. The broker's answers never wait for this.
@@ -165,6 +165,10 @@ fn spa_position(position: u8) -> u32 {
 /// goes inactive or is destroyed. One pushes a carried remainder through the converter (the
 /// measured need); the others are margin for a resampler's history and a quantum change.
 const TAIL_QUANTA: u64 = 3;
+/// And at least this long of silence: with small buffers (256 frames for 10 ms periods) three
+/// of them did not always carry the last frames through the graph to the sink (its last 256
+/// frames went missing in about one run of three).
+const TAIL_MIN: Duration = Duration::from_millis(50);
 /// The longest a stopped or released stream lingers for its tail (a graph that stopped
 /// running, or a stream never linked, plays nothing out).
 const TAIL_TIMEOUT: Duration = Duration::from_millis(500);
@@ -185,8 +189,11 @@ struct Shared {
     last_cycle_ns: AtomicU64,
     /// The most frames PipeWire asked for in one cycle (the quantum it really runs).
     largest_request: AtomicU64,
-    /// Buffers of silence the callback has handed PipeWire since it last played frames.
+    /// Buffers and frames of silence the callback has handed PipeWire since it last played
+    /// frames, and the frames a tail needs (`TAIL_MIN` at the stream's rate).
     silent_quanta: AtomicU64,
+    silent_frames: AtomicU64,
+    tail_frames: u64,
     xruns: AtomicU64,
     violation: AtomicBool,
     /// Signalled by the real-time callback on an xrun or a violation.
@@ -383,9 +390,13 @@ impl RtState {
         drop(buffer);
         if !running {
             self.shared.silent_quanta.fetch_add(1, Ordering::AcqRel);
+            self.shared
+                .silent_frames
+                .fetch_add(frames as u64, Ordering::AcqRel);
         } else {
             self.count_cycle(frames as u64);
             self.shared.silent_quanta.store(0, Ordering::Release);
+            self.shared.silent_frames.store(0, Ordering::Release);
             self.xrun_edge(filled < frames * stride);
             self.publish_delay(stream);
             if filled > 0 {
@@ -642,7 +653,9 @@ struct Lingering {
 
 /// Whether a stopped stream's last frames have reached the sink, or it has waited long enough.
 fn tail_played(shared: &Shared, since: std::time::Instant) -> Option<bool> {
-    if shared.silent_quanta.load(Ordering::Acquire) >= TAIL_QUANTA {
+    if shared.silent_quanta.load(Ordering::Acquire) >= TAIL_QUANTA
+        && shared.silent_frames.load(Ordering::Acquire) >= shared.tail_frames
+    {
         Some(true)
     } else if since.elapsed() >= TAIL_TIMEOUT {
         Some(false)
@@ -1332,6 +1345,8 @@ impl Backend for PipewireBackend {
             last_cycle_ns: AtomicU64::new(0),
             largest_request: AtomicU64::new(0),
             silent_quanta: AtomicU64::new(0),
+            silent_frames: AtomicU64::new(0),
+            tail_frames: u64::from(spec.params.rate_hz()) * TAIL_MIN.as_millis() as u64 / 1000,
             xruns: AtomicU64::new(0),
             violation: AtomicBool::new(false),
             wake,
@@ -1382,6 +1397,7 @@ impl BackendStream for PipewireStream {
             return Err(io::Error::other("stream failed"));
         }
         self.shared.silent_quanta.store(0, Ordering::Release);
+        self.shared.silent_frames.store(0, Ordering::Release);
         // Before `running`: a cycle that sees the stream running sees its START.
         self.shared
             .started_ns

@@ -66,6 +66,8 @@ echo "@@E2E long-start $(up)"
 aplay -D hw:0,0 --period-time=10000 --buffer-time=40000 long.wav
 status=$?
 echo "@@E2E long-end $(up) $status"
+# Apart, so that the sink does not mix the last frames of one with the first of the other.
+sleep 0.3
 echo "@@E2E after-start $(up)"
 aplay -D hw:0,0 after.wav || exit 12
 echo "@@E2E after-end $(up)"
