@@ -11,7 +11,7 @@
 #                      0: never); the launcher restarts it and the worker reconnects
 #   --backend B        pipewire (default: a private headless daemon with WirePlumber and a null
 #                      sink, as in tests/common/pipewire.rs) or null (no audio server at all)
-#   --debug            use target/debug binaries (default: target/release, built if missing)
+#   --debug            use target/debug binaries (default: target/release; built first)
 #   --keep             keep the work directory (console, launcher log, samples)
 #
 # Each cycle (tests/e2e/soak-guest.sh) is a 2 s aplay of silence and a 1 s arecord on hw:0,0
@@ -69,11 +69,10 @@ if [ "$BACKEND" = pipewire ]; then
 fi
 
 BIN=$ROOT/target/$PROFILE
-if [ ! -x "$BIN/vsound" ] || [ ! -x "$BIN/vsound-worker" ] || [ ! -x "$BIN/vsound-broker" ]; then
-  log "building the $PROFILE binaries"
-  if [ "$PROFILE" = release ]; then flags=(--release); else flags=(); fi
-  (cd "$ROOT" && cargo build "${flags[@]}" --bins) || die "cargo build failed"
-fi
+# Always (a no-op when they are current): stale binaries would soak yesterday's code.
+log "building the $PROFILE binaries"
+if [ "$PROFILE" = release ]; then flags=(--release); else flags=(); fi
+(cd "$ROOT" && cargo build "${flags[@]}" --bins) || die "cargo build failed"
 
 # 0711: the worker runs as nobody and must reach the broker's socket in here to reconnect after a
 # restart (the launcher gives the socket itself to the worker's group, mode 0660).
