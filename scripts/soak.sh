@@ -95,40 +95,9 @@ if [ "$BACKEND" = pipewire ]; then
   RUNTIME=$WORK/pw-run
   mkdir -m 0700 "$RUNTIME"
   ENV=(XDG_RUNTIME_DIR="$RUNTIME" PIPEWIRE_RUNTIME_DIR="$RUNTIME")
-  # The daemon config of tests/common/pipewire.rs: a driver node and a null sink, no devices.
-  cat > "$WORK/pipewire.conf" <<EOF
-context.properties = {
-    core.daemon = true
-    core.name = pipewire-0
-    default.clock.rate = 48000
-    default.clock.quantum = 480
-    default.clock.min-quantum = 32
-    default.clock.max-quantum = 2048
-}
-context.spa-libs = {
-    audio.convert.* = audioconvert/libspa-audioconvert
-    support.*       = support/libspa-support
-}
-context.modules = [
-    { name = libpipewire-module-protocol-native }
-    { name = libpipewire-module-access }
-    { name = libpipewire-module-client-node }
-    { name = libpipewire-module-adapter }
-    { name = libpipewire-module-metadata }
-    { name = libpipewire-module-link-factory }
-    { name = libpipewire-module-spa-node-factory }
-]
-context.objects = [
-    { factory = spa-node-factory
-      args = { factory.name = support.node.driver node.name = Dummy-Driver
-               priority.driver = 20000 node.group = pipewire.dummy } }
-    { factory = adapter
-      args = { factory.name = support.null-audio-sink node.name = $SINK
-               media.class = Audio/Sink audio.position = [ FL FR ] audio.rate = 48000
-               monitor.channel-volumes = true node.group = pipewire.dummy
-               priority.session = 2000 } }
-]
-EOF
+  # The tests' daemon config (a driver node and a null sink, no devices), with our sink's name.
+  sed "s/node.name = vsound-test-sink/node.name = $SINK/" "$ROOT/tests/common/pipewire.conf" \
+    > "$WORK/pipewire.conf"
   env "${ENV[@]}" pipewire -c "$WORK/pipewire.conf" </dev/null >"$WORK/pipewire.log" 2>&1 &
   PW_PID=$!
   for _ in $(seq 200); do [ -S "$RUNTIME/pipewire-0" ] && break; sleep 0.05; done

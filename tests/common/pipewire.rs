@@ -10,39 +10,8 @@ use super::vsound::Proc;
 
 pub const SINK: &str = "vsound-test-sink";
 
-const CONFIG: &str = r#"
-context.properties = {
-    core.daemon = true
-    core.name = pipewire-0
-    default.clock.rate = 48000
-    default.clock.quantum = 480
-    default.clock.min-quantum = 32
-    default.clock.max-quantum = 2048
-}
-context.spa-libs = {
-    audio.convert.* = audioconvert/libspa-audioconvert
-    support.*       = support/libspa-support
-}
-context.modules = [
-    { name = libpipewire-module-protocol-native }
-    { name = libpipewire-module-access }
-    { name = libpipewire-module-client-node }
-    { name = libpipewire-module-adapter }
-    { name = libpipewire-module-metadata }
-    { name = libpipewire-module-link-factory }
-    { name = libpipewire-module-spa-node-factory }
-]
-context.objects = [
-    { factory = spa-node-factory
-      args = { factory.name = support.node.driver node.name = Dummy-Driver
-               priority.driver = 20000 node.group = pipewire.dummy } }
-    { factory = adapter
-      args = { factory.name = support.null-audio-sink node.name = vsound-test-sink
-               media.class = Audio/Sink audio.position = [ FL FR ] audio.rate = 48000
-               monitor.channel-volumes = true node.group = pipewire.dummy
-               priority.session = 2000 } }
-]
-"#;
+/// The daemon's config (also used by scripts/soak.sh): a driver node and a null sink, no devices.
+const CONFIG: &str = include_str!("pipewire.conf");
 
 pub struct PipeWire {
     pub runtime: PathBuf,
