@@ -152,11 +152,6 @@ fn broker_killed_mid_aplay_then_the_next_aplay_arrives_bit_exact() {
     assert!(ended.success(), "the worker ended with {ended}");
 }
 
-const ZEROS_SCRIPT: &str = r#"
-echo "@@E2E zeros-start"
-aplay -D hw:0,0 -t raw -f S16_LE -r 48000 -c 2 -d 60 /dev/zero
-"#;
-
 const PLAY_SCRIPT: &str = r#"
 up() { cut -d' ' -f1 /proc/uptime; }
 echo "@@E2E play-start $(up)"
@@ -178,25 +173,21 @@ fn a_vm_whose_worker_is_killed_leaves_the_other_vms_audio_without_a_gap() {
     std::thread::sleep(Duration::from_millis(300));
 
     // VM A plays zeros into the same sink: mixed with VM B's signal they change no sample, so
-    // VM B's audio must arrive bit-exact.
-    let spec_a = VmSpec {
-        files: &[],
+    // VM B's audio must arrive bit-exact. VM A is the in-process frontend driving its worker
+    // like a guest driver (a second TCG guest would take the CPU PipeWire needs on 2 cores).
+    let playing_a = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let vm_a = {
+        let playing_a = playing_a.clone();
+        let socket_a = socket_a.clone();
+        std::thread::spawn(move || play_zeros_until_the_worker_dies(&socket_a, &playing_a))
+    };
+    let files = [b_wav];
+    let spec_b = VmSpec {
+        files: &files,
         out: None,
         cache: &s.cache,
         timeout: VM_TIMEOUT,
         tmp: s.dir.path(),
-    };
-    let mut vm_a = Vm::start(&socket_a, &spec_a, ZEROS_SCRIPT);
-    let deadline = vm_a.started + VM_TIMEOUT;
-    assert!(
-        vm_a.wait_for("@@E2E zeros-start", deadline),
-        "VM A never started playing:\n{}",
-        vm_a.console_text()
-    );
-    let files = [b_wav];
-    let spec_b = VmSpec {
-        files: &files,
-        ..spec_a
     };
     let mut vm_b = Vm::start(&socket_b, &spec_b, PLAY_SCRIPT);
     let deadline = vm_b.started + VM_TIMEOUT + Duration::from_secs(30);
@@ -206,10 +197,15 @@ fn a_vm_whose_worker_is_killed_leaves_the_other_vms_audio_without_a_gap() {
         vm_b.console_text()
     );
     std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        playing_a.load(std::sync::atomic::Ordering::Acquire),
+        "VM A was playing"
+    );
     sigkill(&mut worker_a);
     println!("VM A's worker killed 2 s into VM B's aplay");
     let (status, _) = vm_b.finish(deadline);
-    drop(vm_a);
+    let a_periods = vm_a.join().expect("VM A's thread");
+    println!("VM A played {a_periods} periods of zeros before its worker was killed");
     assert!(status.success(), "VM B's run failed ({status})");
     assert!(broker.is_running(), "the broker died with VM A's worker");
     assert_paced("VM B's aplay", 6.0, vm_b.span("play-start", "play-end"));
@@ -217,4 +213,33 @@ fn a_vm_whose_worker_is_killed_leaves_the_other_vms_audio_without_a_gap() {
     drop(recorder);
     let recording = std::fs::read(&sink_raw).unwrap();
     assert_arrived("VM B's aplay", &recording, &b_signal);
+}
+
+/// A guest driver's playback of zeros, period by period, until its worker stops answering;
+/// returns the periods completed.
+fn play_zeros_until_the_worker_dies(
+    socket: &Path,
+    playing: &std::sync::atomic::AtomicBool,
+) -> usize {
+    use crate::common::frontend::{FrontendOptions, GuestVm};
+    use vsound::protocol as p;
+    let mut vm = GuestVm::connect(socket, FrontendOptions::default()).expect("VM A connects");
+    let params = Params::s16_48k(0);
+    prepare(&mut vm, &params);
+    let zeros = vec![0u8; params.period_bytes as usize];
+    for _ in 0..params.periods {
+        tx_submit(&mut vm, 0, &zeros);
+    }
+    assert_eq!(
+        control(&mut vm, &pcm(p::R_PCM_START, 0)),
+        0x8000,
+        "VM A's START"
+    );
+    playing.store(true, std::sync::atomic::Ordering::Release);
+    let mut completed = 0;
+    while vm.wait_used(p::TX_QUEUE, Duration::from_secs(2)).is_some() {
+        completed += 1;
+        tx_submit(&mut vm, 0, &zeros);
+    }
+    completed
 }
