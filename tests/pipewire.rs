@@ -2,7 +2,8 @@
 //! arrives at the sink sample for sample; what plays into the sink arrives in the guest's rx
 //! buffers; node properties come from the config. A node PipeWire does not schedule (never
 //! linked, unlinked mid-stream) plays into silence at the real-time pace and plays again once
-//! linked; a ring is sized from a pinned graph quantum, not only from the guest's period.
+//! linked; a ring is sized from a pinned graph quantum, not only from the guest's period; one
+//! VM's worker killed mid-play leaves another VM's playback intact.
 
 mod common;
 
@@ -546,4 +547,51 @@ fn a_ring_is_sized_from_a_pinned_quantum_not_only_from_the_period() {
     assert_arrived_intact(&recorded, &data);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+}
+
+/// One VM's worker killed while another VM plays into the same sink: the other VM's audio
+/// arrives sample for sample (the killed VM played zeros, which change no sample of the mix).
+/// The broker once destroyed the dead VM's stream while it was still active, which cost the
+/// other VM's stream (the same PipeWire client) a quantum at the sink in about 1 run in 4.
+#[test]
+fn a_killed_worker_leaves_another_vms_playback_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start(dir.path());
+    let config = dir.path().join("vsound.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let (_broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &pw.env());
+    let (mut worker_a, socket_a) = spawn_worker(dir.path(), "vm-a", &broker_socket, Some(&config));
+    let (_worker_b, socket_b) = spawn_worker(dir.path(), "vm-b", &broker_socket, Some(&config));
+    let recording = dir.path().join("sink.raw");
+    let recorder = pw.record_sink(&recording);
+    std::thread::sleep(Duration::from_millis(500));
+    let params = Params::s16_48k(0);
+    let zeros_a = std::thread::spawn(move || {
+        let mut vm = GuestVm::connect(&socket_a, FrontendOptions::default()).unwrap();
+        prepare(&mut vm, &params);
+        let zeros = vec![0u8; params.period_bytes as usize];
+        for _ in 0..params.periods {
+            tx_submit(&mut vm, 0, &zeros);
+        }
+        assert_eq!(control(&mut vm, &pcm(p::R_PCM_START, 0)), 0x8000);
+        while vm.wait_used(p::TX_QUEUE, Duration::from_secs(2)).is_some() {
+            tx_submit(&mut vm, 0, &zeros);
+        }
+    });
+    let mut vm_b = GuestVm::connect(&socket_b, FrontendOptions::default()).unwrap();
+    prepare(&mut vm_b, &params);
+    let data = known_signal(params.period_bytes as usize * 300, 23);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        worker_a.child.kill().unwrap();
+        worker_a.child.wait().unwrap();
+    });
+    let (_, done) = play(&mut vm_b, &params, &data);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    killer.join().unwrap();
+    zeros_a.join().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    let recorded = std::fs::read(&recording).unwrap();
+    assert_arrived_intact(&recorded, &data);
 }

@@ -4,4 +4,5 @@
 pub mod frontend;
 pub mod hostile;
 pub mod pipewire;
+pub mod realtime;
 pub mod vsound;

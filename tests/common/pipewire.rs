@@ -211,7 +211,7 @@ impl PipeWire {
     /// is stopped.
     pub fn record_sink(&self, path: &Path) -> Proc {
         Proc {
-            child: Command::new("pw-record")
+            child: super::realtime::command("pw-record")
                 .args(["--target", SINK, "-P", "{ stream.capture.sink = true }"])
                 .args(["--format", "s16", "--rate", "48000", "--channels", "2"])
                 .arg(path)
@@ -227,7 +227,7 @@ impl PipeWire {
     /// Plays a WAV file into the sink.
     pub fn play_into_sink(&self, wav: &Path) -> Proc {
         Proc {
-            child: Command::new("pw-play")
+            child: super::realtime::command("pw-play")
                 .args(["--target", SINK])
                 .arg(wav)
                 .envs(self.env())

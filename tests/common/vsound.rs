@@ -83,7 +83,7 @@ pub fn spawn_broker_with_env(
     let socket = dir.join("broker.sock");
     // A dead broker's socket file would satisfy the wait below before the new one binds.
     let _ = std::fs::remove_file(&socket);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound-broker"));
+    let mut cmd = super::realtime::command(env!("CARGO_BIN_EXE_vsound-broker"));
     cmd.arg("--socket")
         .arg(&socket)
         .env("RUST_LOG", log_level())

@@ -123,7 +123,7 @@ pub fn create_source_sink(pw: &PipeWire) {
 /// Plays a WAV file into the source sink.
 pub fn play_into_source(pw: &PipeWire, wav: &Path) -> Proc {
     Proc {
-        child: Command::new("pw-play")
+        child: crate::common::realtime::command("pw-play")
             .args(["--target", SOURCE_SINK])
             .arg(wav)
             .envs(pw.env())
@@ -174,8 +174,21 @@ pub fn assert_paced(what: &str, t: f64, (guest, host): (f64, f64)) {
 /// many frames of silence or other samples the sink got instead, and how many of the guest's
 /// frames were skipped, by finding where the guest's signal resumes.
 pub fn assert_arrived(what: &str, recording: &[u8], data: &[u8]) {
-    let at = find(recording, &data[..256], FRAME)
-        .unwrap_or_else(|| panic!("{what}: the guest's samples never reached the sink"));
+    let Some(at) = find(recording, &data[..256], FRAME) else {
+        // Say whether only its beginning was lost, and how much of it.
+        let step = 480 * FRAME;
+        let later = (step..data.len().saturating_sub(256))
+            .step_by(step)
+            .find(|&i| find(recording, &data[i..i + 256], FRAME).is_some());
+        match later {
+            Some(i) => panic!(
+                "{what}: the guest's first frames never reached the sink: the first found is \
+                 within its first {} frames",
+                i / FRAME
+            ),
+            None => panic!("{what}: the guest's samples never reached the sink"),
+        }
+    };
     let got = &recording[at..(at + data.len()).min(recording.len())];
     let Some(first) = (0..got.len())
         .step_by(FRAME)
