@@ -10,7 +10,8 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -20,6 +21,7 @@ use crate::backends::{self, Backend, BackendStream, RingPort, StreamRing, Stream
 use crate::config::Config;
 use crate::control::{PcmCaps, PcmParams};
 use crate::ipc::{self, BrokerMsg, Channel, IpcError, Listener, WorkerMsg};
+use crate::opener::{Opened, Opener, Outcome, Pending, OPEN_DEADLINE};
 use crate::protocol::D_OUTPUT;
 use crate::ratelimit::LogLimiter;
 use crate::ring::{Consumer, Producer, RingError, SharedRing, WakeSender};
@@ -69,12 +71,17 @@ const COSTLY_PER_WAKE: usize = 4;
 pub const REQUEST_RATE_PER_SEC: u32 = 16;
 /// Over-budget requests are logged once per this period per worker (then counted).
 const BUDGET_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// Opens abandoned past [`OPEN_DEADLINE`] whose backend has not returned yet that one uid may
+/// have: beyond them its PREPAREs fail at once, so a hanging backend cannot be made to pile up
+/// opener threads (each worker has at most one open in flight besides).
+pub const MAX_ABANDONED_OPENS_PER_UID: usize = 2;
 /// PCM features the broker implements: xrun reports.
 const BROKER_PCM_FEATURES: u32 = 1 << crate::protocol::PCM_F_EVT_XRUNS;
 
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TOKEN_TIMER_THREAD: u64 = 2;
+const TOKEN_OPENER: u64 = 3;
 const KIND_CLIENT: u64 = 2 << 56;
 const KIND_TIMER: u64 = 3 << 56;
 const KIND_MASK: u64 = 0xff << 56;
@@ -164,6 +171,22 @@ struct Parked {
     msg: WorkerMsg,
 }
 
+/// A PREPARE whose backend open runs on an opener thread. The worker's socket is not watched
+/// meanwhile, so that replies keep the requests' order; the reply goes out when the open is
+/// done or at its deadline, whichever comes first.
+struct Opening {
+    ticket: u64,
+    pending: Pending,
+    stream_id: u32,
+    params: PcmParams,
+    capacity: u64,
+    /// The fds the Prepared reply carries.
+    ring_fd: OwnedFd,
+    worker_notify: OwnedFd,
+    backend_name: &'static str,
+    deadline: Instant,
+}
+
 struct Client {
     channel: Channel,
     /// Who connected (SO_PEERCRED), for the per-uid limit.
@@ -184,6 +207,8 @@ struct Client {
     /// A request waiting for its playing stream to come back from the timer thread; the
     /// socket is not watched meanwhile, so that replies keep the requests' order.
     parked: Option<Parked>,
+    /// A PREPARE waiting for its backend open.
+    opening: Option<Opening>,
     /// Over its request budget: its socket is not read until then (a storm of requests costs
     /// one `Failed` per token, not a busy loop answering them).
     throttled_until: Option<Instant>,
@@ -201,7 +226,11 @@ struct Unread {
 
 pub struct Broker {
     config: Config,
-    backends: Vec<Box<dyn Backend>>,
+    backends: Vec<Arc<dyn Backend>>,
+    opener: Opener,
+    next_ticket: u64,
+    /// Abandoned opens still running, by ticket: the uid they count against.
+    abandoned: HashMap<u64, u32>,
     listener: Listener,
     epoll: Epoll,
     clients: HashMap<u32, Client>,
@@ -226,6 +255,11 @@ impl Broker {
             &listener,
             EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
         )?;
+        let opener = Opener::new()?;
+        epoll.add(
+            opener.ready_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_OPENER),
+        )?;
         let timer = TimerThread::start()?;
         epoll.add(
             timer.news_fd(),
@@ -234,6 +268,9 @@ impl Broker {
         Ok(Broker {
             config,
             backends,
+            opener,
+            next_ticket: 0,
+            abandoned: HashMap::new(),
             listener,
             epoll,
             clients: HashMap::new(),
@@ -282,11 +319,13 @@ impl Broker {
                     }
                     _ if token == TOKEN_LISTENER => self.accept_clients(),
                     _ if token == TOKEN_TIMER_THREAD => self.timer_news(),
+                    _ if token == TOKEN_OPENER => self.opener_news(),
                     KIND_CLIENT => {
                         let id = (token & 0xffff_ffff) as u32;
                         let stalled = self.clients.get(&id).is_some_and(|c| {
                             c.stalled_since.is_some()
                                 || c.parked.is_some()
+                                || c.opening.is_some()
                                 || c.throttled_until.is_some()
                         });
                         if stalled && event.events().contains(EpollFlags::EPOLLHUP) {
@@ -349,6 +388,23 @@ impl Broker {
                 // Serves it if the peer has read them by now, else schedules the next check.
                 self.serve_client(id);
             }
+        }
+        let late_opens: Vec<u32> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.opening.as_ref().is_some_and(|o| now >= o.deadline))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late_opens {
+            self.abandon_open(id);
+        }
+        let open_deadline = self
+            .clients
+            .values()
+            .filter_map(|c| c.opening.as_ref().map(|o| o.deadline))
+            .min();
+        if let Some(deadline) = open_deadline {
+            self.due_at(deadline);
         }
         let throttled: Vec<(u32, Instant)> = self
             .clients
@@ -475,6 +531,7 @@ impl Broker {
                 budget: RequestBudget::new(REQUEST_BURST),
                 failure_log: LogLimiter::new(1, BUDGET_LOG_PERIOD),
                 parked: None,
+                opening: None,
                 throttled_until: None,
                 costly_this_wake: 0,
             },
@@ -501,6 +558,10 @@ impl Broker {
             return;
         };
         log::log!(level, "broker: dropping worker {id}: {why}");
+        if let Some(opening) = &client.opening {
+            opening.pending.abandon();
+            self.abandoned.insert(opening.ticket, client.uid);
+        }
         for stream in client.streams.values() {
             if let Some(slot) = stream.timer_slot {
                 // Dropped when the thread gives it back.
@@ -535,6 +596,7 @@ impl Broker {
             };
             // The rest waits for the next wake-up (input is level-triggered).
             if client.parked.is_some()
+                || client.opening.is_some()
                 || client.throttled_until.is_some()
                 || client.costly_this_wake >= COSTLY_PER_WAKE
             {
@@ -712,13 +774,8 @@ impl Broker {
         let reply = match msg {
             WorkerMsg::Prepare { params, .. } => {
                 match self.prepare(id, stream_id, stream_caps, params) {
-                    Ok(()) => {
-                        // `prepare` sent the reply with the fds.
-                        if let Some(client) = self.clients.get_mut(&id) {
-                            client.fds_maybe_unread = true;
-                        }
-                        return Ok(());
-                    }
+                    // Answered when the open is done (`finish_open`).
+                    Ok(()) => return Ok(()),
                     Err(reason) => Err(reason),
                 }
             }
@@ -726,6 +783,16 @@ impl Broker {
             WorkerMsg::Stop { .. } => self.stop(id, stream_id),
             _ => self.release(id, stream_id),
         };
+        self.answer(id, stream_id, reply)
+    }
+
+    /// Answers a request Done or Failed (logging the failure, rate-limited per worker).
+    fn answer(
+        &mut self,
+        id: u32,
+        stream_id: u32,
+        reply: Result<(), String>,
+    ) -> Result<(), Violation> {
         let reply = match reply {
             Ok(()) => BrokerMsg::Done { stream_id },
             Err(reason) => {
@@ -830,45 +897,163 @@ impl Broker {
         let backend = self
             .backends
             .get(stream_id as usize)
-            .ok_or("no backend for this stream")?;
+            .ok_or("no backend for this stream")?
+            .clone();
+        let client = self.clients.get(&id).ok_or("client vanished")?;
+        let uid = client.uid;
+        if self.abandoned.values().filter(|&&u| u == uid).count() >= MAX_ABANDONED_OPENS_PER_UID {
+            return Err(format!(
+                "{MAX_ABANDONED_OPENS_PER_UID} earlier opens of this uid are still hanging in the \
+                 backend"
+            ));
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
         let backend_name = backend.name();
-        let backend_stream = backend
-            .open(&spec, RingPort::new(ring, notify))
-            .map_err(|e| format!("backend: {e}"))?;
+        let pending = self
+            .opener
+            .open(ticket, backend, spec, RingPort::new(ring, notify))
+            .map_err(|e| format!("cannot start an open: {e}"))?;
+        let deadline = Instant::now() + OPEN_DEADLINE;
+        let client = self.clients.get_mut(&id).ok_or("client vanished")?;
+        client.opening = Some(Opening {
+            ticket,
+            pending,
+            stream_id,
+            params,
+            capacity,
+            ring_fd,
+            worker_notify,
+            backend_name,
+            deadline,
+        });
+        // Nothing more is read from it until the open is answered.
+        let mut none = EpollEvent::new(EpollFlags::empty(), client_token(id));
+        if let Err(e) = self.epoll.modify(&client.channel, &mut none) {
+            return Err(format!("epoll: {e}"));
+        }
+        self.due_at(deadline);
+        Ok(())
+    }
+
+    /// Opens that came back from their threads.
+    fn opener_news(&mut self) {
+        for Opened { ticket, outcome } in self.opener.take() {
+            if self.abandoned.remove(&ticket).is_some() {
+                // Answered Failed at its deadline (or its worker is gone): dropped here.
+                continue;
+            }
+            let owner = self
+                .clients
+                .iter()
+                .find(|(_, c)| c.opening.as_ref().is_some_and(|o| o.ticket == ticket))
+                .map(|(&id, _)| id);
+            if let Some(id) = owner {
+                self.finish_open(id, outcome);
+            }
+        }
+    }
+
+    /// Installs an opened stream and answers its PREPARE, or answers its failure; then serves
+    /// the worker's next requests.
+    fn finish_open(&mut self, id: u32, outcome: Outcome) {
+        let Some(opening) = self.clients.get_mut(&id).and_then(|c| c.opening.take()) else {
+            return;
+        };
+        let stream_id = opening.stream_id;
+        let answered = match outcome {
+            Outcome::Opened(backend_stream) => self.install(id, opening, backend_stream),
+            Outcome::Failed(reason) => self.answer(id, stream_id, Err(reason)),
+            Outcome::Abandoned => self.answer(id, stream_id, Err("open abandoned".into())),
+        };
+        if let Err(e) = answered {
+            self.drop_client(id, &e);
+            return;
+        }
+        self.resume(id);
+    }
+
+    /// Answers an open that missed its deadline `Failed`; its thread goes on until the backend
+    /// returns and counts against the worker's uid until then.
+    fn abandon_open(&mut self, id: u32) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let Some(opening) = client.opening.take() else {
+            return;
+        };
+        opening.pending.abandon();
+        self.abandoned.insert(opening.ticket, client.uid);
+        let reason = format!(
+            "the {} backend did not open the stream within {} ms",
+            opening.backend_name,
+            OPEN_DEADLINE.as_millis()
+        );
+        if let Err(e) = self.answer(id, opening.stream_id, Err(reason)) {
+            self.drop_client(id, &e);
+            return;
+        }
+        self.resume(id);
+    }
+
+    /// Watches a worker's socket again after a request it waited for, and serves what queued.
+    fn resume(&mut self, id: u32) {
+        let Some(client) = self.clients.get(&id) else {
+            return;
+        };
+        let mut watch = EpollEvent::new(EpollFlags::EPOLLIN, client_token(id));
+        if let Err(e) = self.epoll.modify(&client.channel, &mut watch) {
+            self.drop_client(id, &format!("epoll: {e}"));
+            return;
+        }
+        self.serve_client(id);
+    }
+
+    /// Takes an opened stream into the worker's table and sends it the ring and wake-up fds.
+    fn install(
+        &mut self,
+        id: u32,
+        opening: Opening,
+        backend_stream: Box<dyn BackendStream>,
+    ) -> Result<(), Violation> {
+        let stream_id = opening.stream_id;
         // A timer-driven stream's wake-ups are the timer thread's, once it plays.
         if !backend_stream.timer_driven() {
-            self.epoll
-                .add(
-                    backend_stream.wake_fd(),
-                    EpollEvent::new(EpollFlags::EPOLLIN, timer_token(id, stream_id)),
-                )
-                .map_err(|e| format!("epoll: {e}"))?;
+            if let Err(e) = self.epoll.add(
+                backend_stream.wake_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, timer_token(id, stream_id)),
+            ) {
+                return self.answer(id, stream_id, Err(format!("epoll: {e}")));
+            }
         }
-        let stream = BrokerStream {
-            stream: Some(backend_stream),
-            timer_slot: None,
-            running: false,
-            xruns: 0,
+        let Some(client) = self.clients.get_mut(&id) else {
+            return Ok(());
         };
-        let client = self.clients.get_mut(&id).ok_or("client vanished")?;
-        client
-            .channel
-            .send(
-                &BrokerMsg::Prepared {
-                    stream_id,
-                    ring_capacity: capacity,
-                },
-                &[ring_fd.as_fd(), worker_notify.as_fd()],
-            )
-            .map_err(|e| e.to_string())?;
-        client.streams.insert(stream_id, stream);
+        client.channel.send(
+            &BrokerMsg::Prepared {
+                stream_id,
+                ring_capacity: opening.capacity,
+            },
+            &[opening.ring_fd.as_fd(), opening.worker_notify.as_fd()],
+        )?;
+        client.fds_maybe_unread = true;
+        client.streams.insert(
+            stream_id,
+            BrokerStream {
+                stream: Some(backend_stream),
+                timer_slot: None,
+                running: false,
+                xruns: 0,
+            },
+        );
+        let params = opening.params;
         log::info!(
             "broker: worker {id} stream {stream_id} prepared: {} Hz, {} ch, format {}, period {} bytes, {} backend",
             params.rate_hz(),
             params.channels,
             params.format,
             params.period_bytes,
-            backend_name
+            opening.backend_name
         );
         Ok(())
     }
@@ -1007,16 +1192,11 @@ impl Broker {
             self.drop_client(id, &e);
             return;
         }
-        let Some(client) = self.clients.get(&id) else {
-            return;
-        };
-        let mut watch = EpollEvent::new(EpollFlags::EPOLLIN, client_token(id));
-        if let Err(e) = self.epoll.modify(&client.channel, &mut watch) {
-            self.drop_client(id, &format!("epoll: {e}"));
-            return;
+        // A PREPARE goes on waiting for its open.
+        if self.clients.get(&id).is_some_and(|c| c.opening.is_none()) {
+            // And what it sent meanwhile.
+            self.resume(id);
         }
-        // What it sent meanwhile.
-        self.serve_client(id);
     }
 
     fn report_xrun(&mut self, id: u32, stream_id: u32) {

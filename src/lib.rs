@@ -13,6 +13,7 @@ pub mod guest;
 pub mod ipc;
 pub mod listen;
 pub mod local_clock;
+pub mod opener;
 pub mod protocol;
 pub mod ratelimit;
 pub mod ring;

@@ -103,8 +103,9 @@ impl XrunEdge {
     }
 }
 
-/// A configured backend for one stream slot.
-pub trait Backend: Send {
+/// A configured backend for one stream slot. Shared with the threads that open its streams
+/// (`crate::opener`).
+pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Narrows the config's offer to what this backend really accepts.
     fn caps(&self, offered: &PcmCaps) -> PcmCaps;
@@ -154,7 +155,7 @@ pub trait BackendStream: Send {
 /// Builds the backend each configured stream asks for. `auto` streams get PipeWire when a
 /// daemon answers, otherwise ALSA's default PCM if it opens, otherwise `null` (and the choice
 /// is logged); an explicit `pipewire` stream needs the daemon.
-pub fn build(config: &Config) -> Result<Vec<Box<dyn Backend>>, String> {
+pub fn build(config: &Config) -> Result<Vec<Arc<dyn Backend>>, String> {
     let wants = |kind| config.streams.iter().any(|s| s.backend == kind);
     let pipewire_thread = if wants(BackendKind::Pipewire) || wants(BackendKind::Auto) {
         match pipewire::PipewireThread::start() {
@@ -191,7 +192,7 @@ fn for_stream(
     stream: &StreamConfig,
     pipewire_thread: Option<&Arc<pipewire::PipewireThread>>,
     auto_alsa: bool,
-) -> Box<dyn Backend> {
+) -> Arc<dyn Backend> {
     let kind = match stream.backend {
         BackendKind::Auto if pipewire_thread.is_some() => BackendKind::Pipewire,
         BackendKind::Auto if auto_alsa => BackendKind::Alsa,
@@ -199,10 +200,10 @@ fn for_stream(
         kind => kind,
     };
     match (kind, pipewire_thread) {
-        (BackendKind::Wav, _) => Box::new(wav::WavBackend {
+        (BackendKind::Wav, _) => Arc::new(wav::WavBackend {
             path_template: stream.wav_path.clone().unwrap_or_default(),
         }),
-        (BackendKind::Alsa, _) => Box::new(alsa::AlsaBackend {
+        (BackendKind::Alsa, _) => Arc::new(alsa::AlsaBackend {
             device: stream
                 .alsa_device
                 .clone()
@@ -215,7 +216,7 @@ fn for_stream(
                 .find(|c| c.direction == stream.direction && c.hda_fn_nid == stream.hda_fn_nid)
                 .map(|c| c.position_values())
                 .unwrap_or_default();
-            Box::new(pipewire::PipewireBackend {
+            Arc::new(pipewire::PipewireBackend {
                 thread: thread.clone(),
                 props: pipewire::NodeProps {
                     node_name: stream.node_name.clone(),
@@ -228,7 +229,7 @@ fn for_stream(
                 },
             })
         }
-        _ => Box::new(null::NullBackend),
+        _ => Arc::new(null::NullBackend),
     }
 }
 

@@ -56,8 +56,8 @@ use crate::protocol::{chmap, format, D_OUTPUT};
 use crate::ratelimit::LogLimiter;
 use crate::ring::RingError;
 
-/// How long the broker waits for the PipeWire thread to create a stream.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the broker waits for its PipeWire thread to connect at start-up.
+const START_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Per-stream PipeWire properties from the config.
 #[derive(Debug, Clone, Default)]
@@ -489,7 +489,7 @@ impl PipewireThread {
             .spawn(move || run_loop(receiver, flag, graph, ready_tx))
             .map_err(|e| format!("cannot start the PipeWire thread: {e}"))?;
         ready_rx
-            .recv_timeout(OPEN_TIMEOUT)
+            .recv_timeout(START_TIMEOUT)
             .map_err(|_| "the PipeWire thread did not answer".to_string())??;
         Ok(Arc::new(PipewireThread {
             sender,
@@ -1408,8 +1408,9 @@ impl Backend for PipewireBackend {
                 reply,
             })))
             .map_err(io::Error::other)?;
+        // On an opener thread (`crate::opener`): no longer than the broker waits for it.
         answer
-            .recv_timeout(OPEN_TIMEOUT)
+            .recv_timeout(crate::opener::OPEN_DEADLINE)
             .map_err(|_| io::Error::other("PipeWire did not create the stream in time"))?
             .map_err(io::Error::other)?;
         Ok(Box::new(PipewireStream {
