@@ -2,7 +2,7 @@
 //! hostile client (`common::hostile`, its own encoder of the wire format) attacks the broker
 //! while a real worker, driven by the in-process guest, plays at real time on the null backend.
 //! Each test checks that the broker refuses or drops the attacker and frees what it held (its fd
-//! count back to the baseline), serves a fresh worker, and that the good stream's worst
+//! count back to the baseline, its memory within 1 MiB of it), serves a fresh worker, and that the good stream's worst
 //! completion lateness stays within one period of the baseline measured in the same test.
 
 mod common;
@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::frontend::{FrontendOptions, GuestVm};
-use common::hostile::{open_fds, Attack, Attacker, Hostile, Reply, PREPARES_UNREAD};
+use common::hostile::{open_fds, rss_kib, Attack, Attacker, Hostile, Reply, PREPARES_UNREAD};
 use common::vsound::*;
 use vsound::broker::{HELLO_DEADLINE, MAX_CONNECTIONS_PER_UID, MAX_PENDING, UNREAD_REPLY_DEADLINE};
 use vsound::protocol as p;
@@ -24,6 +24,9 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const REPLY: Duration = Duration::from_secs(5);
 /// Slack for 2 loaded cores on top of a deadline.
 const SLACK: Duration = Duration::from_secs(2);
+/// What the broker's resident memory may keep of an attack once it is over: the allocator keeps
+/// some freed memory, but what an attacker held (its connections, streams, rings) is freed.
+const RSS_SLACK_KIB: u64 = 1024;
 /// A connection the broker is accepting (or refusing) when its fds are counted.
 const MID_ACCEPT: usize = 1;
 
@@ -92,6 +95,17 @@ impl Stage {
         let prepared = self.settled_fds();
         assert_eq!(control(&mut self.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
         prepared.saturating_sub(idle)
+    }
+
+    /// The broker's RSS once the attack is over is within [`RSS_SLACK_KIB`] of `baseline`.
+    fn assert_memory_back(&self, what: &str, baseline: u64) {
+        let after = rss_kib(self.pid());
+        eprintln!("{what}: broker RSS {baseline} KiB baseline, {after} KiB after the attack");
+        assert!(
+            after <= baseline + RSS_SLACK_KIB,
+            "{what}: the broker kept {} KiB after the attack",
+            after.saturating_sub(baseline)
+        );
     }
 
     /// Waits until the broker holds `baseline` fds again; what it held at the end.
@@ -182,6 +196,7 @@ fn a_worker_that_never_reads_its_replies_cannot_drain_the_brokers_fds() {
     let params = stage.params;
     let baseline_lateness = worst_lateness(&mut stage.vm, &params, 100);
     let baseline_fds = stage.settled_fds();
+    let baseline_rss = rss_kib(stage.pid());
     // The good stream is prepared while the attack runs.
     let stream_fds = stage.stream_fds();
 
@@ -240,6 +255,7 @@ fn a_worker_that_never_reads_its_replies_cannot_drain_the_brokers_fds() {
     assert!(extra.contains("too many connections"), "{extra}");
     assert_eq!(after, baseline_fds, "broker fds back to the baseline");
     assert!(stage.broker.is_running());
+    stage.assert_memory_back("never-reading worker", baseline_rss);
     assert_kept_pace(
         "never-reading worker",
         baseline_lateness,
@@ -258,6 +274,7 @@ fn hundreds_of_idle_connections_lock_out_no_worker() {
     let params = stage.params;
     let baseline_lateness = worst_lateness(&mut stage.vm, &params, 100);
     let baseline_fds = stage.settled_fds();
+    let baseline_rss = rss_kib(stage.pid());
     // The good stream is prepared while the attack runs.
     let stream_fds = stage.stream_fds();
 
@@ -330,6 +347,7 @@ fn hundreds_of_idle_connections_lock_out_no_worker() {
     );
     assert_eq!(after, baseline_fds, "broker fds back to the baseline");
     assert!(stage.broker.is_running());
+    stage.assert_memory_back("idle connections", baseline_rss);
     assert_kept_pace(
         "idle connections",
         baseline_lateness,
@@ -348,6 +366,7 @@ fn one_uid_cannot_take_every_slot() {
     let params = stage.params;
     let baseline_lateness = worst_lateness(&mut stage.vm, &params, 100);
     let baseline_fds = stage.settled_fds();
+    let baseline_rss = rss_kib(stage.pid());
     // The good stream is prepared while the attack runs.
     let stream_fds = stage.stream_fds();
 
@@ -387,6 +406,7 @@ fn one_uid_cannot_take_every_slot() {
     assert!(during <= baseline_fds + stream_fds + MAX_CONNECTIONS_PER_UID + MID_ACCEPT);
     assert_eq!(after, baseline_fds, "broker fds back to the baseline");
     assert!(stage.broker.is_running());
+    stage.assert_memory_back("one uid's connections", baseline_rss);
     assert_kept_pace(
         "one uid's connections",
         baseline_lateness,

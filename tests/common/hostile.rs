@@ -240,6 +240,17 @@ pub fn open_fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// A process's resident memory in KiB (VmRSS), 0 if it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Environment of an attacker process (a copy of the test binary run as another uid, so that
 /// SO_PEERCRED tells it apart from the test's workers).
 const ATTACK_SOCKET: &str = "VSOUND_HOSTILE_SOCKET";
