@@ -3,7 +3,9 @@
 //! stream's worst stall (its completion jitter: worst lateness less the least) and worst
 //! lateness, and the broker's latency from a PREPARE to its reply, each with and without the
 //! storm. The storm is on a wav stream in tmpfs (a PREPARE creates a file, a STOP flushes
-//! one); the good stream plays on null.
+//! one); the good stream plays on null. Then the same figures during each of the other attacks:
+//! a worker that never reads its replies, 304 idle connections, and a worker whose backend
+//! opens hang (a WAV file at a FIFO nobody reads).
 //!
 //! `cargo bench --bench storm` (as root: the attackers run as uids of their own). Under `cargo
 //! test` it only says so: it is a measurement, not a test.
@@ -11,11 +13,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::frontend::{FrontendOptions, GuestVm};
-use common::hostile::{wire, Attack, Attacker, Hostile, Reply, STORM_STREAM};
+use common::hostile::{wire, Attack, Attacker, Hostile, Reply, HUNG_STREAM, STORM_STREAM};
 use common::vsound::*;
 use vsound::broker::MAX_CONNECTIONS_PER_UID;
 use vsound::protocol as p;
@@ -28,14 +31,100 @@ const PERIODS: usize = 400;
 const PROBES: usize = 30;
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
-fn config_text(wav: &Path) -> String {
+fn config_text(wav: &Path, fifo: &Path) -> String {
     format!(
         "[[streams]]\nname = \"media\"\ndirection = \"output\"\nbackend = \"null\"\n\
          formats = [\"S16\"]\nrates = [48000]\n\
          [[streams]]\nname = \"storm\"\ndirection = \"output\"\nbackend = \"wav\"\n\
+         wav_path = {:?}\nformats = [\"S16\"]\nrates = [48000]\n\
+         [[streams]]\nname = \"hung\"\ndirection = \"output\"\nbackend = \"wav\"\n\
          wav_path = {:?}\nformats = [\"S16\"]\nrates = [48000]\n",
-        wav.display().to_string()
+        wav.display().to_string(),
+        fifo.display().to_string()
     )
+}
+
+/// An attack for `during`: starts its attackers (once they are attacking), and ends them.
+struct AttackRun {
+    name: &'static str,
+    start: fn(&Path) -> Vec<Attacker>,
+    finish: fn(Vec<Attacker>),
+}
+
+const OTHER_ATTACKS: [AttackRun; 3] = [
+    AttackRun {
+        name: "never-reading worker (8 connections)",
+        start: |socket| {
+            let mut a =
+                Attacker::spawn("attacker", ATTACKER_UID + 100, socket, Attack::NeverRead, 8);
+            a.numbers("sent");
+            vec![a]
+        },
+        finish: |attackers| {
+            for mut a in attackers {
+                a.durations("hangups");
+                a.report("extra");
+                a.end();
+            }
+        },
+    },
+    AttackRun {
+        name: "304 idle connections (38 uids)",
+        start: |socket| {
+            (0..38)
+                .map(|i| {
+                    let mut a = Attacker::spawn(
+                        "attacker",
+                        ATTACKER_UID + 200 + i,
+                        socket,
+                        Attack::Idle,
+                        8,
+                    );
+                    a.numbers("connected");
+                    a
+                })
+                .collect()
+        },
+        finish: |attackers| {
+            for mut a in attackers {
+                a.durations("hangups");
+                a.end();
+            }
+        },
+    },
+    AttackRun {
+        name: "hanging backend opens (1 worker)",
+        start: |socket| {
+            let mut a =
+                Attacker::spawn("attacker", ATTACKER_UID + 300, socket, Attack::HungOpen, 1);
+            a.report("ready");
+            vec![a]
+        },
+        finish: |attackers| {
+            for mut a in attackers {
+                a.tell("end");
+                a.numbers("replies");
+                a.end();
+            }
+        },
+    },
+];
+
+/// The good stream's (stall, worst lateness) and the PREPARE latency (median, worst) while
+/// `attack` runs.
+fn during(
+    vm: &mut GuestVm,
+    params: &Params,
+    socket: &Path,
+    attack: &AttackRun,
+) -> ((Duration, Duration), (Duration, Duration)) {
+    let attackers = (attack.start)(socket);
+    let probe_socket = socket.to_path_buf();
+    let probe = std::thread::spawn(move || prepare_latency(&probe_socket));
+    let play = play_figures(vm, params);
+    let latency = probe.join().unwrap();
+    (attack.finish)(attackers);
+    (play, latency)
 }
 
 /// (worst stall, worst lateness) of `PERIODS` periods played.
@@ -94,12 +183,15 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let wav_dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let config = dir.path().join("vsound.toml");
+    let fifo = dir.path().join("hung.wav");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
     std::fs::write(
         &config,
-        config_text(&wav_dir.path().join("out-{client}.wav")),
+        config_text(&wav_dir.path().join("out-{client}.wav"), &fifo),
     )
     .unwrap();
     assert_eq!(STORM_STREAM, 1, "the config's wav stream");
+    assert_eq!(HUNG_STREAM, 2, "the config's stream at a FIFO");
     let (_broker, socket) = spawn_broker(dir.path(), Some(&config));
     let (_worker, worker_socket) = spawn_worker(dir.path(), "good", &socket, Some(&config));
     let mut vm = GuestVm::connect(&worker_socket, FrontendOptions::default()).unwrap();
@@ -146,4 +238,22 @@ fn main() {
         "PREPARE -> reply, {PROBES} requests: median {quiet_median:?}, worst {quiet_max:?} quiet; \
          median {storm_median:?}, worst {storm_max:?} during the storm"
     );
+    println!(
+        "| attack | good stream: worst stall | worst lateness | PREPARE -> reply: median | worst |"
+    );
+    println!("|---|---|---|---|---|");
+    println!("| none | {quiet_stall:?} | {quiet_worst:?} | {quiet_median:?} | {quiet_max:?} |");
+    println!("| {storming}-client control storm | {storm_stall:?} | {storm_worst:?} | {storm_median:?} | {storm_max:?} |");
+    for attack in &OTHER_ATTACKS {
+        let ((stall, worst), (median, max)) = during(&mut vm, &params, &socket, attack);
+        println!(
+            "| {} | {stall:?} | {worst:?} | {median:?} | {max:?} |",
+            attack.name
+        );
+    }
+    // The hung opens' threads end once the FIFO is read.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(&fifo);
 }

@@ -275,7 +275,14 @@ pub enum Attack {
     /// of PREPARE, PREPARE, START, STOP, ...) on each and reads their replies; reports
     /// "storming" once all are welcomed, then the replies it got: `succeeded failed missing`.
     Storm,
+    /// Says Hello asking for `HUNG_STREAM + 1` streams, then until told "end" PREPAREs
+    /// `HUNG_STREAM` (a backend whose open hangs) and reads each reply; reports "ready" once
+    /// welcomed, then `answered failed`.
+    HungOpen,
 }
+
+/// The stream an `Attack::HungOpen` prepares: its backend's open must hang.
+pub const HUNG_STREAM: u32 = 2;
 
 /// PREPAREs per connection in `Attack::NeverRead`.
 pub const PREPARES_UNREAD: usize = 40;
@@ -289,6 +296,7 @@ impl Attack {
             Attack::NeverRead => "never-read",
             Attack::Greedy => "greedy",
             Attack::Storm => "storm",
+            Attack::HungOpen => "hung-open",
         }
     }
 }
@@ -493,8 +501,37 @@ pub fn run_attacker() {
             }
         }
         "storm" => storm(socket, count),
+        "hung-open" => hung_open(socket),
         other => panic!("unknown attack {other}"),
     }
+}
+
+fn hung_open(socket: &Path) {
+    let conn = Hostile::hello(socket, HUNG_STREAM as usize + 1).unwrap();
+    assert_eq!(
+        conn.recv(Duration::from_secs(5)).unwrap(),
+        Some(Reply::Welcome)
+    );
+    say("ready", 1);
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let end = ended.clone();
+    std::thread::spawn(move || {
+        wait_for("end");
+        end.store(true, std::sync::atomic::Ordering::Release);
+    });
+    let (mut answered, mut failed) = (0, 0);
+    while !ended.load(std::sync::atomic::Ordering::Acquire) {
+        if conn.send(&wire::prepare(HUNG_STREAM, 1920, 4)).is_err() {
+            break;
+        }
+        match conn.recv(Duration::from_secs(5)) {
+            Ok(Some(Reply::Failed)) => failed += 1,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+        answered += 1;
+    }
+    say("replies", format!("{answered} {failed}"));
 }
 
 /// The stream an `Attack::Storm` storms (its Hello asks for two output streams).
