@@ -50,8 +50,10 @@ const RECHECK_INTERVAL: Duration = Duration::from_millis(10);
 const UNREAD_RECHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// Connections accepted per wake-up, so that a connection flood cannot starve the streams.
 const ACCEPTS_PER_WAKE: usize = 16;
-/// Refused connections are logged at most this often (a flood would fill the log).
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Refused and dropped connections are logged at most this many times per period, then
+/// counted: a hostile worker can connect and break the protocol at will.
+const CONNECTION_LOG_BURST: u32 = 16;
+const CONNECTION_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Messages handled per client per wake-up, so one chatty worker cannot starve the others.
 /// What is costly among them (PREPARE: a memfd, a socket pair and a backend open; START and
 /// STOP: a backend call) is bounded by the request budget below; the rest are answered with
@@ -239,7 +241,8 @@ pub struct Broker {
     /// When `housekeeping` has something to do: a Hello deadline or a recheck.
     next_due: Option<Instant>,
     refusals: u64,
-    refusal_logged: Option<Instant>,
+    /// Lines about refused and dropped connections.
+    connection_log: LogLimiter,
     timer: TimerThread,
     timer_slots: Vec<SlotOwner>,
     free_slots: Vec<usize>,
@@ -278,7 +281,11 @@ impl Broker {
             unread: Vec::new(),
             next_due: None,
             refusals: 0,
-            refusal_logged: None,
+            connection_log: LogLimiter::named(
+                "worker-triggered",
+                CONNECTION_LOG_BURST,
+                CONNECTION_LOG_PERIOD,
+            ),
             timer,
             timer_slots: vec![SlotOwner::Free; TIMER_SLOTS],
             free_slots: (0..TIMER_SLOTS).rev().collect(),
@@ -366,6 +373,7 @@ impl Broker {
     /// Hello deadlines, requests waiting behind unread fds, dropped workers' unread fds.
     fn housekeeping(&mut self) {
         let now = Instant::now();
+        self.connection_log.report_if_due(now);
         self.next_due = None;
         let late: Vec<u32> = self
             .clients
@@ -464,16 +472,11 @@ impl Broker {
 
     fn log_refusal(&mut self, why: &io::Error) {
         self.refusals += 1;
-        let now = Instant::now();
-        if self
-            .refusal_logged
-            .is_none_or(|at| now >= at + REFUSAL_LOG_INTERVAL)
-        {
+        if self.connection_log.admit(Instant::now()) {
             log::warn!(
                 "broker: refused a connection: {why} ({} refused so far)",
                 self.refusals
             );
-            self.refusal_logged = Some(now);
         }
     }
 
@@ -557,7 +560,9 @@ impl Broker {
         let Some(client) = self.clients.remove(&id) else {
             return;
         };
-        log::log!(level, "broker: dropping worker {id}: {why}");
+        if log::log_enabled!(level) && self.connection_log.admit(Instant::now()) {
+            log::log!(level, "broker: dropping worker {id}: {why}");
+        }
         if let Some(opening) = &client.opening {
             opening.pending.abandon();
             self.abandoned.insert(opening.ticket, client.uid);

@@ -1,6 +1,6 @@
-//! Rate limit for the log lines a guest can trigger at will (malformed chains, republished
-//! heads, unwritable buffers): a guest must not be able to fill the host's journal or keep the
-//! device thread busy formatting lines. The first few lines of each period are logged; the rest
+//! Rate limit for the log lines a guest (or a worker, in the broker) can trigger at will
+//! (malformed chains, republished heads, unwritable buffers; connections broken or dropped): it
+//! must not be able to fill the host's journal or keep a thread busy formatting lines. The first few lines of each period are logged; the rest
 //! are only counted, and the count is logged once the period is over.
 
 use std::time::{Duration, Instant};
@@ -14,6 +14,8 @@ pub const GUEST_LOG_PERIOD: Duration = Duration::from_secs(5);
 /// allocated or formatted for a suppressed line).
 #[derive(Debug)]
 pub struct LogLimiter {
+    /// Whose lines these are, for the count of suppressed ones.
+    what: &'static str,
     burst: u32,
     period: Duration,
     period_start: Option<Instant>,
@@ -28,8 +30,15 @@ impl Default for LogLimiter {
 }
 
 impl LogLimiter {
+    /// A limiter of guest-triggered lines.
     pub const fn new(burst: u32, period: Duration) -> LogLimiter {
+        LogLimiter::named("guest-triggered", burst, period)
+    }
+
+    /// A limiter of `what` lines ("worker-triggered", ...).
+    pub const fn named(what: &'static str, burst: u32, period: Duration) -> LogLimiter {
         LogLimiter {
+            what,
             burst,
             period,
             period_start: None,
@@ -80,7 +89,8 @@ impl LogLimiter {
         let suppressed = std::mem::take(&mut self.suppressed);
         if suppressed > 0 {
             log::warn!(
-                "{suppressed} more guest-triggered log lines suppressed (at most {} per {:?})",
+                "{suppressed} more {} log lines suppressed (at most {} per {:?})",
+                self.what,
                 self.burst,
                 self.period
             );

@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::frontend::{FrontendOptions, GuestVm};
-use common::hostile::{open_fds, rss_kib, Attack, Attacker, Hostile, Reply, PREPARES_UNREAD};
+use common::hostile::{
+    open_fds, rss_kib, Attack, Attacker, Hostile, Reply, PREPARES_UNREAD, PROTOCOL_VERSION,
+};
 use common::vsound::*;
 use vsound::broker::{HELLO_DEADLINE, MAX_CONNECTIONS_PER_UID, MAX_PENDING, UNREAD_REPLY_DEADLINE};
 use vsound::protocol as p;
@@ -58,7 +60,8 @@ struct Stage {
 impl Stage {
     fn start() -> Stage {
         let dir = tempfile::tempdir().unwrap();
-        let (broker, socket) = spawn_broker(dir.path(), None);
+        let log = dir.path().join("broker.log");
+        let (broker, socket) = spawn_broker_logging(dir.path(), None, &[], Some(&log));
         let (worker, vm) = fresh_worker(dir.path(), "good", &socket);
         Stage {
             dir,
@@ -72,6 +75,10 @@ impl Stage {
 
     fn pid(&self) -> u32 {
         self.broker.pid()
+    }
+
+    fn broker_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }
 
     /// The broker's open fds once they settled (a stream being prepared or dropped moves them).
@@ -413,4 +420,128 @@ fn one_uid_cannot_take_every_slot() {
         attacked_lateness,
         params.period(),
     );
+}
+
+/// The classic attacks, each on a connection of its own, over and over while the good stream
+/// plays: what breaks the protocol is hung up on, absurd params are answered `Failed` on a
+/// connection that stays usable; afterwards the broker's fds and memory are back, a fresh
+/// worker is served, the good stream kept its pace, and the broker's log took a bounded number
+/// of lines for it.
+#[test]
+fn classic_attacks_are_dropped_and_leave_nothing_behind() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut stage = Stage::start();
+    let params = stage.params;
+    let baseline_lateness = worst_lateness(&mut stage.vm, &params, 100);
+    let baseline_fds = stage.settled_fds();
+    let baseline_rss = rss_kib(stage.pid());
+    let stream_fds = stage.stream_fds();
+
+    let socket = stage.socket.clone();
+    let dir = stage.dir.path().to_path_buf();
+    let attack = std::thread::spawn(move || {
+        let rounds = 20;
+        let mut attacks = 0;
+        for _ in 0..rounds {
+            attacks += classic_attacks(&socket);
+        }
+        fresh_worker_plays(&dir, "fresh", &socket);
+        attacks
+    });
+    let attacked_lateness = worst_lateness(&mut stage.vm, &params, 300);
+    let attacks = attack.join().unwrap();
+    let after = stage.wait_fds(baseline_fds);
+    let log = stage.broker_log();
+    let dropped_lines = log.matches("dropping worker").count();
+    let refused_lines = log.matches("refused").count();
+    eprintln!("classic attacks: {dropped_lines} lines about dropped workers in the broker's log");
+    // 16 per 10 s (the attack takes a few seconds), and not one per attacked connection.
+    assert!(
+        dropped_lines + refused_lines <= 2 * 16 && dropped_lines + refused_lines < attacks,
+        "{dropped_lines} + {refused_lines} lines for {attacks} attacked connections"
+    );
+    eprintln!(
+        "classic attacks: {attacks} connections attacked; broker fds {baseline_fds} baseline \
+         (+{stream_fds} for the good stream), {after} after"
+    );
+    assert_eq!(after, baseline_fds, "broker fds back to the baseline");
+    assert!(stage.broker.is_running());
+    stage.assert_memory_back("classic attacks", baseline_rss);
+    assert_kept_pace(
+        "classic attacks",
+        baseline_lateness,
+        attacked_lateness,
+        params.period(),
+    );
+}
+
+/// One round of the classic attacks; how many connections it used.
+fn classic_attacks(socket: &Path) -> usize {
+    use common::hostile::wire;
+    let hung_up = |conn: &Hostile, what: &str| {
+        assert!(
+            conn.wait_hung_up(REPLY).is_some(),
+            "{what}: the broker did not hang up"
+        );
+    };
+    let welcomed = || {
+        let conn = Hostile::hello(socket, 2).unwrap();
+        assert_eq!(conn.recv(REPLY).unwrap(), Some(Reply::Welcome));
+        conn
+    };
+    let mut used = 0;
+    let mut attack = |what: &str, packet: &[u8]| {
+        let conn = Hostile::connect(socket).unwrap();
+        conn.send(packet).unwrap();
+        hung_up(&conn, what);
+        used += 1;
+    };
+    attack("garbage", &[0xde, 0xad, 0xbe, 0xef]);
+    attack("an oversize packet", &vec![0u8; 9000]);
+    let hello = wire::hello(PROTOCOL_VERSION, 2);
+    attack("a truncated Hello", &hello[..hello.len() / 2]);
+    let mut trailing = hello.clone();
+    trailing.extend([0, 0, 0]);
+    attack("a Hello with trailing bytes", &trailing);
+    attack("a Start before Hello", &wire::stream_request(2, 0));
+
+    let conn = Hostile::connect(socket).unwrap();
+    conn.send(&wire::hello(PROTOCOL_VERSION + 1, 2)).unwrap();
+    assert!(matches!(conn.recv(REPLY).unwrap(), Some(Reply::Refused(_))));
+    hung_up(&conn, "a wrong version");
+
+    let conn = welcomed();
+    conn.send(&wire::stream_request(2, 99)).unwrap();
+    hung_up(&conn, "an out-of-range stream id");
+
+    let conn = welcomed();
+    for (period_bytes, periods) in [(0, 4), (1920, 1_000_000), (1919, 4), (u32::MAX / 2, 2)] {
+        conn.send(&wire::prepare(0, period_bytes, periods)).unwrap();
+        assert_eq!(
+            conn.recv(REPLY).unwrap(),
+            Some(Reply::Failed),
+            "PREPARE of {periods} periods of {period_bytes} bytes"
+        );
+    }
+    conn.send(&wire::prepare(0, 1920, 4)).unwrap();
+    assert!(matches!(
+        conn.recv(REPLY).unwrap(),
+        Some(Reply::Prepared { fds: 2 })
+    ));
+
+    // 200 fds on a request: workers never send any.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let fds: Vec<std::os::fd::BorrowedFd> =
+        (0..200).map(|_| std::os::fd::AsFd::as_fd(&null)).collect();
+    let flood = welcomed();
+    flood
+        .send_with_fds(&wire::stream_request(3, 0), &fds)
+        .unwrap();
+    hung_up(&flood, "a request with 200 fds");
+
+    // Gone right after a PREPARE, its reply and fds unread.
+    let abrupt = welcomed();
+    abrupt.send(&wire::prepare(0, 1920, 4)).unwrap();
+    drop(abrupt);
+    used + 5
 }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::net::{
-    self, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendFlags,
-    SocketAddrUnix, SocketType,
+    self, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketType,
 };
 
 /// The version the broker speaks (`ipc::PROTOCOL_VERSION`).
@@ -167,6 +167,22 @@ impl Hostile {
     /// Sends one packet; `WouldBlock` when the broker's queue for us is full.
     pub fn send(&self, packet: &[u8]) -> io::Result<()> {
         net::send(&self.fd, packet, SendFlags::NOSIGNAL)?;
+        Ok(())
+    }
+
+    /// Sends one packet with `fds` attached (SCM_RIGHTS).
+    pub fn send_with_fds(&self, packet: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        net::sendmsg(
+            &self.fd,
+            &[io::IoSlice::new(packet)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )?;
         Ok(())
     }
 

@@ -80,6 +80,16 @@ pub fn spawn_broker_with_env(
     config: Option<&Path>,
     env: &[(&str, PathBuf)],
 ) -> (Proc, PathBuf) {
+    spawn_broker_logging(dir, config, env, None)
+}
+
+/// A broker whose stderr goes to `log` (if given).
+pub fn spawn_broker_logging(
+    dir: &Path,
+    config: Option<&Path>,
+    env: &[(&str, PathBuf)],
+    log: Option<&Path>,
+) -> (Proc, PathBuf) {
     let socket = dir.join("broker.sock");
     // A dead broker's socket file would satisfy the wait below before the new one binds.
     let _ = std::fs::remove_file(&socket);
@@ -93,6 +103,9 @@ pub fn spawn_broker_with_env(
         .envs(env.iter().map(|(k, v)| (*k, v)));
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
+    }
+    if let Some(log) = log {
+        cmd.stderr(std::fs::File::create(log).unwrap());
     }
     let mut proc = Proc {
         child: cmd.stdin(Stdio::null()).spawn().expect("start broker"),
