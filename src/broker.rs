@@ -77,6 +77,11 @@ const BUDGET_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// have: beyond them its PREPAREs fail at once, so a hanging backend cannot be made to pile up
 /// opener threads (each worker has at most one open in flight besides).
 pub const MAX_ABANDONED_OPENS_PER_UID: usize = 2;
+/// The rings one worker's streams may hold in all (the broker creates them and writes capture
+/// rings first, so they are charged to it): the largest legal stream (384 kHz, 8 channels,
+/// FLOAT64: 3 lookahead periods of up to 80 ms, about 6 MiB) ten times over; 64 workers then
+/// hold at most 4 GiB, under the broker unit's MemoryMax.
+pub const MAX_RING_BYTES_PER_WORKER: u64 = 64 << 20;
 /// PCM features the broker implements: xrun reports.
 const BROKER_PCM_FEATURES: u32 = 1 << crate::protocol::PCM_F_EVT_XRUNS;
 
@@ -108,6 +113,8 @@ enum Violation {
 }
 
 struct BrokerStream {
+    /// Its ring's size, counted against its worker's [`MAX_RING_BYTES_PER_WORKER`].
+    ring_bytes: u64,
     /// `None` while the timer thread runs it (in `timer_slot`).
     stream: Option<Box<dyn BackendStream>>,
     timer_slot: Option<usize>,
@@ -881,6 +888,16 @@ impl Broker {
         let capacity = (u64::from(params.period_bytes)
             * u64::from(self.config.limits.lookahead_periods.max(2)))
         .max(backend.ring_bytes(&params));
+        let held: u64 = self
+            .clients
+            .get(&id)
+            .map_or(0, |c| c.streams.values().map(|s| s.ring_bytes).sum());
+        if held + capacity > MAX_RING_BYTES_PER_WORKER {
+            return Err(format!(
+                "a ring of {capacity} bytes would take this worker's rings past {} MiB",
+                MAX_RING_BYTES_PER_WORKER >> 20
+            ));
+        }
         let (ring, ring_fd) = SharedRing::create(capacity).map_err(|e| e.to_string())?;
         // Not an fd shared with the worker (an eventfd dup's flags and counter would be the
         // worker's to set): each side has its own end.
@@ -1045,6 +1062,7 @@ impl Broker {
         client.streams.insert(
             stream_id,
             BrokerStream {
+                ring_bytes: opening.capacity,
                 stream: Some(backend_stream),
                 timer_slot: None,
                 running: false,

@@ -89,7 +89,7 @@ pub struct StreamConfig {
     pub rates: Vec<u32>,
     #[serde(default = "one")]
     pub channels_min: u8,
-    #[serde(default = "two")]
+    #[serde(default = "eight")]
     pub channels_max: u8,
     #[serde(default = "default_backend")]
     pub backend: BackendKind,
@@ -177,20 +177,35 @@ fn yes() -> bool {
 fn one() -> u8 {
     1
 }
-fn two() -> u8 {
-    2
+/// Up to 7.1: what the default channel maps describe. Each backend narrows it.
+fn eight() -> u8 {
+    8
 }
+/// Every PCM format with a fixed sample size: each backend narrows the offer to what it
+/// carries (PipeWire, ALSA: their own lists; wav: what a WAV file holds; null: all).
 fn default_formats() -> Vec<String> {
-    vec!["S16".into(), "S32".into(), "FLOAT".into()]
+    [
+        "MU_LAW", "A_LAW", "S8", "U8", "S16", "U16", "S18_3", "U18_3", "S20_3", "U20_3", "S24_3",
+        "U24_3", "S20", "U20", "S24", "U24", "S32", "U32", "FLOAT", "FLOAT64",
+    ]
+    .map(String::from)
+    .to_vec()
 }
+/// Every rate the Linux driver maps (5512 to 384000 Hz; not the two added after VIRTIO 1.3's
+/// first draft, which it does not know). ALSA narrows it to the device's.
 fn default_rates() -> Vec<u32> {
-    vec![44100, 48000]
+    (protocol::rate::R5512..=protocol::rate::R384000)
+        .filter_map(protocol::rate_hz)
+        .collect()
 }
 fn default_backend() -> BackendKind {
     BackendKind::Auto
 }
+/// The Linux driver lets a guest choose buffers up to 160 ms of the largest rate, channel count
+/// and sample the device offers: 384 kHz x 8 channels x FLOAT64 is 3.75 MiB. A smaller limit
+/// would refuse a buffer the driver offers.
 fn default_max_buffer_bytes() -> u32 {
-    1 << 20
+    4 << 20
 }
 fn default_lookahead_periods() -> u32 {
     3
@@ -214,7 +229,7 @@ fn default_streams() -> Vec<StreamConfig> {
         formats: default_formats(),
         rates: default_rates(),
         channels_min: 1,
-        channels_max: 2,
+        channels_max: eight(),
         backend: BackendKind::Auto,
         wav_path: None,
         node_name: None,
@@ -229,13 +244,26 @@ fn default_streams() -> Vec<StreamConfig> {
         stream("capture", Direction::Input),
     ]
 }
+/// Mono, stereo, 2.1, quad, 5.1 and 7.1, in ALSA's channel order, for each direction.
 fn default_chmaps() -> Vec<ChmapConfig> {
-    let stereo = |direction| ChmapConfig {
-        direction,
-        hda_fn_nid: 0,
-        positions: vec!["FL".into(), "FR".into()],
-    };
-    vec![stereo(Direction::Output), stereo(Direction::Input)]
+    const LAYOUTS: [&[&str]; 6] = [
+        &["MONO"],
+        &["FL", "FR"],
+        &["FL", "FR", "LFE"],
+        &["FL", "FR", "RL", "RR"],
+        &["FL", "FR", "RL", "RR", "FC", "LFE"],
+        &["FL", "FR", "RL", "RR", "FC", "LFE", "SL", "SR"],
+    ];
+    [Direction::Output, Direction::Input]
+        .into_iter()
+        .flat_map(|direction| {
+            LAYOUTS.iter().map(move |layout| ChmapConfig {
+                direction,
+                hda_fn_nid: 0,
+                positions: layout.iter().map(|p| p.to_string()).collect(),
+            })
+        })
+        .collect()
 }
 
 /// Format name (as in the spec, without the VIRTIO_SND_PCM_FMT_ prefix) to its wire value.
@@ -416,21 +444,30 @@ mod tests {
         assert!(c.streams.iter().any(|s| s.direction == Direction::Output));
         assert!(c.streams.iter().any(|s| s.direction == Direction::Input));
         let s = &c.streams[0];
-        assert_eq!(
-            s.format_mask(),
-            (1 << format::S16) | (1 << format::S32) | (1 << format::FLOAT)
-        );
-        assert_eq!(
-            s.rate_mask(),
-            (1 << protocol::rate::R44100) | (1 << protocol::rate::R48000)
-        );
+        // Every format with a sample size, every rate the Linux driver maps, up to 8 channels.
+        let sized = (0..=format::MAX)
+            .filter(|&f| protocol::sample_bytes(f).is_some())
+            .fold(0u64, |m, f| m | (1 << f));
+        assert_eq!(s.format_mask(), sized);
+        assert_eq!(s.rate_mask(), (1 << (protocol::rate::R384000 + 1)) - 1);
+        assert_eq!((s.channels_min, s.channels_max), (1, 8));
+        // A channel map per channel count up to 7.1 in each direction.
+        for direction in [Direction::Output, Direction::Input] {
+            let sizes: Vec<usize> = c
+                .chmaps
+                .iter()
+                .filter(|m| m.direction == direction)
+                .map(|m| m.position_values().len())
+                .collect();
+            assert_eq!(sizes, [1, 2, 3, 4, 6, 8]);
+        }
     }
 
     #[test]
     fn empty_file_gives_the_default() {
         let c = Config::parse("").unwrap();
         assert_eq!(c.streams.len(), 2);
-        assert_eq!(c.chmaps.len(), 2);
+        assert_eq!(c.chmaps.len(), 12);
     }
 
     #[test]

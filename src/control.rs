@@ -531,7 +531,7 @@ mod tests {
         assert_eq!(resp.len(), 68);
         let info: p::PcmInfo = p::read_prefix(&resp[4..]).unwrap();
         assert_eq!(info.direction, p::D_OUTPUT);
-        assert_eq!(info.channels_max, 2);
+        assert_eq!(info.channels_max, 8);
         let info: p::PcmInfo = p::read_prefix(&resp[36..]).unwrap();
         assert_eq!(info.direction, p::D_INPUT);
     }
@@ -540,7 +540,8 @@ mod tests {
     fn query_with_larger_item_size_is_zero_padded() {
         let mut dev = device();
         let resp = dev.handle(
-            &query(p::R_CHMAP_INFO, 1, 1, 40),
+            // The input's stereo map: the output's six maps come first, then its mono one.
+            &query(p::R_CHMAP_INFO, 7, 1, 40),
             100,
             &mut RecordingHost::default(),
         );
@@ -656,9 +657,9 @@ mod tests {
             (set_params(u32::MAX, 7680, 1920, 2, s16, r48), 0x8001), // no such stream
             (set_params(0, 7680, 1920, 2, 200, r48), 0x8001), // format out of range
             (set_params(0, 7680, 1920, 2, s16, 99), 0x8001),  // rate out of range
-            (set_params(0, 7680, 1920, 2, p::format::U8, r48), 0x8002), // format not offered
-            (set_params(0, 7680, 1920, 2, s16, p::rate::R8000), 0x8002), // rate not offered
-            (set_params(0, 7680, 1920, 3, s16, r48), 0x8002), // too many channels
+            (set_params(0, 7680, 1920, 2, 0, r48), 0x8002),   // IMA_ADPCM: not offered
+            (set_params(0, 7680, 1920, 2, s16, p::rate::R12000), 0x8002), // rate not offered
+            (set_params(0, 7680, 1920, 9, s16, r48), 0x8002), // too many channels
             (set_params(0, 7680, 1920, 0, s16, r48), 0x8001), // zero channels
             (set_params(0, 7680, 0, 2, s16, r48), 0x8001),    // period 0
             (set_params(0, 0, 1920, 2, s16, r48), 0x8001),    // buffer 0

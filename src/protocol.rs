@@ -173,9 +173,16 @@ pub fn sample_bytes(fmt: u8) -> Option<u32> {
     })
 }
 
-/// One sample of silence, little-endian: unsigned formats are centred, not zero.
+/// One sample of silence, little-endian: unsigned formats are centred, companded ones are
+/// their code for zero, not zero.
 pub fn silence_sample(fmt: u8) -> Vec<u8> {
     use format::*;
+    // Companded zero: G.711's codes for the smallest positive level.
+    match fmt {
+        MU_LAW => return vec![0xff],
+        A_LAW => return vec![0xd5],
+        _ => {}
+    }
     let width = sample_bytes(fmt).unwrap_or(1) as usize;
     let mut sample = vec![0u8; width];
     let centre_bit = match fmt {
@@ -633,5 +640,7 @@ mod tests {
         assert_eq!(silence_sample(format::U24_3), vec![0, 0, 0x80]);
         assert_eq!(silence_sample(format::U32), vec![0, 0, 0, 0x80]);
         assert_eq!(silence_sample(format::FLOAT), vec![0; 4]);
+        assert_eq!(silence_sample(format::MU_LAW), vec![0xff]);
+        assert_eq!(silence_sample(format::A_LAW), vec![0xd5]);
     }
 }

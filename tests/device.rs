@@ -30,7 +30,8 @@ rates = [48000]
 fn probe_sees_the_configured_device() {
     let mut rig = Rig::start(None, FrontendOptions::default());
     let config = rig.vm.get_config(0, 12).unwrap();
-    assert_eq!(config, [1, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0]);
+    // One jack, two streams, twelve channel maps.
+    assert_eq!(config, [1, 0, 0, 0, 2, 0, 0, 0, 12, 0, 0, 0]);
     // A VMM with VIRTIO 1.3 headers reads 16 bytes: controls must read as 0.
     assert_eq!(rig.vm.get_config(0, 16).unwrap()[12..], [0, 0, 0, 0]);
     let features = rig.vm.offered_features();
@@ -47,22 +48,134 @@ fn probe_sees_the_configured_device() {
     let out: p::PcmInfo = p::read_prefix(&resp[4..]).unwrap();
     let input: p::PcmInfo = p::read_prefix(&resp[36..]).unwrap();
     assert_eq!((out.direction, input.direction), (p::D_OUTPUT, p::D_INPUT));
-    let want_formats = (1 << p::format::S16) | (1 << p::format::S32) | (1 << p::format::FLOAT);
-    assert_eq!(out.formats.get(), want_formats);
-    assert_eq!(
-        out.rates.get(),
-        (1 << p::rate::R44100) | (1 << p::rate::R48000)
+    // The default config on the null backend: every format with a sample size, every rate
+    // the Linux driver maps, 1 to 8 channels.
+    let want_formats = (0..=p::format::MAX)
+        .filter(|&f| p::sample_bytes(f).is_some())
+        .fold(0u64, |m, f| m | (1 << f));
+    for info in [out, input] {
+        assert_eq!(info.formats.get(), want_formats);
+        assert_eq!(info.rates.get(), (1 << (p::rate::R384000 + 1)) - 1);
+        assert_eq!((info.channels_min, info.channels_max), (1, 8));
+    }
+    // Mono, stereo, 2.1, quad, 5.1 and 7.1 for each direction.
+    let resp = rig.vm.request(
+        p::CONTROL_QUEUE,
+        &query(p::R_CHMAP_INFO, 0, 12, 24),
+        4 + 12 * 24,
     );
-    assert_eq!((out.channels_min, out.channels_max), (1, 2));
-    let resp = rig
-        .vm
-        .request(p::CONTROL_QUEUE, &query(p::R_CHMAP_INFO, 0, 2, 24), 52);
     assert_eq!(status_of(&resp), 0x8000);
-    let chmap: p::ChmapInfo = p::read_prefix(&resp[4..]).unwrap();
-    assert_eq!(
-        (chmap.channels, chmap.positions[0], chmap.positions[1]),
-        (2, p::chmap::FL, p::chmap::FR)
+    use p::chmap::*;
+    let layouts: [&[u8]; 6] = [
+        &[MONO],
+        &[FL, FR],
+        &[FL, FR, LFE],
+        &[FL, FR, RL, RR],
+        &[FL, FR, RL, RR, FC, LFE],
+        &[FL, FR, RL, RR, FC, LFE, SL, SR],
+    ];
+    for (i, chunk) in resp[4..].chunks(24).enumerate() {
+        let chmap: p::ChmapInfo = p::read_prefix(chunk).unwrap();
+        let (direction, layout) = (if i < 6 { p::D_OUTPUT } else { p::D_INPUT }, layouts[i % 6]);
+        assert_eq!(chmap.direction, direction, "chmap {i}");
+        assert_eq!(
+            &chmap.positions[..usize::from(chmap.channels)],
+            layout,
+            "chmap {i}"
+        );
+    }
+}
+
+/// Every rate, format and channel count the default config offers is accepted by SET_PARAMS
+/// (with the Linux driver's largest buffer for it, 160 ms), and a PREPARE, START and a played
+/// period work for each rate, each format and each channel count.
+#[test]
+fn every_offered_combination_is_accepted() {
+    let mut rig = Rig::start(None, FrontendOptions::default());
+    let formats: Vec<u8> = (0..=p::format::MAX)
+        .filter(|&f| p::sample_bytes(f).is_some())
+        .collect();
+    let rates: Vec<u8> = (p::rate::R5512..=p::rate::R384000).collect();
+    let mut accepted = 0;
+    for &format in &formats {
+        for &rate in &rates {
+            for channels in 1..=8u8 {
+                let params = driver_params(format, rate, channels);
+                let status = control(&mut rig.vm, &params.request());
+                assert_eq!(status, 0x8000, "SET_PARAMS {params:?}");
+                accepted += 1;
+            }
+        }
+    }
+    println!("{accepted} combinations accepted by SET_PARAMS");
+    // Each rate, each format, each channel count played once (within the broker's request
+    // rate: a PREPARE and a START each).
+    let mut played = Vec::new();
+    played.extend(rates.iter().map(|&r| driver_params(p::format::S16, r, 2)));
+    played.extend(
+        formats
+            .iter()
+            .map(|&f| driver_params(f, p::rate::R48000, 2)),
     );
+    played.extend((1..=8).map(|c| driver_params(p::format::S16, p::rate::R48000, c)));
+    played.push(driver_params(p::format::FLOAT64, p::rate::R384000, 8));
+    for params in played {
+        assert_eq!(
+            control(&mut rig.vm, &params.request()),
+            0x8000,
+            "{params:?}"
+        );
+        assert_eq!(
+            paced(&mut rig, &pcm(p::R_PCM_PREPARE, 0)),
+            0x8000,
+            "{params:?}"
+        );
+        let period = vec![0u8; params.period_bytes as usize];
+        tx_submit(&mut rig.vm, 0, &period);
+        assert_eq!(
+            paced(&mut rig, &pcm(p::R_PCM_START, 0)),
+            0x8000,
+            "{params:?}"
+        );
+        let used = rig
+            .vm
+            .wait_used(p::TX_QUEUE, Duration::from_secs(2))
+            .unwrap_or_else(|| panic!("no completion at {params:?}"));
+        assert_eq!(split_status(&used, 0).status, 0x8000, "{params:?}");
+        assert_eq!(paced(&mut rig, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+        assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    }
+}
+
+/// A PREPARE, START or STOP, retried while the broker answers it over the request rate
+/// (16 per second after a burst of 32; the worker maps that to IO_ERR).
+fn paced(rig: &mut Rig, request: &[u8]) -> u32 {
+    let started = Instant::now();
+    loop {
+        match control(&mut rig.vm, request) {
+            0x8003 if started.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(70))
+            }
+            status => return status,
+        }
+    }
+}
+
+/// What the Linux driver asks for at `format`, `rate`, `channels`: its largest buffer (160 ms)
+/// in periods of 10 ms, rounded to whole frames.
+fn driver_params(format: u8, rate: u8, channels: u8) -> Params {
+    let frame = p::sample_bytes(format).unwrap() * u32::from(channels);
+    let hz = p::rate_hz(rate).unwrap();
+    let period_frames = (hz / 100).max(1);
+    Params {
+        stream: 0,
+        channels,
+        format,
+        rate,
+        period_bytes: period_frames * frame,
+        periods: 16,
+        features: 0,
+    }
 }
 
 #[test]
@@ -307,7 +420,7 @@ fn malformed_control_requests_get_their_status_and_the_device_goes_on() {
         ),
         (
             Params {
-                format: p::format::U8,
+                format: 0, // IMA_ADPCM: no fixed sample size, never offered
                 ..Params::s16_48k(0)
             }
             .request(),

@@ -87,6 +87,63 @@ pub fn probe(device: &str) -> bool {
 
 pub struct AlsaBackend {
     pub device: String,
+    /// What the device's hw params allow, probed once at start-up (a busy or absent device
+    /// leaves the config's offer, narrowed to the formats ALSA has, and fails at open).
+    limits: Option<DeviceLimits>,
+}
+
+/// The formats, rates and channel counts a device's hw params allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeviceLimits {
+    formats: u64,
+    rates: u64,
+    channels_min: u8,
+    channels_max: u8,
+}
+
+impl AlsaBackend {
+    /// A backend for `device`, its limits probed for `direction` (VIRTIO_SND_D_*).
+    pub fn new(device: String, direction: u8) -> AlsaBackend {
+        let limits = probe_limits(&device, direction);
+        match &limits {
+            Some(l) => log::info!(
+                "alsa: {device} takes {} channels, formats {:#x}, rates {:#x} (virtio masks)",
+                if l.channels_min == l.channels_max {
+                    l.channels_min.to_string()
+                } else {
+                    format!("{}-{}", l.channels_min, l.channels_max)
+                },
+                l.formats,
+                l.rates
+            ),
+            None => log::info!("alsa: {device} cannot be probed now; offering the config's"),
+        }
+        AlsaBackend { device, limits }
+    }
+}
+
+/// Opens `device` non-blocking and reads what its hw params allow, in virtio terms.
+fn probe_limits(device: &str, direction: u8) -> Option<DeviceLimits> {
+    let direction = if direction == D_OUTPUT {
+        Direction::Playback
+    } else {
+        Direction::Capture
+    };
+    let pcm = PCM::new(device, direction, true).ok()?;
+    let hw = HwParams::any(&pcm).ok()?;
+    let formats = (0..=format::MAX)
+        .filter(|&f| alsa_format(f).is_some_and(|af| hw.test_format(af).is_ok()))
+        .fold(0u64, |m, f| m | (1 << f));
+    let rates = (0..=crate::protocol::rate::MAX)
+        .filter(|&r| crate::protocol::rate_hz(r).is_some_and(|hz| hw.test_rate(hz).is_ok()))
+        .fold(0u64, |m, r| m | (1 << r));
+    let clamp = |n: u32| n.clamp(1, u32::from(u8::MAX)) as u8;
+    Some(DeviceLimits {
+        formats,
+        rates,
+        channels_min: clamp(hw.get_channels_min().ok()?),
+        channels_max: clamp(hw.get_channels_max().ok()?),
+    })
 }
 
 impl Backend for AlsaBackend {
@@ -95,7 +152,26 @@ impl Backend for AlsaBackend {
     }
 
     fn caps(&self, offered: &PcmCaps) -> PcmCaps {
-        super::caps_with_formats(offered, |f| alsa_format(f).is_some())
+        let caps = super::caps_with_formats(offered, |f| alsa_format(f).is_some());
+        let Some(limits) = self.limits else {
+            return caps;
+        };
+        let narrowed = PcmCaps {
+            formats: caps.formats & limits.formats,
+            rates: caps.rates & limits.rates,
+            channels_min: caps.channels_min.max(limits.channels_min),
+            channels_max: caps.channels_max.min(limits.channels_max),
+            ..caps
+        };
+        if narrowed.channels_min > narrowed.channels_max {
+            // Nothing the config allows fits the device.
+            return PcmCaps {
+                formats: 0,
+                rates: 0,
+                ..caps
+            };
+        }
+        narrowed
     }
 
     fn open(

@@ -203,19 +203,20 @@ fn for_stream(
         (BackendKind::Wav, _) => Arc::new(wav::WavBackend {
             path_template: stream.wav_path.clone().unwrap_or_default(),
         }),
-        (BackendKind::Alsa, _) => Arc::new(alsa::AlsaBackend {
-            device: stream
+        (BackendKind::Alsa, _) => Arc::new(alsa::AlsaBackend::new(
+            stream
                 .alsa_device
                 .clone()
                 .unwrap_or_else(|| "default".into()),
-        }),
+            stream.direction.wire(),
+        )),
         (BackendKind::Pipewire, Some(thread)) => {
-            let positions = config
+            let layouts = config
                 .chmaps
                 .iter()
-                .find(|c| c.direction == stream.direction && c.hda_fn_nid == stream.hda_fn_nid)
+                .filter(|c| c.direction == stream.direction && c.hda_fn_nid == stream.hda_fn_nid)
                 .map(|c| c.position_values())
-                .unwrap_or_default();
+                .collect();
             Arc::new(pipewire::PipewireBackend {
                 thread: thread.clone(),
                 props: pipewire::NodeProps {
@@ -224,7 +225,7 @@ fn for_stream(
                     media_role: stream.media_role.clone(),
                     target: stream.target_object.clone(),
                     capture_sink: stream.capture_sink,
-                    positions,
+                    layouts,
                     stream_name: stream.name.clone(),
                 },
             })

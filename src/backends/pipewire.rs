@@ -67,8 +67,8 @@ pub struct NodeProps {
     pub media_role: Option<String>,
     pub target: Option<String>,
     pub capture_sink: bool,
-    /// Channel positions of the stream's channel map, if the config has one.
-    pub positions: Vec<u8>,
+    /// The channel positions of each of the stream's channel maps (one per channel count).
+    pub layouts: Vec<Vec<u8>>,
     pub stream_name: String,
 }
 
@@ -1285,7 +1285,7 @@ fn open_stream(
         })
         .register()
         .map_err(|e| format!("cannot listen to the PipeWire stream: {e}"))?;
-    let pod = format_pod(params, &props.positions)?;
+    let pod = format_pod(params, &props.layouts)?;
     let mut pods = [spa::pod::Pod::from_bytes(&pod).ok_or("bad format pod")?];
     stream
         .connect(
@@ -1309,15 +1309,15 @@ fn open_stream(
     })
 }
 
-fn format_pod(params: &PcmParams, positions: &[u8]) -> Result<Vec<u8>, String> {
+fn format_pod(params: &PcmParams, layouts: &[Vec<u8>]) -> Result<Vec<u8>, String> {
     let mut info = AudioInfoRaw::new();
     info.set_format(spa_format(params.format).ok_or("format not supported by PipeWire")?);
     info.set_rate(params.rate_hz());
     info.set_channels(u32::from(params.channels));
     let mut position = [0u32; spa::param::audio::MAX_CHANNELS];
     let channels = usize::from(params.channels);
-    let chosen: Vec<u8> = if positions.len() == channels {
-        positions.to_vec()
+    let chosen: Vec<u8> = if let Some(layout) = layouts.iter().find(|l| l.len() == channels) {
+        layout.clone()
     } else if channels == 1 {
         vec![chmap::MONO]
     } else if channels == 2 {
