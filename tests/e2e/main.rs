@@ -12,6 +12,10 @@
 //!   sample for sample;
 //! - when the guest powers off, the worker exits (its VMM hung up) and the broker stays.
 //!
+//! `faults` kills the broker and another VM's worker under a playing guest; `matrix` plays and
+//! records across rates, channel counts and period sizes on the wav and null backends, then runs
+//! a long session of PREPARE / RELEASE cycles.
+//!
 //! Needs (and fails, not skips, without them): qemu-system-x86 from bookworm-backports,
 //! pipewire, pipewire-bin and wireplumber, and the guest packages build-guest.sh fetches with
 //! `apt-get download`. Run alone: `cargo test --test e2e -- --nocapture`.
@@ -20,6 +24,7 @@
 mod common;
 mod faults;
 mod guest;
+mod matrix;
 
 use std::time::{Duration, Instant};
 
