@@ -12,8 +12,122 @@ use super::{Backend, BackendError, BackendStream, RingPort, StreamSpec};
 use crate::control::PcmCaps;
 use crate::protocol::{format, D_OUTPUT};
 
-/// Formats a WAV file holds without conversion.
-const WAV_FORMATS: u64 = (1 << format::S16) | (1 << format::S32) | (1 << format::FLOAT);
+/// How a virtio format is kept in a WAV file: PCM integers of 8 (unsigned there), 16, 24 or 32
+/// bits, or 32-bit floats. Every conversion is lossless both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    U8,
+    S8,
+    S16,
+    /// S24_3: three bytes a sample.
+    S24Packed,
+    /// S24: 24 bits in the low three bytes of four.
+    S24,
+    S32,
+    Float,
+}
+
+impl Codec {
+    fn of(fmt: u8) -> Option<Codec> {
+        Some(match fmt {
+            format::U8 => Codec::U8,
+            format::S8 => Codec::S8,
+            format::S16 => Codec::S16,
+            format::S24_3 => Codec::S24Packed,
+            format::S24 => Codec::S24,
+            format::S32 => Codec::S32,
+            format::FLOAT => Codec::Float,
+            _ => return None,
+        })
+    }
+
+    fn wav(self) -> (u16, SampleFormat) {
+        match self {
+            Codec::U8 | Codec::S8 => (8, SampleFormat::Int),
+            Codec::S16 => (16, SampleFormat::Int),
+            Codec::S24Packed | Codec::S24 => (24, SampleFormat::Int),
+            Codec::S32 => (32, SampleFormat::Int),
+            Codec::Float => (32, SampleFormat::Float),
+        }
+    }
+
+    /// Bytes of one sample in the guest's format.
+    fn width(self) -> usize {
+        match self {
+            Codec::U8 | Codec::S8 => 1,
+            Codec::S16 => 2,
+            Codec::S24Packed => 3,
+            Codec::S24 | Codec::S32 | Codec::Float => 4,
+        }
+    }
+
+    fn write<W: io::Write + io::Seek>(
+        self,
+        writer: &mut WavWriter<W>,
+        s: &[u8],
+    ) -> hound::Result<()> {
+        let s24 = |b: &[u8]| i32::from_le_bytes([0, b[0], b[1], b[2]]) >> 8;
+        match self {
+            // hound stores an i8 as the unsigned byte WAV wants (plus 128).
+            Codec::U8 => writer.write_sample((s[0] ^ 0x80) as i8),
+            Codec::S8 => writer.write_sample(s[0] as i8),
+            Codec::S16 => writer.write_sample(i16::from_le_bytes([s[0], s[1]])),
+            Codec::S24Packed | Codec::S24 => writer.write_sample(s24(s)),
+            Codec::S32 => writer.write_sample(i32::from_le_bytes([s[0], s[1], s[2], s[3]])),
+            Codec::Float => writer.write_sample(f32::from_le_bytes([s[0], s[1], s[2], s[3]])),
+        }
+    }
+
+    /// Reads the next sample into `slot`; false past the end of the file.
+    fn read<R: io::Read>(self, reader: &mut WavReader<R>, slot: &mut [u8]) -> hound::Result<bool> {
+        fn next<S: hound::Sample, R: io::Read>(
+            reader: &mut WavReader<R>,
+        ) -> hound::Result<Option<S>> {
+            reader.samples::<S>().next().transpose()
+        }
+        match self {
+            Codec::U8 | Codec::S8 => {
+                let Some(v) = next::<i8, R>(reader)? else {
+                    return Ok(false);
+                };
+                slot[0] = if self == Codec::U8 {
+                    v as u8 ^ 0x80
+                } else {
+                    v as u8
+                };
+            }
+            Codec::S16 => {
+                let Some(v) = next::<i16, R>(reader)? else {
+                    return Ok(false);
+                };
+                slot.copy_from_slice(&v.to_le_bytes());
+            }
+            Codec::S24Packed | Codec::S24 | Codec::S32 => {
+                let Some(v) = next::<i32, R>(reader)? else {
+                    return Ok(false);
+                };
+                let n = slot.len();
+                slot.copy_from_slice(&v.to_le_bytes()[..n]);
+            }
+            Codec::Float => {
+                let Some(v) = next::<f32, R>(reader)? else {
+                    return Ok(false);
+                };
+                slot.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Formats a WAV file holds.
+const WAV_FORMATS: u64 = (1 << format::U8)
+    | (1 << format::S8)
+    | (1 << format::S16)
+    | (1 << format::S24_3)
+    | (1 << format::S24)
+    | (1 << format::S32)
+    | (1 << format::FLOAT);
 
 pub struct WavBackend {
     /// May contain `{client}`, replaced by the broker's client number.
@@ -27,24 +141,19 @@ impl WavBackend {
     }
 }
 
-fn wav_spec(spec: &StreamSpec) -> Result<WavSpec, BackendError> {
+fn wav_spec(spec: &StreamSpec) -> Result<(WavSpec, Codec), BackendError> {
     let params = &spec.params;
-    let (bits_per_sample, sample_format) = match params.format {
-        format::S16 => (16, SampleFormat::Int),
-        format::S32 => (32, SampleFormat::Int),
-        format::FLOAT => (32, SampleFormat::Float),
-        other => {
-            return Err(BackendError::Unsupported(format!(
-                "wav backend: format {other}"
-            )))
-        }
-    };
-    Ok(WavSpec {
+    let codec = Codec::of(params.format).ok_or_else(|| {
+        BackendError::Unsupported(format!("wav backend: format {}", params.format))
+    })?;
+    let (bits_per_sample, sample_format) = codec.wav();
+    let wav = WavSpec {
         channels: u16::from(params.channels),
         sample_rate: params.rate_hz(),
         bits_per_sample,
         sample_format,
-    })
+    };
+    Ok((wav, codec))
 }
 
 impl Backend for WavBackend {
@@ -71,15 +180,12 @@ impl Backend for WavBackend {
 
 impl WavBackend {
     fn open_io(&self, spec: &StreamSpec) -> Result<Box<dyn ClockedIo>, BackendError> {
-        let wav = wav_spec(spec)?;
+        let (wav, codec) = wav_spec(spec)?;
         let path = self.path_for(spec.client_id);
         if spec.direction == D_OUTPUT {
             let writer = WavWriter::create(&path, wav).map_err(to_io)?;
             log::info!("wav: writing playback to {}", path.display());
-            Ok(Box::new(WavPlayback {
-                writer,
-                format: spec.params.format,
-            }))
+            Ok(Box::new(WavPlayback { writer, codec }))
         } else {
             let reader = WavReader::open(&path).map_err(to_io)?;
             if reader.spec() != wav {
@@ -91,10 +197,7 @@ impl WavBackend {
                 )));
             }
             log::info!("wav: capturing from {}", path.display());
-            Ok(Box::new(WavCapture {
-                reader,
-                format: spec.params.format,
-            }))
+            Ok(Box::new(WavCapture { reader, codec }))
         }
     }
 }
@@ -108,33 +211,13 @@ fn to_io(e: hound::Error) -> io::Error {
 
 struct WavPlayback {
     writer: WavWriter<BufWriter<File>>,
-    format: u8,
+    codec: Codec,
 }
 
 impl ClockedIo for WavPlayback {
     fn play(&mut self, frames: &[u8]) -> io::Result<()> {
-        match self.format {
-            format::S16 => {
-                for s in frames.chunks_exact(2) {
-                    self.writer
-                        .write_sample(i16::from_le_bytes([s[0], s[1]]))
-                        .map_err(to_io)?;
-                }
-            }
-            format::S32 => {
-                for s in frames.chunks_exact(4) {
-                    self.writer
-                        .write_sample(i32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-                        .map_err(to_io)?;
-                }
-            }
-            _ => {
-                for s in frames.chunks_exact(4) {
-                    self.writer
-                        .write_sample(f32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-                        .map_err(to_io)?;
-                }
-            }
+        for sample in frames.chunks_exact(self.codec.width()) {
+            self.codec.write(&mut self.writer, sample).map_err(to_io)?;
         }
         Ok(())
     }
@@ -159,7 +242,7 @@ impl Drop for WavPlayback {
 
 struct WavCapture {
     reader: WavReader<BufReader<File>>,
-    format: u8,
+    codec: Codec,
 }
 
 impl ClockedIo for WavCapture {
@@ -168,34 +251,10 @@ impl ClockedIo for WavCapture {
     }
 
     fn capture(&mut self, out: &mut [u8]) -> io::Result<()> {
-        let width = if self.format == format::S16 { 2 } else { 4 };
-        for slot in out.chunks_exact_mut(width) {
-            let bytes = match self.format {
-                format::S16 => self
-                    .reader
-                    .samples::<i16>()
-                    .next()
-                    .transpose()
-                    .map_err(to_io)?
-                    .map(|v| v.to_le_bytes().to_vec()),
-                format::S32 => self
-                    .reader
-                    .samples::<i32>()
-                    .next()
-                    .transpose()
-                    .map_err(to_io)?
-                    .map(|v| v.to_le_bytes().to_vec()),
-                _ => self
-                    .reader
-                    .samples::<f32>()
-                    .next()
-                    .transpose()
-                    .map_err(to_io)?
-                    .map(|v| v.to_le_bytes().to_vec()),
-            };
-            match bytes {
-                Some(bytes) => slot.copy_from_slice(&bytes),
-                None => slot.fill(0), // past the end of the file: silence
+        for slot in out.chunks_exact_mut(self.codec.width()) {
+            if !self.codec.read(&mut self.reader, slot).map_err(to_io)? {
+                // Past the end of the file: silence (unsigned 8-bit is centred on 0x80).
+                slot.fill(if self.codec == Codec::U8 { 0x80 } else { 0 });
             }
         }
         Ok(())
@@ -230,13 +289,32 @@ mod tests {
         let backend = WavBackend {
             path_template: dir.path().join("out-{client}.wav"),
         };
-        for fmt in [format::S16, format::S32, format::FLOAT] {
-            let data: Vec<u8> = (0..4000u32).map(|i| (i * 7 % 251) as u8).collect();
-            let data = &data[..data.len() / 8 * 8];
+        let formats = [
+            format::U8,
+            format::S8,
+            format::S16,
+            format::S24_3,
+            format::S24,
+            format::S32,
+            format::FLOAT,
+        ];
+        for fmt in formats {
+            let width = Codec::of(fmt).unwrap().width();
+            let mut data: Vec<u8> = (0..4800u32).map(|i| (i * 7 % 251) as u8).collect();
+            data.truncate(data.len() / (2 * width) * 2 * width);
+            if fmt == format::S24 {
+                // The container's top byte is the sign of the 24 bits.
+                for s in data.chunks_exact_mut(4) {
+                    s[3] = if s[2] & 0x80 != 0 { 0xff } else { 0 };
+                }
+            }
+            let data = &data[..];
             {
                 let mut out = backend.open_io(&spec(D_OUTPUT, fmt)).unwrap();
-                out.play(&data[..1000]).unwrap();
-                out.play(&data[1000..]).unwrap();
+                // In two parts of whole frames, as the clock hands them over.
+                let half = data.len() / 2 / (2 * width) * (2 * width);
+                out.play(&data[..half]).unwrap();
+                out.play(&data[half..]).unwrap();
             }
             let path = dir.path().join("out-7.wav");
             assert!(path.exists());
@@ -244,7 +322,11 @@ mod tests {
             let mut got = vec![0u8; data.len() + 8];
             input.capture(&mut got).unwrap();
             assert_eq!(&got[..data.len()], data, "format {fmt}");
-            assert_eq!(&got[data.len()..], &[0; 8], "silence after the end");
+            let silence = if fmt == format::U8 { 0x80 } else { 0 };
+            assert!(
+                got[data.len()..].iter().all(|&b| b == silence),
+                "silence after the end"
+            );
         }
     }
 
@@ -260,6 +342,6 @@ mod tests {
             path_template: dir.path().join("missing.wav"),
         };
         assert!(missing.open_io(&spec(D_INPUT, format::S16)).is_err());
-        assert!(backend.open_io(&spec(D_OUTPUT, format::U8)).is_err());
+        assert!(backend.open_io(&spec(D_OUTPUT, format::U16)).is_err());
     }
 }
