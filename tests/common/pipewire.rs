@@ -207,20 +207,34 @@ impl PipeWire {
         }
     }
 
-    /// Records the sink's monitor (S16 stereo 48 kHz) to a raw file until the returned process
-    /// is stopped.
-    pub fn record_sink(&self, path: &Path) -> Proc {
-        Proc {
+    /// Records the sink's monitor (S16 stereo 48 kHz) to the raw file `path` until the returned
+    /// recording is dropped. pw-record writes in its real-time callback, so it writes to tmpfs
+    /// (a write into a disk's page cache can block under writeback, and a late recorder loses a
+    /// quantum that vsound played); the file lands at `path` when the recording is dropped.
+    pub fn record_sink(&self, path: &Path) -> Recording {
+        let scratch = tempfile::Builder::new()
+            .prefix("vsound-sink-")
+            .suffix(".raw")
+            .tempfile_in("/dev/shm")
+            .or_else(|_| tempfile::NamedTempFile::new())
+            .expect("a scratch file for the recording")
+            .into_temp_path();
+        let proc = Proc {
             child: super::realtime::command("pw-record")
                 .args(["--target", SINK, "-P", "{ stream.capture.sink = true }"])
                 .args(["--format", "s16", "--rate", "48000", "--channels", "2"])
-                .arg(path)
+                .arg(&*scratch)
                 .envs(self.env())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("pw-record (apt package pipewire-bin)"),
+        };
+        Recording {
+            proc: Some(proc),
+            scratch,
+            path: path.to_path_buf(),
         }
     }
 
@@ -236,6 +250,23 @@ impl PipeWire {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("pw-play (apt package pipewire-bin)"),
+        }
+    }
+}
+
+/// A running pw-record (see [`PipeWire::record_sink`]).
+pub struct Recording {
+    proc: Option<Proc>,
+    scratch: tempfile::TempPath,
+    path: PathBuf,
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        // Stopped first, so that the file is complete.
+        drop(self.proc.take());
+        if let Err(e) = std::fs::copy(&self.scratch, &self.path) {
+            eprintln!("cannot keep the recording at {}: {e}", self.path.display());
         }
     }
 }

@@ -2,7 +2,7 @@
 //! CAP_SYS_NICE): a car's host gives its audio path real-time scheduling, and without it the
 //! sample-exact checks measure this machine's CPU contention (a TCG guest keeps one of two cores
 //! busy), not vsound. The PipeWire daemon takes it through module-rt (tests/common/pipewire.conf);
-//! the broker and PipeWire's recorder and player are started under `chrt`.
+//! the broker, the workers and PipeWire's recorder and player are started under `chrt`.
 
 use std::ffi::OsStr;
 use std::process::{Command, Stdio};

@@ -132,7 +132,8 @@ pub fn spawn_worker(
     config: Option<&Path>,
 ) -> (Proc, PathBuf) {
     let socket = dir.join(format!("{name}.sock"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound-worker"));
+    // The worker is on the audio path too (it refills the ring and completes buffers).
+    let mut cmd = super::realtime::command(env!("CARGO_BIN_EXE_vsound-worker"));
     cmd.arg("--socket")
         .arg(&socket)
         .arg("--broker")
