@@ -229,7 +229,7 @@ fn main() {
     let succeeded: usize = replies.iter().map(|r| r[0]).sum();
     let failed: usize = replies.iter().map(|r| r[1]).sum();
 
-    println!("control storm: {storming} clients ({succeeded} requests served, {failed} answered Failed over their rate)");
+    println!("control storm: {storming} clients ({succeeded} requests served at their rate, {failed} answered Failed)");
     println!(
         "good stream, {PERIODS} periods of 10 ms: worst stall {quiet_stall:?} quiet, \
          {storm_stall:?} during the storm (worst lateness {quiet_worst:?} / {storm_worst:?})"

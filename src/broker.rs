@@ -216,6 +216,8 @@ struct Client {
     /// A request waiting for its playing stream to come back from the timer thread; the
     /// socket is not watched meanwhile, so that replies keep the requests' order.
     parked: Option<Parked>,
+    /// A request over the request rate, served when its token comes (`throttled_until`).
+    deferred: Option<Parked>,
     /// A PREPARE waiting for its backend open.
     opening: Option<Opening>,
     /// Over its request budget: its socket is not read until then (a storm of requests costs
@@ -435,12 +437,33 @@ impl Broker {
                 continue;
             };
             client.throttled_until = None;
-            let mut watch = EpollEvent::new(EpollFlags::EPOLLIN, client_token(id));
-            if let Err(e) = self.epoll.modify(&client.channel, &mut watch) {
-                self.drop_client(id, &format!("epoll: {e}"));
-                continue;
+            if let Some(deferred) = client.deferred.take() {
+                if !client.budget.take(now) {
+                    // Not quite refilled yet (rounding): a little later.
+                    client.deferred = Some(deferred);
+                    let until = client.budget.next_token();
+                    client.throttled_until = Some(until);
+                    self.due_at(until);
+                    continue;
+                }
+                let Parked {
+                    stream_id,
+                    caps,
+                    msg,
+                } = deferred;
+                if let Err(e) = self.serve_request(id, stream_id, caps, msg) {
+                    self.drop_client(id, &e);
+                    continue;
+                }
             }
-            self.serve_client(id);
+            // Unless the request now waits for the timer thread or a backend open.
+            if self
+                .clients
+                .get(&id)
+                .is_some_and(|c| c.parked.is_none() && c.opening.is_none())
+            {
+                self.resume(id);
+            }
         }
         // Closing the ones whose peer read (or closed) frees them for good.
         self.unread
@@ -541,6 +564,7 @@ impl Broker {
                 budget: RequestBudget::new(REQUEST_BURST),
                 failure_log: LogLimiter::new(1, BUDGET_LOG_PERIOD),
                 parked: None,
+                deferred: None,
                 opening: None,
                 throttled_until: None,
                 costly_this_wake: 0,
@@ -732,16 +756,19 @@ impl Broker {
             if client.failure_log.admit(now) {
                 log::warn!(
                     "broker: worker {id} is over its request rate ({REQUEST_BURST} at once, \
-                     {REQUEST_RATE_PER_SEC}/s): answering Failed"
+                     {REQUEST_RATE_PER_SEC}/s): its requests wait for their turn"
                 );
             }
-            let reply = BrokerMsg::Failed {
-                stream_id,
-                reason: ipc::reason("request rate over the limit"),
-            };
-            client.channel.send(&reply, &[])?;
-            // Nothing more is read from it until its next request fits.
+            // Served when its token comes (at most 1/rate from now, well inside the worker's
+            // patience), and nothing more is read from it until then: a storm costs the
+            // stormer time, not the broker work, and a guest's burst of xrun recoveries slows
+            // down instead of failing.
             let until = client.budget.next_token();
+            client.deferred = Some(Parked {
+                stream_id,
+                caps: stream_caps,
+                msg,
+            });
             client.throttled_until = Some(until);
             let mut none = EpollEvent::new(EpollFlags::empty(), client_token(id));
             self.epoll
@@ -750,6 +777,22 @@ impl Broker {
             self.due_at(until);
             return Ok(());
         }
+        self.serve_request(id, stream_id, stream_caps, msg)
+    }
+
+    /// Carries out a request within the worker's budget: at once, or once its stream is back
+    /// from the timer thread.
+    fn serve_request(
+        &mut self,
+        id: u32,
+        stream_id: u32,
+        stream_caps: PcmCaps,
+        msg: WorkerMsg,
+    ) -> Result<(), Violation> {
+        let client = self
+            .clients
+            .get_mut(&id)
+            .ok_or_else(|| Violation::Protocol("no such client".into()))?;
         // A playing timer-driven stream is on the timer thread: it must come back first, and
         // the worker's later requests wait behind this one.
         let on_timer_thread = client
