@@ -3,7 +3,8 @@
 //! buffers; node properties come from the config. A node PipeWire does not schedule (never
 //! linked, unlinked mid-stream) plays into silence at the real-time pace and plays again once
 //! linked; a ring is sized from a pinned graph quantum, not only from the guest's period; one
-//! VM's worker killed mid-play leaves another VM's playback intact.
+//! VM's worker killed mid-play leaves another VM's playback intact; a 5.1 stream's node carries
+//! the 5.1 channel positions.
 
 mod common;
 
@@ -594,4 +595,49 @@ fn a_killed_worker_leaves_another_vms_playback_intact() {
     drop(recorder);
     let recorded = std::fs::read(&recording).unwrap();
     assert_arrived_intact(&recorded, &data);
+}
+
+/// A 5.1 stream (six channels) is a PipeWire node with the positions of the config's 5.1
+/// channel map (the default maps: FL FR RL RR FC LFE), so PipeWire mixes each channel to its
+/// place; and it plays at pace.
+#[test]
+fn a_six_channel_stream_carries_the_51_positions() {
+    let mut rig = start();
+    let params = Params {
+        channels: 6,
+        period_bytes: 480 * 12,
+        ..Params::s16_48k(0)
+    };
+    prepare(&mut rig.vm, &params);
+    let info = rig.pw.node_info("vsound-test-media");
+    let id: String = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("id: "))
+        .unwrap_or_default()
+        .to_string();
+    let out = Command::new("pw-cli")
+        .args(["enum-params", &id, "EnumFormat"])
+        .envs(rig.pw.env())
+        .output()
+        .expect("pw-cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let positions: Vec<&str> = text
+        .split("Spa:Enum:AudioChannel:")
+        .skip(1)
+        .map(|rest| {
+            rest.split(|c: char| !c.is_ascii_alphanumeric())
+                .next()
+                .unwrap_or("")
+        })
+        .collect();
+    assert_eq!(
+        positions,
+        ["FL", "FR", "RL", "RR", "FC", "LFE"],
+        "node {id}'s format:\n{text}"
+    );
+    let data = known_signal(params.period_bytes as usize * 50, 31);
+    let (started, done) = play(&mut rig.vm, &params, &data);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    let took = done.last().unwrap().at - started;
+    assert!(took >= params.period() * 45, "50 periods in {took:?}");
 }

@@ -4,7 +4,7 @@
 //! a private, headless PipeWire daemon. In the guest:
 //!
 //! - `aplay -l` lists the virtio card;
-//! - `aplay` plays two known WAVs (default periods, then 10 ms periods); both arrive at the null
+//! - `aplay` plays three known WAVs (default periods, 10 ms and 160 ms periods); all arrive at the null
 //!   sink's monitor bit-exact, and each takes its duration in the guest's clock and the host's
 //!   (so completions are neither early nor stalled);
 //! - `arecord` records 3 s while a known signal plays into a second null sink whose monitor is
@@ -52,9 +52,14 @@ target_object = "vsound-e2e-source"
 capture_sink = true
 "#;
 
-/// Seconds of the first (default periods) and second (10 ms periods) playback, and of capture.
+/// Seconds of the first (default periods), second (10 ms periods) and third (160 ms periods)
+/// playback, and of capture.
 const PLAY1_S: f64 = 3.0;
 const PLAY2_S: f64 = 2.0;
+const PLAY3_S: f64 = 2.0;
+/// The third playback's period (7680 frames at 48 kHz): 2 s is 12.5 of them, so 13 whole
+/// periods, 2.08 s.
+const PLAY3_PERIOD_S: f64 = 0.16;
 const RECORD_S: u32 = 3;
 /// The signal played into the source sink once the guest has booted; longer than the guest's
 /// whole run, so that it is playing while the guest records.
@@ -76,6 +81,10 @@ sleep 0.3
 echo "@@E2E play2-start $(up)"
 aplay -D hw:0,0 --period-time=10000 --buffer-time=40000 play2.wav || exit 12
 echo "@@E2E play2-end $(up)"
+sleep 0.3
+echo "@@E2E play3-start $(up)"
+aplay -D hw:0,0 --period-time=160000 --buffer-time=320000 play3.wav || exit 14
+echo "@@E2E play3-end $(up)"
 echo "@@E2E record-start $(up)"
 arecord -D hw:0,0 -f S16_LE -r 48000 -c 2 -d RECORD_S /out/rec.wav || exit 13
 echo "@@E2E record-end $(up)"
@@ -94,11 +103,13 @@ fn guest_plays_and_records_through_pipewire() {
 
     let play1 = signal(PLAY1_S, 21);
     let play2 = signal(PLAY2_S, 22);
+    let play3 = signal(PLAY3_S, 24);
     let source = signal(SOURCE_S as f64, 23);
     let files = dir.path().join("in");
     std::fs::create_dir(&files).unwrap();
     write_wav_s16(&files.join("play1.wav"), 2, RATE, &play1);
     write_wav_s16(&files.join("play2.wav"), 2, RATE, &play2);
+    write_wav_s16(&files.join("play3.wav"), 2, RATE, &play3);
     let source_wav = dir.path().join("source.wav");
     write_wav_s16(&source_wav, 2, RATE, &source);
 
@@ -113,7 +124,11 @@ fn guest_plays_and_records_through_pipewire() {
 
     let out_dir = dir.path().join("out");
     let script = GUEST_SCRIPT.replace("RECORD_S", &RECORD_S.to_string());
-    let files = [files.join("play1.wav"), files.join("play2.wav")];
+    let files = [
+        files.join("play1.wav"),
+        files.join("play2.wav"),
+        files.join("play3.wav"),
+    ];
     let spec = VmSpec {
         files: &files,
         out: Some(&out_dir),
@@ -169,6 +184,18 @@ fn guest_plays_and_records_through_pipewire() {
         PLAY2_S,
         span(lines, "play2-start", "play2-end", &console),
     );
+    // Large periods through PipeWire: the audio rounded up to whole periods, drain included,
+    // plus at most 100 ms (the guest's aplay start and exit).
+    let (guest, host) = span(lines, "play3-start", "play3-end", &console);
+    let whole = (PLAY3_S / PLAY3_PERIOD_S).ceil() * PLAY3_PERIOD_S;
+    println!(
+        "aplay (160 ms periods): {PLAY3_S} s of audio ({whole:.2} s in whole periods) took \
+         {guest:.2} s (guest clock), {host:.2} s (host)"
+    );
+    assert!(
+        guest <= whole + 0.1 && guest >= PLAY3_S * 0.95,
+        "aplay (160 ms periods): {guest:.2} s for {whole:.2} s of whole periods"
+    );
     let (rec_guest, rec_host) = span(lines, "record-start", "record-end", &console);
     println!("arecord: {RECORD_S} s took {rec_guest:.2} s (guest), {rec_host:.2} s (host)");
 
@@ -179,6 +206,7 @@ fn guest_plays_and_records_through_pipewire() {
     let recording = std::fs::read(&sink_raw).unwrap();
     assert_arrived("aplay (default periods)", &recording, &play1);
     assert_arrived("aplay (10 ms periods)", &recording, &play2);
+    assert_arrived("aplay (160 ms periods)", &recording, &play3);
 
     // The recording came back and holds the source signal.
     let rec_wav = out_dir.join("rec.wav");
