@@ -550,47 +550,65 @@ fn a_ring_is_sized_from_a_pinned_quantum_not_only_from_the_period() {
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
 }
 
-/// One VM's worker killed while another VM plays into the same sink: the other VM's audio
-/// arrives sample for sample (the killed VM played zeros, which change no sample of the mix).
-/// The broker once destroyed the dead VM's stream while it was still active, which cost the
-/// other VM's stream (the same PipeWire client) a quantum at the sink in about 1 run in 4.
+/// VMs' workers killed one after another while another VM plays into the same sink: the other
+/// VM's audio arrives sample for sample (the killed VMs played zeros, which change no sample of
+/// the mix). The broker once destroyed a dead VM's stream while it was still active, which cost
+/// the other VM's stream (the same PipeWire client) a quantum at the sink in about 1 kill in 4;
+/// it now deactivates the stream first. `KILLED` kills per run; a stress run
+/// (`VSOUND_STRESS_KILLS=4`, then about 1 run in 14 still loses a quantum, at a sibling's
+/// deactivation) is left out of CI's single run.
 #[test]
-fn a_killed_worker_leaves_another_vms_playback_intact() {
+fn killed_workers_leave_another_vms_playback_intact() {
+    let killed: usize = std::env::var("VSOUND_STRESS_KILLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
     let dir = tempfile::tempdir().unwrap();
     let pw = PipeWire::start(dir.path());
     let config = dir.path().join("vsound.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let (_broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &pw.env());
-    let (mut worker_a, socket_a) = spawn_worker(dir.path(), "vm-a", &broker_socket, Some(&config));
+    let params = Params::s16_48k(0);
+    let mut doomed = Vec::new();
+    for k in 0..killed {
+        let (worker, socket) = spawn_worker(
+            dir.path(),
+            &format!("vm-{k}"),
+            &broker_socket,
+            Some(&config),
+        );
+        let player = std::thread::spawn(move || {
+            let mut vm = GuestVm::connect(&socket, FrontendOptions::default()).unwrap();
+            prepare(&mut vm, &params);
+            let zeros = vec![0u8; params.period_bytes as usize];
+            for _ in 0..params.periods {
+                tx_submit(&mut vm, 0, &zeros);
+            }
+            assert_eq!(control(&mut vm, &pcm(p::R_PCM_START, 0)), 0x8000);
+            while vm.wait_used(p::TX_QUEUE, Duration::from_secs(2)).is_some() {
+                tx_submit(&mut vm, 0, &zeros);
+            }
+        });
+        doomed.push((worker, player));
+    }
     let (_worker_b, socket_b) = spawn_worker(dir.path(), "vm-b", &broker_socket, Some(&config));
     let recording = dir.path().join("sink.raw");
     let recorder = pw.record_sink(&recording);
     std::thread::sleep(Duration::from_millis(500));
-    let params = Params::s16_48k(0);
-    let zeros_a = std::thread::spawn(move || {
-        let mut vm = GuestVm::connect(&socket_a, FrontendOptions::default()).unwrap();
-        prepare(&mut vm, &params);
-        let zeros = vec![0u8; params.period_bytes as usize];
-        for _ in 0..params.periods {
-            tx_submit(&mut vm, 0, &zeros);
-        }
-        assert_eq!(control(&mut vm, &pcm(p::R_PCM_START, 0)), 0x8000);
-        while vm.wait_used(p::TX_QUEUE, Duration::from_secs(2)).is_some() {
-            tx_submit(&mut vm, 0, &zeros);
-        }
-    });
     let mut vm_b = GuestVm::connect(&socket_b, FrontendOptions::default()).unwrap();
     prepare(&mut vm_b, &params);
-    let data = known_signal(params.period_bytes as usize * 300, 23);
+    let data = known_signal(params.period_bytes as usize * 150 * (killed + 1), 23);
     let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1500));
-        worker_a.child.kill().unwrap();
-        worker_a.child.wait().unwrap();
+        for (mut worker, player) in doomed {
+            std::thread::sleep(Duration::from_millis(1100));
+            worker.child.kill().unwrap();
+            worker.child.wait().unwrap();
+            player.join().unwrap();
+        }
     });
     let (_, done) = play(&mut vm_b, &params, &data);
     assert!(done.iter().all(|c| c.status == 0x8000));
     killer.join().unwrap();
-    zeros_a.join().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     drop(recorder);
     let recorded = std::fs::read(&recording).unwrap();
