@@ -659,3 +659,32 @@ fn a_six_channel_stream_carries_the_51_positions() {
     let took = done.last().unwrap().at - started;
     assert!(took >= params.period() * 45, "50 periods in {took:?}");
 }
+
+/// The sample-exact check lets exactly one lost graph quantum through (`lost_quantum`), and
+/// nothing else: not two, not a shift, not a wrong sample.
+#[test]
+fn the_sample_check_lets_one_lost_quantum_through_and_nothing_more() {
+    let data = known_signal(4 * 48000, 5);
+    let frame = 4;
+    let lose = |recording: &mut Vec<u8>, at: usize| {
+        // 256 frames of silence where 512 frames were: 256 lost outright.
+        let at = at * frame;
+        recording.splice(at..at + 512 * frame, vec![0u8; 256 * frame]);
+    };
+    let mut once = data.clone();
+    lose(&mut once, 20_000);
+    once.extend(vec![0u8; 48000]);
+    assert_arrived_intact(&once, &data);
+    let check = |recording: Vec<u8>| {
+        std::panic::catch_unwind(|| assert_arrived_intact(&recording, &data)).is_err()
+    };
+    let mut twice = once.clone();
+    lose(&mut twice, 30_000);
+    assert!(check(twice), "two lost quanta let through");
+    let mut shifted = data.clone();
+    shifted.splice(20_000 * frame..20_000 * frame, vec![0u8; 256 * frame]);
+    assert!(check(shifted), "a shift let through");
+    let mut wrong = data.clone();
+    wrong[20_000 * frame] ^= 1;
+    assert!(check(wrong), "a wrong sample let through");
+}
