@@ -97,6 +97,17 @@ fn client_token(client: u32) -> u64 {
     KIND_CLIENT | u64::from(client)
 }
 
+/// Watches a client's socket for input again, or stops (while one of its requests waits: its
+/// level-triggered input would wake the loop for nothing).
+fn watch_input(epoll: &Epoll, channel: &Channel, id: u32, watched: bool) -> nix::Result<()> {
+    let flags = if watched {
+        EpollFlags::EPOLLIN
+    } else {
+        EpollFlags::empty()
+    };
+    epoll.modify(channel, &mut EpollEvent::new(flags, client_token(id)))
+}
+
 fn timer_token(client: u32, stream: u32) -> u64 {
     KIND_TIMER | (u64::from(client) << 16) | u64::from(stream)
 }
@@ -643,8 +654,7 @@ impl Broker {
                     Ok(0) => {
                         client.fds_maybe_unread = false;
                         if client.stalled_since.take().is_some() {
-                            let mut watch = EpollEvent::new(EpollFlags::EPOLLIN, client_token(id));
-                            if let Err(e) = self.epoll.modify(&client.channel, &mut watch) {
+                            if let Err(e) = watch_input(&self.epoll, &client.channel, id, true) {
                                 self.drop_client(id, &format!("epoll: {e}"));
                                 return;
                             }
@@ -653,8 +663,7 @@ impl Broker {
                     Ok(_) => {
                         if client.stalled_since.is_none() {
                             // Level-triggered input would wake us for nothing until then.
-                            let mut none = EpollEvent::new(EpollFlags::empty(), client_token(id));
-                            if let Err(e) = self.epoll.modify(&client.channel, &mut none) {
+                            if let Err(e) = watch_input(&self.epoll, &client.channel, id, false) {
                                 self.drop_client(id, &format!("epoll: {e}"));
                                 return;
                             }
@@ -770,9 +779,7 @@ impl Broker {
                 msg,
             });
             client.throttled_until = Some(until);
-            let mut none = EpollEvent::new(EpollFlags::empty(), client_token(id));
-            self.epoll
-                .modify(&client.channel, &mut none)
+            watch_input(&self.epoll, &client.channel, id, false)
                 .map_err(|e| Violation::Protocol(format!("epoll: {e}")))?;
             self.due_at(until);
             return Ok(());
@@ -806,9 +813,7 @@ impl Broker {
                 caps: stream_caps,
                 msg,
             });
-            let mut none = EpollEvent::new(EpollFlags::empty(), client_token(id));
-            self.epoll
-                .modify(&client.channel, &mut none)
+            watch_input(&self.epoll, &client.channel, id, false)
                 .map_err(|e| Violation::Protocol(format!("epoll: {e}")))?;
             if !self.recall(slot) {
                 return Err(Violation::Protocol("the timer thread is gone".into()));
@@ -993,8 +998,7 @@ impl Broker {
             deadline,
         });
         // Nothing more is read from it until the open is answered.
-        let mut none = EpollEvent::new(EpollFlags::empty(), client_token(id));
-        if let Err(e) = self.epoll.modify(&client.channel, &mut none) {
+        if let Err(e) = watch_input(&self.epoll, &client.channel, id, false) {
             return Err(format!("epoll: {e}"));
         }
         self.due_at(deadline);
@@ -1066,8 +1070,7 @@ impl Broker {
         let Some(client) = self.clients.get(&id) else {
             return;
         };
-        let mut watch = EpollEvent::new(EpollFlags::EPOLLIN, client_token(id));
-        if let Err(e) = self.epoll.modify(&client.channel, &mut watch) {
+        if let Err(e) = watch_input(&self.epoll, &client.channel, id, true) {
             self.drop_client(id, &format!("epoll: {e}"));
             return;
         }
