@@ -47,6 +47,15 @@ const ATTACKER: &str = "attacker";
 /// First uid of the attackers.
 const ATTACKER_UID: u32 = 40_000;
 
+/// The good stream's worst completion lateness and the broker's fds and RSS with no attack,
+/// and the fds the good stream adds while prepared.
+struct Baseline {
+    lateness: Duration,
+    fds: usize,
+    rss: u64,
+    stream_fds: usize,
+}
+
 /// A broker and one good worker with its guest.
 struct Stage {
     dir: tempfile::TempDir,
@@ -75,6 +84,18 @@ impl Stage {
 
     fn pid(&self) -> u32 {
         self.broker.pid()
+    }
+
+    /// The figures an attack is measured against, before it starts.
+    fn baseline(&mut self) -> Baseline {
+        let params = self.params;
+        Baseline {
+            lateness: worst_lateness(&mut self.vm, &params, 100),
+            fds: self.settled_fds(),
+            rss: rss_kib(self.pid()),
+            // The good stream is prepared while the attack runs.
+            stream_fds: self.stream_fds(),
+        }
     }
 
     fn broker_log(&self) -> String {
@@ -201,11 +222,12 @@ fn a_worker_that_never_reads_its_replies_cannot_drain_the_brokers_fds() {
     )
     .unwrap();
     let params = stage.params;
-    let baseline_lateness = worst_lateness(&mut stage.vm, &params, 100);
-    let baseline_fds = stage.settled_fds();
-    let baseline_rss = rss_kib(stage.pid());
-    // The good stream is prepared while the attack runs.
-    let stream_fds = stage.stream_fds();
+    let Baseline {
+        lateness: baseline_lateness,
+        fds: baseline_fds,
+        rss: baseline_rss,
+        stream_fds,
+    } = stage.baseline();
 
     let socket = stage.socket.clone();
     let dir = stage.dir.path().to_path_buf();
@@ -279,11 +301,12 @@ fn hundreds_of_idle_connections_lock_out_no_worker() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut stage = Stage::start();
     let params = stage.params;
-    let baseline_lateness = worst_lateness(&mut stage.vm, &params, 100);
-    let baseline_fds = stage.settled_fds();
-    let baseline_rss = rss_kib(stage.pid());
-    // The good stream is prepared while the attack runs.
-    let stream_fds = stage.stream_fds();
+    let Baseline {
+        lateness: baseline_lateness,
+        fds: baseline_fds,
+        rss: baseline_rss,
+        stream_fds,
+    } = stage.baseline();
 
     let socket = stage.socket.clone();
     let dir = stage.dir.path().to_path_buf();
@@ -371,11 +394,12 @@ fn one_uid_cannot_take_every_slot() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut stage = Stage::start();
     let params = stage.params;
-    let baseline_lateness = worst_lateness(&mut stage.vm, &params, 100);
-    let baseline_fds = stage.settled_fds();
-    let baseline_rss = rss_kib(stage.pid());
-    // The good stream is prepared while the attack runs.
-    let stream_fds = stage.stream_fds();
+    let Baseline {
+        lateness: baseline_lateness,
+        fds: baseline_fds,
+        rss: baseline_rss,
+        stream_fds,
+    } = stage.baseline();
 
     let socket = stage.socket.clone();
     let dir = stage.dir.path().to_path_buf();
@@ -432,10 +456,12 @@ fn classic_attacks_are_dropped_and_leave_nothing_behind() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut stage = Stage::start();
     let params = stage.params;
-    let baseline_lateness = worst_lateness(&mut stage.vm, &params, 100);
-    let baseline_fds = stage.settled_fds();
-    let baseline_rss = rss_kib(stage.pid());
-    let stream_fds = stage.stream_fds();
+    let Baseline {
+        lateness: baseline_lateness,
+        fds: baseline_fds,
+        rss: baseline_rss,
+        stream_fds,
+    } = stage.baseline();
 
     let socket = stage.socket.clone();
     let dir = stage.dir.path().to_path_buf();
