@@ -26,5 +26,5 @@ if ! $socket_given; then
   args=(--socket "$runtime/vsound.sock" "${args[@]}")
 fi
 ./scripts/setup.sh
-cargo build --release --bins
+cargo build --release --workspace --bins
 exec ./target/release/vsound run "${args[@]}"

@@ -6,5 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup.sh
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
-cargo test --all-targets
+cargo clippy --workspace --all-targets -- -D warnings
+# The integration tests run the worker and broker binaries of the other packages.
+cargo build --workspace --bins
+cargo test --workspace --all-targets

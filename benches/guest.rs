@@ -89,7 +89,7 @@ fn main() {
 
     // The worker, with its info log (the latency figures at RELEASE) read here.
     let socket = dir.path().join("vm.sock");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound-worker"));
+    let mut cmd = Command::new(common::bins::worker());
     cmd.arg("--socket")
         .arg(&socket)
         .arg("--broker")

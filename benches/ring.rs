@@ -10,7 +10,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use vsound::ring::{Consumer, Producer, SharedRing};
+use vsound_shared::ring::{Consumer, Producer, SharedRing};
 
 const CAPACITY: u64 = 256 * 1024;
 

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use common::frontend::{FrontendOptions, GuestVm};
 use common::hostile::{wire, Attack, Attacker, Hostile, Reply, HUNG_STREAM, STORM_STREAM};
 use common::vsound::*;
-use vsound::broker::MAX_CONNECTIONS_PER_UID;
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
+use vsound_broker::broker::MAX_CONNECTIONS_PER_UID;
 
 const CLIENTS: usize = 50;
 const ATTACKER_UID: u32 = 42_000;

@@ -42,7 +42,7 @@
 #  broker's output file, and arecord must return the broker's source file sample for sample.
 #
 # Binaries: $VSOUND_WORKER_BIN and $VSOUND_BROKER_BIN (the integration test sets them), else
-# target/debug/vsound-{worker,broker}, built with `cargo build --bins` if missing.
+# target/debug/vsound-{worker,broker}, built with `cargo build --workspace --bins` if missing.
 #
 # Debian packages needed: systemd (systemd-analyze, systemd-sysusers, systemd-tmpfiles),
 # selinux-policy-dev (its Makefile; pulls checkpolicy, policycoreutils, m4, make);
@@ -107,8 +107,8 @@ INSTANCE_SOCKET="vsound-worker@vm1.socket"
 WORKER_BIN=${VSOUND_WORKER_BIN:-$ROOT_DIR/target/debug/vsound-worker}
 BROKER_BIN=${VSOUND_BROKER_BIN:-$ROOT_DIR/target/debug/vsound-broker}
 if [ ! -x "$WORKER_BIN" ] || [ ! -x "$BROKER_BIN" ]; then
-  echo "== building the binaries (cargo build --bins)"
-  cargo build --quiet --bins
+  echo "== building the binaries (cargo build --workspace --bins)"
+  cargo build --quiet --workspace --bins
 fi
 [ -x "$WORKER_BIN" ] || { echo "check-policies: no worker binary at $WORKER_BIN" >&2; exit 1; }
 [ -x "$BROKER_BIN" ] || { echo "check-policies: no broker binary at $BROKER_BIN" >&2; exit 1; }

@@ -72,7 +72,7 @@ BIN=$ROOT/target/$PROFILE
 # Always (a no-op when they are current): stale binaries would soak yesterday's code.
 log "building the $PROFILE binaries"
 if [ "$PROFILE" = release ]; then flags=(--release); else flags=(); fi
-(cd "$ROOT" && cargo build "${flags[@]}" --bins) || die "cargo build failed"
+(cd "$ROOT" && cargo build "${flags[@]}" --workspace --bins) || die "cargo build failed"
 
 # 0711: the worker runs as nobody and must reach the broker's socket in here to reconnect after a
 # restart (the launcher gives the socket itself to the worker's group, mode 0660).

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::frontend::{FrontendOptions, GuestVm};
 use common::pipewire::{assert_arrived_intact, assert_carries_signal, PipeWire};
 use common::vsound::*;
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
 
 const ASOUNDRC: &str = r#"
 pcm.vsound_test {

@@ -9,10 +9,10 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use common::vsound::{spawn_broker, Proc};
-use vsound::control::{PcmCaps, PcmParams};
-use vsound::ipc::{BrokerMsg, Channel, IpcError, WorkerMsg, PROTOCOL_VERSION};
-use vsound::protocol as p;
-use vsound::ring::{Producer, SharedRing};
+use virtio_snd::control::{PcmCaps, PcmParams};
+use virtio_snd::protocol as p;
+use vsound_shared::ipc::{BrokerMsg, Channel, IpcError, WorkerMsg, PROTOCOL_VERSION};
+use vsound_shared::ring::{Producer, SharedRing};
 
 const REPLY: Duration = Duration::from_secs(5);
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::frontend::{FrontendOptions, RawDesc};
 use common::vsound::*;
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
 
 const WAV_CONFIG: &str = r#"
 [[streams]]

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::frontend::{FrontendOptions, GuestVm, RawDesc, UsedBuf};
 use common::vsound::*;
-use vsound::protocol as p;
-use vsound::ratelimit::{GUEST_LOG_BURST, GUEST_LOG_PERIOD};
+use virtio_snd::protocol as p;
+use vsound_shared::ratelimit::{GUEST_LOG_BURST, GUEST_LOG_PERIOD};
 
 const CONFIG: &str = r#"
 [[streams]]
@@ -373,7 +373,7 @@ fn republished_heads_are_refused_and_the_worker_stays_bounded() {
 /// A worker whose stderr goes to `log`, at RUST_LOG=warn.
 fn spawn_logging_worker(dir: &Path, broker: &Path, log: &Path) -> (Proc, PathBuf) {
     let socket = dir.join("vm.sock");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound-worker"));
+    let mut cmd = Command::new(common::bins::worker());
     cmd.arg("--socket")
         .arg(&socket)
         .arg("--broker")

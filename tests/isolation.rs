@@ -16,8 +16,10 @@ use common::hostile::{
     open_fds, rss_kib, Attack, Attacker, Hostile, Reply, PREPARES_UNREAD, PROTOCOL_VERSION,
 };
 use common::vsound::*;
-use vsound::broker::{HELLO_DEADLINE, MAX_CONNECTIONS_PER_UID, MAX_PENDING, UNREAD_REPLY_DEADLINE};
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
+use vsound_broker::broker::{
+    HELLO_DEADLINE, MAX_CONNECTIONS_PER_UID, MAX_PENDING, UNREAD_REPLY_DEADLINE,
+};
 
 /// One attack at a time: the figures compare against a baseline, and 2 loaded cores are enough
 /// noise without the other attacks.

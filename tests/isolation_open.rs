@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use common::frontend::{FrontendOptions, GuestVm};
 use common::vsound::*;
-use vsound::broker::MAX_ABANDONED_OPENS_PER_UID;
-use vsound::broker_link::BROKER_REPLY_TIMEOUT;
-use vsound::opener::OPEN_DEADLINE;
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
+use vsound_broker::broker::MAX_ABANDONED_OPENS_PER_UID;
+use vsound_broker::opener::OPEN_DEADLINE;
+use vsound_shared::ipc::BROKER_REPLY_TIMEOUT;
 
 const IO_ERR: u32 = 0x8003;
 

@@ -19,8 +19,8 @@ use common::frontend::{FrontendOptions, GuestVm};
 use common::hostile::{open_fds, Attack, Attacker, STORM_BURST, STORM_STREAM};
 use common::pipewire::PipeWire;
 use common::vsound::*;
-use vsound::broker::{MAX_CONNECTIONS_PER_UID, REQUEST_BURST, REQUEST_RATE_PER_SEC};
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
+use vsound_broker::broker::{MAX_CONNECTIONS_PER_UID, REQUEST_BURST, REQUEST_RATE_PER_SEC};
 
 /// The ignored test an `Attacker` runs.
 const ATTACKER: &str = "attacker";

@@ -23,7 +23,7 @@ use rustix::net::{
     SendFlags, SocketAddrUnix, SocketFlags, SocketType,
 };
 use serde::{Deserialize, Serialize};
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
 
 // --- The hostile client's own encoder of the wire format (src/ipc.rs): bincode 2's standard
 // configuration over serde, one message per SOCK_SEQPACKET packet, variants in wire order. ---
@@ -609,7 +609,7 @@ fn hostile_broker(listener: OwnedFd, stop: std::sync::Arc<std::sync::atomic::Ato
             },
             ToBroker::Prepare { stream_id, params } => {
                 let capacity = u64::from(params.period_bytes) * 3;
-                let (_ring, ring_fd) = vsound::ring::SharedRing::create(capacity).unwrap();
+                let (_ring, ring_fd) = vsound_shared::ring::SharedRing::create(capacity).unwrap();
                 let notify =
                     rustix::event::eventfd(0, rustix::event::EventfdFlags::empty()).unwrap();
                 let ours = notify.try_clone().unwrap();

@@ -1,5 +1,7 @@
 //! The worker must never link an audio library: only the broker touches audio.
 
+mod common;
+
 use std::process::Command;
 
 fn needed_libraries(binary: &str) -> Vec<String> {
@@ -21,7 +23,7 @@ fn needed_libraries(binary: &str) -> Vec<String> {
 
 #[test]
 fn worker_links_no_audio_library() {
-    let needed = needed_libraries(env!("CARGO_BIN_EXE_vsound-worker"));
+    let needed = needed_libraries(common::bins::worker());
     assert!(
         needed.iter().any(|lib| lib.starts_with("libc.so")),
         "could not read the dynamic section: {needed:?}"

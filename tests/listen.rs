@@ -18,8 +18,8 @@ use nix::unistd::Pid;
 use common::vsound::{
     spawn_broker, vhost_get_features, wait_exit, wait_for_path, Launcher, Proc, WAIT,
 };
-use vsound::ipc::{BrokerMsg, Channel, WorkerMsg, PROTOCOL_VERSION};
-use vsound::listen::{self, SocketKind};
+use vsound_process::listen::{self, SocketKind};
+use vsound_shared::ipc::{BrokerMsg, Channel, WorkerMsg, PROTOCOL_VERSION};
 
 fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
@@ -72,7 +72,7 @@ fn broker_welcomes(socket: &Path) -> bool {
 }
 
 fn worker_command(broker: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound-worker"));
+    let mut cmd = Command::new(common::bins::worker());
     cmd.arg("--broker")
         .arg(broker)
         .env("RUST_LOG", "info")
@@ -236,7 +236,7 @@ fn an_inherited_socket_of_the_wrong_type_is_refused() {
     );
 
     let (stream, _b) = listen::bind(&dir.path().join("s.sock"), SocketKind::Stream).unwrap();
-    let mut broker = Command::new(env!("CARGO_BIN_EXE_vsound-broker"));
+    let mut broker = Command::new(common::bins::broker());
     broker.args(["--fd", "3"]).stdin(Stdio::null());
     let (ok, stderr) = run_to_end(&mut with_fd3(broker, &stream));
     assert!(!ok);
@@ -250,7 +250,7 @@ fn an_inherited_socket_of_the_wrong_type_is_refused() {
 fn a_second_instance_on_a_live_path_refuses_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let (mut broker, broker_socket) = spawn_broker(dir.path(), None);
-    let mut second = Command::new(env!("CARGO_BIN_EXE_vsound-broker"));
+    let mut second = Command::new(common::bins::broker());
     second
         .arg("--socket")
         .arg(&broker_socket)

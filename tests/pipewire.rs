@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::frontend::{FrontendOptions, GuestVm};
 use common::pipewire::{assert_arrived_intact, assert_carries_signal, find, PipeWire, SINK};
 use common::vsound::*;
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
 
 const CONFIG: &str = r#"
 [[streams]]
@@ -234,7 +234,7 @@ impl LoggedRig {
         let socket = dir.path().join("broker.sock");
         let log = dir.path().join("broker.log");
         let mut broker = Proc {
-            child: Command::new(env!("CARGO_BIN_EXE_vsound-broker"))
+            child: Command::new(common::bins::broker())
                 .arg("--socket")
                 .arg(&socket)
                 .arg("--config")

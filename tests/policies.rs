@@ -5,6 +5,8 @@
 //! the SELinux module; the tests below also read the unit files themselves, so that a weakened
 //! directive fails here even where systemd would accept it.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -371,8 +373,8 @@ fn check_policies(args: &[&str]) -> String {
         .arg(repo().join("scripts/check-policies.sh"))
         .args(args)
         .current_dir(repo())
-        .env("VSOUND_WORKER_BIN", env!("CARGO_BIN_EXE_vsound-worker"))
-        .env("VSOUND_BROKER_BIN", env!("CARGO_BIN_EXE_vsound-broker"))
+        .env("VSOUND_WORKER_BIN", common::bins::worker())
+        .env("VSOUND_BROKER_BIN", common::bins::broker())
         .output()
         .expect("cannot run scripts/check-policies.sh");
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();

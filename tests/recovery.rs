@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::frontend::FrontendOptions;
 use common::vsound::*;
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
 
 /// Stream 0 plays into `NAME-{client}.wav`, stream 1 records `source.wav`.
 fn wav_config(dir: &Path, name: &str) -> std::path::PathBuf {

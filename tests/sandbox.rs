@@ -13,7 +13,7 @@ use common::vsound::{
     control, known_signal, pcm, play, prepare, spawn_broker, spawn_worker, wait_for_path, Params,
     Proc,
 };
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
 
 fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
@@ -74,7 +74,7 @@ fn forbidden_actions_are_stopped_inside_the_worker() {
     let args = worker_args(dir.path(), &broker_socket);
     let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     for action in ["open", "inet", "exec", "ptrace"] {
-        let (ended, stderr) = probe(env!("CARGO_BIN_EXE_vsound-worker"), action, &args);
+        let (ended, stderr) = probe(common::bins::worker(), action, &args);
         assert!(
             ended == "denied" || ended == "killed by seccomp",
             "worker probe {action}: {ended}\n{stderr}"
@@ -102,7 +102,7 @@ fn thread_arenas_grow_and_shrink_inside_the_worker() {
     let (_broker, broker_socket) = spawn_broker(dir.path(), None);
     let args = worker_args(dir.path(), &broker_socket);
     let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    let worker = env!("CARGO_BIN_EXE_vsound-worker");
+    let worker = common::bins::worker();
     let (ended, stderr) = probe(worker, "arena", &args);
     assert_eq!(ended, "survived", "{stderr}");
     assert!(
@@ -142,7 +142,7 @@ fn forbidden_actions_are_stopped_inside_the_broker() {
     let args = ["--socket".as_ref(), socket.as_os_str()];
     let outcomes: Vec<(String, String)> = ["open", "inet", "exec", "ptrace"]
         .iter()
-        .map(|action| probe(env!("CARGO_BIN_EXE_vsound-broker"), action, &args))
+        .map(|action| probe(common::bins::broker(), action, &args))
         .collect();
     for ((ended, stderr), action) in outcomes.iter().zip(["open", "inet", "exec", "ptrace"]) {
         assert!(
@@ -232,7 +232,7 @@ fn strict_worker_refuses_to_run_as_root_without_a_user() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (_broker, broker_socket) = spawn_broker(dir.path(), None);
-    let out = Command::new(env!("CARGO_BIN_EXE_vsound-worker"))
+    let out = Command::new(common::bins::worker())
         .arg("--socket")
         .arg(dir.path().join("w.sock"))
         .arg("--broker")
@@ -300,7 +300,7 @@ fn broker_pipewire_thread_runs_as_an_unprivileged_user() {
     std::fs::write(&config, PIPEWIRE_CONFIG).unwrap();
     let broker_socket = dir.path().join("broker.sock");
     let log = dir.path().join("broker.log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound-broker"));
+    let mut cmd = Command::new(common::bins::broker());
     cmd.arg("--socket")
         .arg(&broker_socket)
         .arg("--config")

@@ -1,6 +1,6 @@
 //! A hostile worker for the broker's isolation tests. It speaks the broker's wire format with its
 //! own encoder (bincode 2's standard configuration written out by hand, not the worker's
-//! `vsound::ipc`), so that it can send what a real worker never would, and read, or never read,
+//! `vsound_shared::ipc`), so that it can send what a real worker never would, and read, or never read,
 //! what it likes.
 //!
 //! The format (src/ipc.rs): one message per SOCK_SEQPACKET packet, fds by SCM_RIGHTS. An integer

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use vsound::protocol as p;
+use virtio_snd::protocol as p;
 use zerocopy::IntoBytes;
 
 use super::frontend::{FrontendOptions, GuestVm, UsedBuf};
@@ -93,7 +93,7 @@ pub fn spawn_broker_logging(
     let socket = dir.join("broker.sock");
     // A dead broker's socket file would satisfy the wait below before the new one binds.
     let _ = std::fs::remove_file(&socket);
-    let mut cmd = super::realtime::command(env!("CARGO_BIN_EXE_vsound-broker"));
+    let mut cmd = super::realtime::command(super::bins::broker());
     cmd.arg("--socket")
         .arg(&socket)
         .env("RUST_LOG", log_level())
@@ -133,7 +133,7 @@ pub fn spawn_worker(
 ) -> (Proc, PathBuf) {
     let socket = dir.join(format!("{name}.sock"));
     // The worker is on the audio path too (it refills the ring and completes buffers).
-    let mut cmd = super::realtime::command(env!("CARGO_BIN_EXE_vsound-worker"));
+    let mut cmd = super::realtime::command(super::bins::worker());
     cmd.arg("--socket")
         .arg(&socket)
         .arg("--broker")
@@ -364,9 +364,10 @@ impl Params {
     }
 
     pub fn period(&self) -> Duration {
-        let frame = vsound::protocol::sample_bytes(self.format).unwrap() * u32::from(self.channels);
+        let frame =
+            virtio_snd::protocol::sample_bytes(self.format).unwrap() * u32::from(self.channels);
         let frames = u64::from(self.period_bytes / frame);
-        let hz = u64::from(vsound::protocol::rate_hz(self.rate).unwrap());
+        let hz = u64::from(virtio_snd::protocol::rate_hz(self.rate).unwrap());
         Duration::from_nanos(frames * 1_000_000_000 / hz)
     }
 }

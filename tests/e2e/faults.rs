@@ -226,7 +226,7 @@ fn play_zeros_until_the_worker_dies(
     playing: &std::sync::atomic::AtomicBool,
 ) -> usize {
     use crate::common::frontend::{FrontendOptions, GuestVm};
-    use vsound::protocol as p;
+    use virtio_snd::protocol as p;
     let mut vm = GuestVm::connect(socket, FrontendOptions::default()).expect("VM A connects");
     let params = Params::s16_48k(0);
     prepare(&mut vm, &params);

@@ -19,9 +19,9 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use super::{
     Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge,
 };
-use crate::control::PcmCaps;
-use crate::protocol::{format, D_OUTPUT};
-use crate::ring::RingError;
+use virtio_snd::control::PcmCaps;
+use virtio_snd::protocol::{format, D_OUTPUT};
+use vsound_shared::ring::RingError;
 
 /// Periods in the device buffer.
 const DEVICE_PERIODS: i64 = 2;
@@ -134,8 +134,8 @@ fn probe_limits(device: &str, direction: u8) -> Option<DeviceLimits> {
     let formats = (0..=format::MAX)
         .filter(|&f| alsa_format(f).is_some_and(|af| hw.test_format(af).is_ok()))
         .fold(0u64, |m, f| m | (1 << f));
-    let rates = (0..=crate::protocol::rate::MAX)
-        .filter(|&r| crate::protocol::rate_hz(r).is_some_and(|hz| hw.test_rate(hz).is_ok()))
+    let rates = (0..=virtio_snd::protocol::rate::MAX)
+        .filter(|&r| virtio_snd::protocol::rate_hz(r).is_some_and(|hz| hw.test_rate(hz).is_ok()))
         .fold(0u64, |m, r| m | (1 << r));
     let clamp = |n: u32| n.clamp(1, u32::from(u8::MAX)) as u8;
     Some(DeviceLimits {

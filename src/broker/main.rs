@@ -8,13 +8,13 @@ use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use vsound::broker::Broker;
-use vsound::config::BackendKind;
-use vsound::config::Config;
-use vsound::ipc::Listener;
-use vsound::listen::{self, SocketKind, Source};
-use vsound::protocol::D_OUTPUT;
-use vsound::sandbox::{self, Mode, PathRule, Role};
+use virtio_snd::protocol::D_OUTPUT;
+use vsound_broker::broker::Broker;
+use vsound_config::BackendKind;
+use vsound_config::Config;
+use vsound_process::listen::{self, SocketKind, Source};
+use vsound_process::sandbox::{self, Mode, PathRule, Role};
+use vsound_shared::ipc::Listener;
 
 #[derive(Parser)]
 #[command(version, about = "vsound audio broker")]
@@ -49,7 +49,7 @@ fn backend_paths(config: &Config) -> Vec<PathRule> {
         .any(|s| matches!(s.backend, BackendKind::Pipewire | BackendKind::Auto))
     {
         rules.extend(
-            vsound::backends::pipewire::sandbox_read_paths()
+            vsound_broker::backends::pipewire::sandbox_read_paths()
                 .into_iter()
                 .map(PathRule::Read),
         );
@@ -59,10 +59,10 @@ fn backend_paths(config: &Config) -> Vec<PathRule> {
         .iter()
         .any(|s| matches!(s.backend, BackendKind::Alsa | BackendKind::Auto))
     {
-        let alsa = &vsound::backends::alsa::sandbox_read_paths;
+        let alsa = &vsound_broker::backends::alsa::sandbox_read_paths;
         rules.extend(alsa().into_iter().map(PathRule::Read));
         rules.extend(
-            vsound::backends::alsa::sandbox_device_paths()
+            vsound_broker::backends::alsa::sandbox_device_paths()
                 .into_iter()
                 .map(PathRule::ReadWrite),
         );

@@ -51,10 +51,10 @@ use rustix::event::{eventfd, EventfdFlags};
 use super::{
     Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge,
 };
-use crate::control::{PcmCaps, PcmParams};
-use crate::protocol::{chmap, format, D_OUTPUT};
-use crate::ratelimit::LogLimiter;
-use crate::ring::RingError;
+use virtio_snd::control::{PcmCaps, PcmParams};
+use virtio_snd::protocol::{chmap, format, D_OUTPUT};
+use vsound_shared::ratelimit::LogLimiter;
+use vsound_shared::ring::RingError;
 
 /// How long the broker waits for its PipeWire thread to connect at start-up.
 const START_TIMEOUT: Duration = Duration::from_secs(3);
@@ -1483,7 +1483,7 @@ impl Drop for PipewireStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::rate;
+    use virtio_snd::protocol::rate;
 
     /// 48 kHz stereo S16 with `period` frames, `periods` of them.
     fn params(period: u32, periods: u32) -> PcmParams {

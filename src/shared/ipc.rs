@@ -19,7 +19,10 @@ use rustix::net::{
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::control::{PcmCaps, PcmParams};
+/// How long a request waits for the broker's reply; the guest driver gives up after 1 s.
+pub const BROKER_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
+
+use virtio_snd::control::{PcmCaps, PcmParams};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest packet either side sends or accepts.
@@ -336,7 +339,7 @@ impl Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol as p;
+    use virtio_snd::protocol as p;
 
     fn caps() -> PcmCaps {
         PcmCaps {

@@ -16,8 +16,8 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use rustix::event::{eventfd, EventfdFlags};
 
 use super::{BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge};
-use crate::control::PcmParams;
-use crate::ring::RingError;
+use virtio_snd::control::PcmParams;
+use vsound_shared::ring::RingError;
 
 /// Largest chunk moved between the ring and the sink or source in one copy.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -167,7 +167,7 @@ impl BackendStream for ClockedStream {
 }
 
 /// Streams the timer thread can run at once: every stream of every worker the broker serves.
-pub const TIMER_SLOTS: usize = crate::broker::MAX_CLIENTS * crate::config::MAX_STREAMS;
+pub const TIMER_SLOTS: usize = crate::broker::MAX_CLIENTS * vsound_config::MAX_STREAMS;
 /// Xrun reports queued for the broker; more are dropped (a count, not a protocol message).
 const XRUN_QUEUE: usize = 256;
 /// The epoll token of the thread's command eventfd (slots are `0..TIMER_SLOTS`).

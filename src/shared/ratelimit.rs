@@ -100,6 +100,7 @@ impl LogLimiter {
 
 /// `guest_log!(limiter, level, format, args...)`: logs like `log::log!` if the logger would
 /// keep the line and `limiter` admits it. A line the logger filters out costs no budget.
+#[macro_export]
 macro_rules! guest_log {
     ($limiter:expr, $level:expr, $($arg:tt)+) => {{
         let level: ::log::Level = $level;
@@ -108,8 +109,6 @@ macro_rules! guest_log {
         }
     }};
 }
-pub(crate) use guest_log;
-
 #[cfg(test)]
 mod tests {
     use super::*;

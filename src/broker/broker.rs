@@ -18,13 +18,13 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 
 use crate::backends::clocked::{Returned, TimerCommand, TimerThread, TIMER_SLOTS};
 use crate::backends::{self, Backend, BackendStream, RingPort, StreamRing, StreamSpec};
-use crate::config::Config;
-use crate::control::{PcmCaps, PcmParams};
-use crate::ipc::{self, BrokerMsg, Channel, IpcError, Listener, WorkerMsg};
 use crate::opener::{Opened, Opener, Outcome, Pending, OPEN_DEADLINE};
-use crate::protocol::D_OUTPUT;
-use crate::ratelimit::LogLimiter;
-use crate::ring::{Consumer, Producer, RingError, SharedRing, WakeSender};
+use virtio_snd::control::{PcmCaps, PcmParams};
+use virtio_snd::protocol::D_OUTPUT;
+use vsound_config::Config;
+use vsound_shared::ipc::{self, BrokerMsg, Channel, IpcError, Listener, WorkerMsg};
+use vsound_shared::ratelimit::LogLimiter;
+use vsound_shared::ring::{Consumer, Producer, RingError, SharedRing, WakeSender};
 
 /// Most workers (connections past Hello) one broker serves at once.
 pub const MAX_CLIENTS: usize = 64;
@@ -83,7 +83,7 @@ pub const MAX_ABANDONED_OPENS_PER_UID: usize = 2;
 /// hold at most 4 GiB, under the broker unit's MemoryMax.
 pub const MAX_RING_BYTES_PER_WORKER: u64 = 64 << 20;
 /// PCM features the broker implements: xrun reports.
-const BROKER_PCM_FEATURES: u32 = 1 << crate::protocol::PCM_F_EVT_XRUNS;
+const BROKER_PCM_FEATURES: u32 = 1 << virtio_snd::protocol::PCM_F_EVT_XRUNS;
 
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_STOP: u64 = 1;
@@ -717,7 +717,7 @@ impl Broker {
                 self.refuse(id, "too many workers".into());
                 return Err(Violation::Protocol("too many workers".into()));
             }
-            if streams.len() > crate::config::MAX_STREAMS {
+            if streams.len() > vsound_config::MAX_STREAMS {
                 return Err(Violation::Protocol("too many streams".into()));
             }
             let granted = self.grant_caps(&streams);

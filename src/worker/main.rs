@@ -14,10 +14,10 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
-use vsound::config::Config;
-use vsound::listen::{self, SocketKind, SocketPath, Source};
-use vsound::sandbox::{self, Mode, PathRule, Role};
-use vsound::worker::{GuestMemory, SoundDevice, DEVICE_EVENT};
+use vsound_config::Config;
+use vsound_process::listen::{self, SocketKind, SocketPath, Source};
+use vsound_process::sandbox::{self, Mode, PathRule, Role};
+use vsound_worker::worker::{GuestMemory, SoundDevice, DEVICE_EVENT};
 
 #[derive(Parser)]
 #[command(version, about = "vhost-user virtio-sound worker (one per VM)")]

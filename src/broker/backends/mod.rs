@@ -12,9 +12,9 @@ use std::os::fd::BorrowedFd;
 
 use std::sync::Arc;
 
-use crate::config::{BackendKind, Config, StreamConfig};
-use crate::control::{PcmCaps, PcmParams};
-use crate::ring::{Consumer, Producer, RingError, SharedRing, WakeSender};
+use virtio_snd::control::{PcmCaps, PcmParams};
+use vsound_config::{BackendKind, Config, StreamConfig};
+use vsound_shared::ring::{Consumer, Producer, RingError, SharedRing, WakeSender};
 
 pub mod alsa;
 pub mod clocked;
@@ -124,7 +124,7 @@ pub trait Backend: Send + Sync {
 
 /// The offer narrowed to the sample formats a backend carries (`supports` per virtio format).
 fn caps_with_formats(offered: &PcmCaps, supports: impl Fn(u8) -> bool) -> PcmCaps {
-    let formats = (0..=crate::protocol::format::MAX)
+    let formats = (0..=virtio_snd::protocol::format::MAX)
         .filter(|&f| supports(f))
         .fold(0u64, |m, f| m | (1 << f));
     PcmCaps {

@@ -4,7 +4,7 @@ use std::io;
 
 use super::clocked::{ClockedIo, ClockedStream};
 use super::{Backend, BackendError, BackendStream, RingPort, StreamSpec};
-use crate::control::PcmCaps;
+use virtio_snd::control::PcmCaps;
 
 pub struct NullBackend;
 
@@ -23,7 +23,7 @@ impl Backend for NullBackend {
         port: RingPort,
     ) -> Result<Box<dyn BackendStream>, BackendError> {
         let io = Box::new(NullIo {
-            silence: crate::protocol::silence_sample(spec.params.format),
+            silence: virtio_snd::protocol::silence_sample(spec.params.format),
         });
         Ok(Box::new(ClockedStream::new(spec, port, io)?))
     }

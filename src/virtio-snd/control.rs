@@ -5,7 +5,6 @@
 
 use zerocopy::IntoBytes;
 
-use crate::config::Config;
 use crate::protocol::{self as p, Status};
 
 /// Largest `size` a driver may ask per item of an INFO query; bounds the response allocation.
@@ -141,6 +140,15 @@ struct StreamCtl {
     params: Option<PcmParams>,
 }
 
+/// What the device answers about itself besides its streams: its jacks (JACK_INFO), its
+/// channel maps (CHMAP_INFO), and the largest PCM buffer it accepts.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceLayout {
+    pub jacks: Vec<p::JackInfo>,
+    pub chmaps: Vec<p::ChmapInfo>,
+    pub max_buffer_bytes: u32,
+}
+
 /// Control-plane state of the whole device.
 #[derive(Debug, Clone)]
 pub struct ControlState {
@@ -151,23 +159,14 @@ pub struct ControlState {
 }
 
 impl ControlState {
-    /// `caps` has one entry per configured stream.
-    pub fn new(config: &Config, caps: &[PcmCaps]) -> ControlState {
-        let jacks = config
+    /// `caps` has one entry per stream: what the device offers for it.
+    pub fn new(layout: DeviceLayout, caps: &[PcmCaps]) -> ControlState {
+        let jacks = layout
             .jacks
-            .iter()
-            .map(|j| JackState {
-                info: p::JackInfo {
-                    hdr: p::Info {
-                        hda_fn_nid: j.hda_fn_nid.into(),
-                    },
-                    features: (if j.remap { 1u32 << p::JACK_F_REMAP } else { 0 }).into(),
-                    hda_reg_defconf: j.hda_reg_defconf.into(),
-                    hda_reg_caps: j.hda_reg_caps.into(),
-                    connected: u8::from(j.connected),
-                    padding: [0; 7],
-                },
-                remap: j.remap,
+            .into_iter()
+            .map(|info| JackState {
+                remap: info.features.get() & (1 << p::JACK_F_REMAP) != 0,
+                info,
             })
             .collect();
         let streams = caps
@@ -178,28 +177,11 @@ impl ControlState {
                 params: None,
             })
             .collect();
-        let chmaps = config
-            .chmaps
-            .iter()
-            .map(|c| {
-                let values = c.position_values();
-                let mut positions = [0u8; p::chmap::MAX_SIZE];
-                positions[..values.len()].copy_from_slice(&values);
-                p::ChmapInfo {
-                    hdr: p::Info {
-                        hda_fn_nid: c.hda_fn_nid.into(),
-                    },
-                    direction: c.direction.wire(),
-                    channels: values.len() as u8,
-                    positions,
-                }
-            })
-            .collect();
         ControlState {
             jacks,
             streams,
-            chmaps,
-            max_buffer_bytes: config.limits.max_buffer_bytes,
+            chmaps: layout.chmaps,
+            max_buffer_bytes: layout.max_buffer_bytes,
         }
     }
 
@@ -415,7 +397,6 @@ fn encode_items(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     /// A host that records calls and can be told to fail.
     #[derive(Default)]
@@ -446,25 +427,68 @@ mod tests {
         }
     }
 
-    fn caps_of(config: &Config) -> Vec<PcmCaps> {
-        config
-            .streams
-            .iter()
-            .map(|s| PcmCaps {
-                direction: s.direction.wire(),
-                hda_fn_nid: s.hda_fn_nid,
+    /// An output and an input stream offering what the default config offers: 1-8 channels,
+    /// every fixed-size format (not IMA_ADPCM) and every rate Linux knows (not 12 or 24 kHz).
+    fn test_caps() -> Vec<PcmCaps> {
+        [p::D_OUTPUT, p::D_INPUT]
+            .map(|direction| PcmCaps {
+                direction,
+                hda_fn_nid: 0,
                 features: 0,
-                formats: s.format_mask(),
-                rates: s.rate_mask(),
-                channels_min: s.channels_min,
-                channels_max: s.channels_max,
+                formats: (p::format::MU_LAW..=p::format::FLOAT64).fold(0, |m, f| m | 1 << f),
+                rates: (p::rate::R5512..=p::rate::R384000).fold(0, |m, r| m | 1 << r),
+                channels_min: 1,
+                channels_max: 8,
             })
-            .collect()
+            .to_vec()
+    }
+
+    /// One remappable line-out jack; per direction six maps (mono to 7.1, the output's first).
+    fn test_layout() -> DeviceLayout {
+        use p::chmap::*;
+        let maps: [&[u8]; 6] = [
+            &[MONO],
+            &[FL, FR],
+            &[FL, FR, FC],
+            &[FL, FR, RL, RR],
+            &[FL, FR, FC, LFE, RL, RR],
+            &[FL, FR, FC, LFE, RL, RR, SL, SR],
+        ];
+        let chmaps = [p::D_OUTPUT, p::D_INPUT]
+            .iter()
+            .flat_map(|&direction| {
+                maps.iter().map(move |values| {
+                    let mut positions = [0u8; MAX_SIZE];
+                    positions[..values.len()].copy_from_slice(values);
+                    p::ChmapInfo {
+                        hdr: p::Info {
+                            hda_fn_nid: 0.into(),
+                        },
+                        direction,
+                        channels: values.len() as u8,
+                        positions,
+                    }
+                })
+            })
+            .collect();
+        DeviceLayout {
+            jacks: vec![p::JackInfo {
+                hdr: p::Info {
+                    hda_fn_nid: 0.into(),
+                },
+                features: (1u32 << p::JACK_F_REMAP).into(),
+                hda_reg_defconf: 0x0101_4010.into(),
+                hda_reg_caps: 0.into(),
+                connected: 1,
+                padding: [0; 7],
+            }],
+            chmaps,
+            max_buffer_bytes: 4 << 20,
+        }
     }
 
     fn device() -> ControlState {
-        let config = Config::default();
-        ControlState::new(&config, &caps_of(&config))
+        ControlState::new(test_layout(), &test_caps())
     }
 
     fn status(resp: &[u8]) -> u32 {
@@ -721,9 +745,9 @@ mod tests {
 
     #[test]
     fn remap_refused_without_the_feature() {
-        let mut config = Config::default();
-        config.jacks[0].remap = false;
-        let mut dev = ControlState::new(&config, &caps_of(&config));
+        let mut layout = test_layout();
+        layout.jacks[0].features = 0.into();
+        let mut dev = ControlState::new(layout, &test_caps());
         let req = p::JackRemap {
             hdr: p::JackHdr {
                 hdr: p::Hdr {

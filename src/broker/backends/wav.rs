@@ -9,8 +9,8 @@ use hound::{SampleFormat, WavReader, WavSpec, WavWriter};
 
 use super::clocked::{ClockedIo, ClockedStream};
 use super::{Backend, BackendError, BackendStream, RingPort, StreamSpec};
-use crate::control::PcmCaps;
-use crate::protocol::{format, D_OUTPUT};
+use virtio_snd::control::PcmCaps;
+use virtio_snd::protocol::{format, D_OUTPUT};
 
 /// How a virtio format is kept in a WAV file: PCM integers of 8 (unsigned there), 16, 24 or 32
 /// bits, or 32-bit floats. Every conversion is lossless both ways.
@@ -264,8 +264,8 @@ impl ClockedIo for WavCapture {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::PcmParams;
-    use crate::protocol::{rate, D_INPUT};
+    use virtio_snd::control::PcmParams;
+    use virtio_snd::protocol::{rate, D_INPUT};
 
     fn spec(direction: u8, format: u8) -> StreamSpec {
         StreamSpec {

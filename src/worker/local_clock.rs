@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
-use crate::control::PcmParams;
+use virtio_snd::control::PcmParams;
 
 const NS_PER_S: u128 = 1_000_000_000;
 
@@ -188,7 +188,7 @@ impl WakeTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{format, rate};
+    use virtio_snd::protocol::{format, rate};
 
     fn params() -> PcmParams {
         PcmParams {

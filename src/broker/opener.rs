@@ -4,7 +4,7 @@
 //! result comes back through a channel and an eventfd the broker's epoll watches.
 //!
 //! The broker answers every PREPARE within [`OPEN_DEADLINE`], which is shorter than the time
-//! the worker waits for any reply ([`crate::broker_link::BROKER_REPLY_TIMEOUT`]): a slow backend
+//! the worker waits for any reply ([`vsound_shared::ipc::BROKER_REPLY_TIMEOUT`]): a slow backend
 //! gets the worker a `Failed` (the guest an IO_ERR), never a link that times out. An open that
 //! outlives its deadline is abandoned: its thread closes the stream when the backend returns, and
 //! until then it counts against its worker's uid, so that a backend that hangs cannot be made to
@@ -25,7 +25,7 @@ pub const OPEN_DEADLINE: Duration = Duration::from_millis(400);
 
 // The worker must hear the broker's answer before it gives up on the link.
 const _: () =
-    assert!(OPEN_DEADLINE.as_millis() < crate::broker_link::BROKER_REPLY_TIMEOUT.as_millis());
+    assert!(OPEN_DEADLINE.as_millis() < vsound_shared::ipc::BROKER_REPLY_TIMEOUT.as_millis());
 
 /// Opener threads' stack: the backends' open paths (ALSA's config parser included) need far
 /// less than the default 2 MiB.

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{self, chmap, format};
+use virtio_snd::control::{DeviceLayout, PcmCaps};
+use virtio_snd::protocol::{self, chmap, format};
 
 /// Upper bounds that keep every table and allocation small, whatever the config says.
 pub const MAX_STREAMS: usize = 32;
@@ -342,6 +343,68 @@ impl ChmapConfig {
 }
 
 impl Config {
+    /// What the device offers for each stream, as the worker asks the broker for it (the broker
+    /// narrows it to what its backend can do).
+    pub fn pcm_caps(&self) -> Vec<PcmCaps> {
+        self.streams
+            .iter()
+            .map(|s| PcmCaps {
+                direction: s.direction.wire(),
+                hda_fn_nid: s.hda_fn_nid,
+                features: 1 << protocol::PCM_F_EVT_XRUNS,
+                formats: s.format_mask(),
+                rates: s.rate_mask(),
+                channels_min: s.channels_min,
+                channels_max: s.channels_max,
+            })
+            .collect()
+    }
+
+    /// The jacks and channel maps the device reports, and its buffer limit.
+    pub fn device_layout(&self) -> DeviceLayout {
+        let jacks = self
+            .jacks
+            .iter()
+            .map(|j| protocol::JackInfo {
+                hdr: protocol::Info {
+                    hda_fn_nid: j.hda_fn_nid.into(),
+                },
+                features: (if j.remap {
+                    1u32 << protocol::JACK_F_REMAP
+                } else {
+                    0
+                })
+                .into(),
+                hda_reg_defconf: j.hda_reg_defconf.into(),
+                hda_reg_caps: j.hda_reg_caps.into(),
+                connected: u8::from(j.connected),
+                padding: [0; 7],
+            })
+            .collect();
+        let chmaps = self
+            .chmaps
+            .iter()
+            .map(|c| {
+                let values = c.position_values();
+                let mut positions = [0u8; chmap::MAX_SIZE];
+                positions[..values.len()].copy_from_slice(&values);
+                protocol::ChmapInfo {
+                    hdr: protocol::Info {
+                        hda_fn_nid: c.hda_fn_nid.into(),
+                    },
+                    direction: c.direction.wire(),
+                    channels: values.len() as u8,
+                    positions,
+                }
+            })
+            .collect();
+        DeviceLayout {
+            jacks,
+            chmaps,
+            max_buffer_bytes: self.limits.max_buffer_bytes,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;

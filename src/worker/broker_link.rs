@@ -12,12 +12,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
-use crate::control::PcmCaps;
-use crate::ipc::{self, BrokerMsg, Channel, IpcError, WorkerMsg};
 use crate::local_clock::WakeTimer;
+use virtio_snd::control::PcmCaps;
+use vsound_shared::ipc::{self, BrokerMsg, Channel, IpcError, WorkerMsg, BROKER_REPLY_TIMEOUT};
 
-/// How long a request waits for the broker's reply; the guest driver gives up after 1 s.
-pub const BROKER_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long the first Hello at start-up may wait for the broker.
 const FIRST_WELCOME_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a reconnection's Hello may wait before the connection is dropped and retried.

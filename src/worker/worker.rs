@@ -36,15 +36,18 @@ use vmm_sys_util::event::{
 use zerocopy::IntoBytes;
 
 use crate::broker_link::{BrokerLink, Fault, LinkError, LinkEvent};
-use crate::config::Config;
-use crate::control::{ControlState, PcmCaps, PcmHost, PcmParams};
-use crate::guest::{Chain, GuestBuffer};
-use crate::ipc::{BrokerMsg, WorkerMsg};
 use crate::local_clock::{LocalClock, WakeTimer};
-use crate::protocol::{self as p, Status};
-use crate::ratelimit::{guest_log, LogLimiter};
-use crate::ring::{check_wakeup_fd, drain_wakeups, Consumer, Producer, SharedRing, Wakeups};
 use log::Level;
+use virtio_snd::control::{ControlState, PcmHost, PcmParams};
+use virtio_snd::guest::{Chain, GuestBuffer};
+use virtio_snd::protocol::{self as p, Status};
+use vsound_config::Config;
+use vsound_shared::guest_log;
+use vsound_shared::ipc::{BrokerMsg, WorkerMsg};
+use vsound_shared::ratelimit::LogLimiter;
+use vsound_shared::ring::{
+    check_wakeup_fd, drain_wakeups, Consumer, Producer, SharedRing, Wakeups,
+};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 type Mem = GuestMemoryAtomic<GuestMemory>;
@@ -811,7 +814,7 @@ impl SoundDevice {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         let (link, granted) = BrokerLink::connect(
             broker_path,
-            wanted_caps(config),
+            config.pcm_caps(),
             &epoll,
             TOKEN_BROKER,
             TOKEN_LINK_TIMER,
@@ -832,7 +835,7 @@ impl SoundDevice {
             )
             .map_err(io::Error::from)?;
         Ok(SoundDevice {
-            control: ControlState::new(config, &granted),
+            control: ControlState::new(config.device_layout(), &granted),
             streams: granted
                 .iter()
                 .map(|c| StreamIo::new(c.direction == p::D_OUTPUT))
@@ -963,23 +966,6 @@ impl SoundDevice {
         }
         done.used(p::CONTROL_QUEUE, chain.head, response.len() as u32);
     }
-}
-
-/// The caps the worker asks the broker for, from its config.
-pub fn wanted_caps(config: &Config) -> Vec<PcmCaps> {
-    config
-        .streams
-        .iter()
-        .map(|s| PcmCaps {
-            direction: s.direction.wire(),
-            hda_fn_nid: s.hda_fn_nid,
-            features: 1 << p::PCM_F_EVT_XRUNS,
-            formats: s.format_mask(),
-            rates: s.rate_mask(),
-            channels_min: s.channels_min,
-            channels_max: s.channels_max,
-        })
-        .collect()
 }
 
 impl SoundDevice {

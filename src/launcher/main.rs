@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 
-use vsound::listen::{self, SocketKind, SocketPath};
+use vsound_process::listen::{self, SocketKind, SocketPath};
 
 /// The fd a child finds its listening socket on (`--fd 3`).
 const CHILD_LISTEN_FD: i32 = 3;

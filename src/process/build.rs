@@ -16,8 +16,8 @@ fn main() {
         "/// One BPF instruction: (code, jt, jf, k).\npub type Instruction = (u16, u8, u8, u32);\n/// A named filter.\npub type NamedFilter = (&'static str, &'static [Instruction]);\n",
     );
     for (name, file) in [
-        ("WORKER", "policies/worker.json"),
-        ("BROKER", "policies/broker.json"),
+        ("WORKER", "../../policies/worker.json"),
+        ("BROKER", "../../policies/broker.json"),
     ] {
         println!("cargo:rerun-if-changed={file}");
         let json = File::open(file).unwrap_or_else(|e| panic!("{file}: {e}"));

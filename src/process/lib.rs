@@ -1,0 +1,7 @@
+//! How each vsound process starts, shared by the worker, the broker and the launcher: its
+//! listening socket (bound to a path, inherited as `--fd N`, or from systemd socket activation;
+//! `listen`) and its sandbox (namespaces, Landlock, capabilities, no_new_privs and the seccomp
+//! filters compiled from `policies/*.json` at build time; `sandbox`).
+
+pub mod listen;
+pub mod sandbox;
