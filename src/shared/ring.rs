@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memfd::{FileSeal, Memfd, MemfdOptions};
 use vm_memory::mmap::MmapRegion;
-use vm_memory::{FileOffset, VolatileMemory};
+use vm_memory::{FileOffset, VolatileMemory, VolatileSlice};
 
 pub const HEADER_BYTES: usize = 4096;
 /// Largest ring the broker creates or the worker accepts.
@@ -232,6 +232,37 @@ impl Producer {
 
     pub fn free(&mut self) -> Result<u64, RingError> {
         Ok(self.ring.capacity - self.queued()?)
+    }
+
+    /// Appends `len` bytes that `fill(offset, piece)` writes straight into the ring's memory,
+    /// in order, in at most two pieces (`offset` counts from the start of the `len` bytes), if
+    /// they fit entirely; returns whether they were appended. Nothing is published unless
+    /// every `fill` returned true, so a failed source leaves the ring as it was.
+    pub fn push_with(
+        &mut self,
+        len: u64,
+        mut fill: impl FnMut(u64, VolatileSlice<'_>) -> bool,
+    ) -> Result<bool, RingError> {
+        if len > self.free()? {
+            return Ok(false);
+        }
+        let mut done = 0u64;
+        for (offset, piece) in self.ring.pieces(self.write_pos, len as usize) {
+            if piece > 0 {
+                let slice = self
+                    .ring
+                    .region
+                    .get_slice(offset, piece)
+                    .map_err(|e| RingError::Access(e.to_string()))?;
+                if !fill(done, slice) {
+                    return Ok(false);
+                }
+                done += piece as u64;
+            }
+        }
+        self.write_pos += len;
+        self.ring.store(OFF_WRITE_POS, self.write_pos)?;
+        Ok(true)
     }
 
     /// Appends `data` if it fits entirely; returns whether it did.

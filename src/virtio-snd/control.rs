@@ -116,28 +116,79 @@ impl PcmState {
     }
 }
 
-/// The data path behind PCM control requests (the worker's broker link in production).
-pub trait PcmHost {
+/// The data path behind PCM control requests (the worker's streams and broker link in
+/// production). Each call gets the stream it is about, `S`: the caller's one struct per stream,
+/// which holds the stream's [`PcmStream`] next to its data path.
+pub trait PcmHost<S> {
     /// Sets up (or re-sets up) the stream's transport with these params. Pending buffers of the
     /// stream are completed first.
-    fn prepare(&mut self, stream_id: u32, params: &PcmParams) -> Result<(), Status>;
-    fn start(&mut self, stream_id: u32) -> Result<(), Status>;
-    fn stop(&mut self, stream_id: u32) -> Result<(), Status>;
+    fn prepare(&mut self, stream_id: u32, stream: &mut S, params: &PcmParams)
+        -> Result<(), Status>;
+    fn start(&mut self, stream_id: u32, stream: &mut S) -> Result<(), Status>;
+    fn stop(&mut self, stream_id: u32, stream: &mut S) -> Result<(), Status>;
     /// Frees the transport; must complete every pending buffer of the stream before returning.
-    fn release(&mut self, stream_id: u32) -> Result<(), Status>;
+    fn release(&mut self, stream_id: u32, stream: &mut S) -> Result<(), Status>;
+}
+
+/// One PCM stream as the spec's command lifecycle sees it: what the device offers, where the
+/// stream is in the lifecycle, and the params the driver set. Changed only by
+/// [`ControlState::handle`] (and [`PcmStream::reset`]), so no transition the spec forbids.
+#[derive(Debug, Clone)]
+pub struct PcmStream {
+    caps: PcmCaps,
+    state: PcmState,
+    params: Option<PcmParams>,
+}
+
+impl PcmStream {
+    pub fn new(caps: PcmCaps) -> PcmStream {
+        PcmStream {
+            caps,
+            state: PcmState::Initial,
+            params: None,
+        }
+    }
+
+    pub fn caps(&self) -> &PcmCaps {
+        &self.caps
+    }
+
+    pub fn state(&self) -> PcmState {
+        self.state
+    }
+
+    /// The params of the last successful SET_PARAMS.
+    pub fn params(&self) -> Option<PcmParams> {
+        self.params
+    }
+
+    pub fn is_output(&self) -> bool {
+        self.caps.direction == p::D_OUTPUT
+    }
+
+    /// Forgets the stream's state, as after a device reset. The caller frees its transport.
+    pub fn reset(&mut self) {
+        self.state = PcmState::Initial;
+        self.params = None;
+    }
+}
+
+impl AsRef<PcmStream> for PcmStream {
+    fn as_ref(&self) -> &PcmStream {
+        self
+    }
+}
+
+impl AsMut<PcmStream> for PcmStream {
+    fn as_mut(&mut self) -> &mut PcmStream {
+        self
+    }
 }
 
 #[derive(Debug, Clone)]
 struct JackState {
     info: p::JackInfo,
     remap: bool,
-}
-
-#[derive(Debug, Clone)]
-struct StreamCtl {
-    caps: PcmCaps,
-    state: PcmState,
-    params: Option<PcmParams>,
 }
 
 /// What the device answers about itself besides its streams: its jacks (JACK_INFO), its
@@ -149,18 +200,17 @@ pub struct DeviceLayout {
     pub max_buffer_bytes: u32,
 }
 
-/// Control-plane state of the whole device.
+/// Control-plane state of the device besides its streams (each stream's is its
+/// [`PcmStream`], kept by the caller with the rest of that stream).
 #[derive(Debug, Clone)]
 pub struct ControlState {
     jacks: Vec<JackState>,
-    streams: Vec<StreamCtl>,
     chmaps: Vec<p::ChmapInfo>,
     max_buffer_bytes: u32,
 }
 
 impl ControlState {
-    /// `caps` has one entry per stream: what the device offers for it.
-    pub fn new(layout: DeviceLayout, caps: &[PcmCaps]) -> ControlState {
+    pub fn new(layout: DeviceLayout) -> ControlState {
         let jacks = layout
             .jacks
             .into_iter()
@@ -169,57 +219,31 @@ impl ControlState {
                 info,
             })
             .collect();
-        let streams = caps
-            .iter()
-            .map(|&caps| StreamCtl {
-                caps,
-                state: PcmState::Initial,
-                params: None,
-            })
-            .collect();
         ControlState {
             jacks,
-            streams,
             chmaps: layout.chmaps,
             max_buffer_bytes: layout.max_buffer_bytes,
         }
     }
 
-    pub fn config_space(&self) -> p::VirtioSndConfig {
+    /// The device's configuration space for a device with `streams` streams.
+    pub fn config_space(&self, streams: usize) -> p::VirtioSndConfig {
         p::VirtioSndConfig {
             jacks: (self.jacks.len() as u32).into(),
-            streams: (self.streams.len() as u32).into(),
+            streams: (streams as u32).into(),
             chmaps: (self.chmaps.len() as u32).into(),
-        }
-    }
-
-    pub fn stream_count(&self) -> usize {
-        self.streams.len()
-    }
-
-    pub fn stream_state(&self, stream_id: u32) -> Option<PcmState> {
-        self.streams.get(stream_id as usize).map(|s| s.state)
-    }
-
-    pub fn stream_params(&self, stream_id: u32) -> Option<PcmParams> {
-        self.streams.get(stream_id as usize).and_then(|s| s.params)
-    }
-
-    pub fn stream_caps(&self, stream_id: u32) -> Option<PcmCaps> {
-        self.streams.get(stream_id as usize).map(|s| s.caps)
-    }
-
-    /// Forgets every stream's state, as after a device reset. The caller frees transports.
-    pub fn reset(&mut self) {
-        for s in &mut self.streams {
-            s.state = PcmState::Initial;
-            s.params = None;
         }
     }
 
     /// Handles one control request. `resp_capacity` is the size of the device-writable part of
     /// the chain; the returned bytes never exceed it (empty if not even a status fits).
-    pub fn handle(&mut self, req: &[u8], resp_capacity: usize, host: &mut dyn PcmHost) -> Vec<u8> {
+    pub fn handle<S: AsRef<PcmStream> + AsMut<PcmStream>>(
+        &mut self,
+        req: &[u8],
+        resp_capacity: usize,
+        streams: &mut [S],
+        host: &mut dyn PcmHost<S>,
+    ) -> Vec<u8> {
         if resp_capacity < 4 {
             log::warn!("control request without room for a status ({resp_capacity} bytes)");
             return Vec::new();
@@ -229,12 +253,12 @@ impl ControlState {
         };
         let response = match code {
             p::R_JACK_INFO | p::R_PCM_INFO | p::R_CHMAP_INFO => {
-                self.query_info(code, req, resp_capacity)
+                self.query_info(code, req, resp_capacity, streams)
             }
             p::R_JACK_REMAP => self.jack_remap(req).to_vec(),
-            p::R_PCM_SET_PARAMS => self.set_params(req).to_vec(),
+            p::R_PCM_SET_PARAMS => self.set_params(req, streams).to_vec(),
             p::R_PCM_PREPARE | p::R_PCM_START | p::R_PCM_STOP | p::R_PCM_RELEASE => {
-                self.pcm_command(code, req, host).to_vec()
+                pcm_command(code, req, streams, host).to_vec()
             }
             other => {
                 log::debug!("unknown control request {other:#x}");
@@ -245,7 +269,13 @@ impl ControlState {
         response
     }
 
-    fn query_info(&self, code: u32, req: &[u8], resp_capacity: usize) -> Vec<u8> {
+    fn query_info<S: AsRef<PcmStream>>(
+        &self,
+        code: u32,
+        req: &[u8],
+        resp_capacity: usize,
+        streams: &[S],
+    ) -> Vec<u8> {
         let bad = || p::status_bytes(Status::BadMsg).to_vec();
         let Some(query) = p::read_prefix::<p::QueryInfo>(req) else {
             return bad();
@@ -253,32 +283,10 @@ impl ControlState {
         let (start, count, size) = (query.start_id.get(), query.count.get(), query.size.get());
         let items: Vec<&[u8]> = match code {
             p::R_JACK_INFO => self.jacks.iter().map(|j| j.info.as_bytes()).collect(),
-            p::R_PCM_INFO => return self.pcm_info(start, count, size, resp_capacity),
+            p::R_PCM_INFO => return pcm_info(streams, start, count, size, resp_capacity),
             _ => self.chmaps.iter().map(|c| c.as_bytes()).collect(),
         };
         encode_items(&items, start, count, size, resp_capacity).unwrap_or_else(bad)
-    }
-
-    fn pcm_info(&self, start: u32, count: u32, size: u32, resp_capacity: usize) -> Vec<u8> {
-        let infos: Vec<p::PcmInfo> = self
-            .streams
-            .iter()
-            .map(|s| p::PcmInfo {
-                hdr: p::Info {
-                    hda_fn_nid: s.caps.hda_fn_nid.into(),
-                },
-                features: s.caps.features.into(),
-                formats: s.caps.formats.into(),
-                rates: s.caps.rates.into(),
-                direction: s.caps.direction,
-                channels_min: s.caps.channels_min,
-                channels_max: s.caps.channels_max,
-                padding: [0; 5],
-            })
-            .collect();
-        let items: Vec<&[u8]> = infos.iter().map(|i| i.as_bytes()).collect();
-        encode_items(&items, start, count, size, resp_capacity)
-            .unwrap_or_else(|| p::status_bytes(Status::BadMsg).to_vec())
     }
 
     fn jack_remap(&mut self, req: &[u8]) -> [u8; 4] {
@@ -301,14 +309,15 @@ impl ControlState {
         p::status_bytes(Status::Ok)
     }
 
-    fn set_params(&mut self, req: &[u8]) -> [u8; 4] {
+    fn set_params<S: AsMut<PcmStream>>(&self, req: &[u8], streams: &mut [S]) -> [u8; 4] {
         let Some(msg) = p::read_prefix::<p::PcmSetParams>(req) else {
             return p::status_bytes(Status::BadMsg);
         };
         let max_buffer_bytes = self.max_buffer_bytes;
-        let Some(stream) = self.streams.get_mut(msg.hdr.stream_id.get() as usize) else {
+        let Some(stream) = streams.get_mut(msg.hdr.stream_id.get() as usize) else {
             return p::status_bytes(Status::BadMsg);
         };
+        let stream = stream.as_mut();
         if !stream.state.allows(p::R_PCM_SET_PARAMS) {
             return p::status_bytes(Status::BadMsg);
         }
@@ -327,40 +336,73 @@ impl ControlState {
         stream.state = PcmState::ParamsSet;
         p::status_bytes(Status::Ok)
     }
+}
 
-    fn pcm_command(&mut self, code: u32, req: &[u8], host: &mut dyn PcmHost) -> [u8; 4] {
-        let Some(hdr) = p::read_prefix::<p::PcmHdr>(req) else {
-            return p::status_bytes(Status::BadMsg);
-        };
-        let stream_id = hdr.stream_id.get();
-        let Some(stream) = self.streams.get_mut(stream_id as usize) else {
-            return p::status_bytes(Status::BadMsg);
-        };
-        if !stream.state.allows(code) {
-            log::debug!(
-                "stream {stream_id}: request {code:#x} not allowed in {:?}",
-                stream.state
-            );
-            return p::status_bytes(Status::BadMsg);
-        }
-        let result = match code {
-            p::R_PCM_PREPARE => match stream.params {
-                Some(params) => host
-                    .prepare(stream_id, &params)
-                    .map(|()| PcmState::Prepared),
-                None => Err(Status::BadMsg),
+fn pcm_info<S: AsRef<PcmStream>>(
+    streams: &[S],
+    start: u32,
+    count: u32,
+    size: u32,
+    resp_capacity: usize,
+) -> Vec<u8> {
+    let infos: Vec<p::PcmInfo> = streams
+        .iter()
+        .map(|s| s.as_ref())
+        .map(|s| p::PcmInfo {
+            hdr: p::Info {
+                hda_fn_nid: s.caps.hda_fn_nid.into(),
             },
-            p::R_PCM_START => host.start(stream_id).map(|()| PcmState::Running),
-            p::R_PCM_STOP => host.stop(stream_id).map(|()| PcmState::Stopped),
-            _ => host.release(stream_id).map(|()| PcmState::Released),
-        };
-        match result {
-            Ok(next) => {
-                stream.state = next;
-                p::status_bytes(Status::Ok)
-            }
-            Err(status) => p::status_bytes(status),
+            features: s.caps.features.into(),
+            formats: s.caps.formats.into(),
+            rates: s.caps.rates.into(),
+            direction: s.caps.direction,
+            channels_min: s.caps.channels_min,
+            channels_max: s.caps.channels_max,
+            padding: [0; 5],
+        })
+        .collect();
+    let items: Vec<&[u8]> = infos.iter().map(|i| i.as_bytes()).collect();
+    encode_items(&items, start, count, size, resp_capacity)
+        .unwrap_or_else(|| p::status_bytes(Status::BadMsg).to_vec())
+}
+
+/// PREPARE, START, STOP or RELEASE: allowed by the lifecycle, done by the host, then the
+/// stream's new state.
+fn pcm_command<S: AsMut<PcmStream>>(
+    code: u32,
+    req: &[u8],
+    streams: &mut [S],
+    host: &mut dyn PcmHost<S>,
+) -> [u8; 4] {
+    let Some(hdr) = p::read_prefix::<p::PcmHdr>(req) else {
+        return p::status_bytes(Status::BadMsg);
+    };
+    let stream_id = hdr.stream_id.get();
+    let Some(stream) = streams.get_mut(stream_id as usize) else {
+        return p::status_bytes(Status::BadMsg);
+    };
+    let state = stream.as_mut().state;
+    if !state.allows(code) {
+        log::debug!("stream {stream_id}: request {code:#x} not allowed in {state:?}");
+        return p::status_bytes(Status::BadMsg);
+    }
+    let result = match code {
+        p::R_PCM_PREPARE => match stream.as_mut().params {
+            Some(params) => host
+                .prepare(stream_id, stream, &params)
+                .map(|()| PcmState::Prepared),
+            None => Err(Status::BadMsg),
+        },
+        p::R_PCM_START => host.start(stream_id, stream).map(|()| PcmState::Running),
+        p::R_PCM_STOP => host.stop(stream_id, stream).map(|()| PcmState::Stopped),
+        _ => host.release(stream_id, stream).map(|()| PcmState::Released),
+    };
+    match result {
+        Ok(next) => {
+            stream.as_mut().state = next;
+            p::status_bytes(Status::Ok)
         }
+        Err(status) => p::status_bytes(status),
     }
 }
 
@@ -412,17 +454,17 @@ mod tests {
         }
     }
 
-    impl PcmHost for RecordingHost {
-        fn prepare(&mut self, id: u32, _: &PcmParams) -> Result<(), Status> {
+    impl PcmHost<PcmStream> for RecordingHost {
+        fn prepare(&mut self, id: u32, _: &mut PcmStream, _: &PcmParams) -> Result<(), Status> {
             self.result("prepare", id)
         }
-        fn start(&mut self, id: u32) -> Result<(), Status> {
+        fn start(&mut self, id: u32, _: &mut PcmStream) -> Result<(), Status> {
             self.result("start", id)
         }
-        fn stop(&mut self, id: u32) -> Result<(), Status> {
+        fn stop(&mut self, id: u32, _: &mut PcmStream) -> Result<(), Status> {
             self.result("stop", id)
         }
-        fn release(&mut self, id: u32) -> Result<(), Status> {
+        fn release(&mut self, id: u32, _: &mut PcmStream) -> Result<(), Status> {
             self.result("release", id)
         }
     }
@@ -487,8 +529,31 @@ mod tests {
         }
     }
 
-    fn device() -> ControlState {
-        ControlState::new(test_layout(), &test_caps())
+    /// The control state with its streams, as the worker holds them.
+    struct TestDevice {
+        control: ControlState,
+        streams: Vec<PcmStream>,
+    }
+
+    impl TestDevice {
+        fn new(layout: DeviceLayout) -> TestDevice {
+            TestDevice {
+                control: ControlState::new(layout),
+                streams: test_caps().into_iter().map(PcmStream::new).collect(),
+            }
+        }
+
+        fn handle(&mut self, req: &[u8], cap: usize, host: &mut RecordingHost) -> Vec<u8> {
+            self.control.handle(req, cap, &mut self.streams, host)
+        }
+
+        fn stream_state(&self, id: u32) -> Option<PcmState> {
+            self.streams.get(id as usize).map(PcmStream::state)
+        }
+    }
+
+    fn device() -> TestDevice {
+        TestDevice::new(test_layout())
     }
 
     fn status(resp: &[u8]) -> u32 {
@@ -616,8 +681,7 @@ mod tests {
     fn lifecycle_follows_the_spec() {
         let mut dev = device();
         let mut host = RecordingHost::default();
-        let mut run =
-            |dev: &mut ControlState, req: Vec<u8>| status(&dev.handle(&req, 4, &mut host));
+        let mut run = |dev: &mut TestDevice, req: Vec<u8>| status(&dev.handle(&req, 4, &mut host));
         // Nothing but SET_PARAMS before parameters exist.
         for code in [
             p::R_PCM_PREPARE,
@@ -747,7 +811,7 @@ mod tests {
     fn remap_refused_without_the_feature() {
         let mut layout = test_layout();
         layout.jacks[0].features = 0.into();
-        let mut dev = ControlState::new(layout, &test_caps());
+        let mut dev = TestDevice::new(layout);
         let req = p::JackRemap {
             hdr: p::JackHdr {
                 hdr: p::Hdr {

@@ -5,7 +5,7 @@
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
 /// Most descriptors one chain may have; virtio-queue already bounds it by the queue size, this
 /// also bounds indirect tables.
@@ -90,6 +90,31 @@ impl GuestBuffer {
         })
     }
 
+    /// Copies `dst.len()` bytes from `offset` of this buffer straight into `dst` (memory shared
+    /// with another process, written only through volatile accesses).
+    pub fn read_into<M: GuestMemory>(
+        &self,
+        mem: &M,
+        offset: u64,
+        dst: &VolatileSlice<'_>,
+    ) -> Result<(), ChainError> {
+        self.for_each_piece(offset, dst.len(), |gpa, range| {
+            let mut at = range.start;
+            let slices = mem
+                .get_slices(gpa, range.len(), Permissions::Read)
+                .map_err(|_| ChainError::Memory)?;
+            for src in slices {
+                let src = src.map_err(|_| ChainError::Memory)?;
+                let piece = dst
+                    .subslice(at, src.len())
+                    .map_err(|_| ChainError::Memory)?;
+                src.copy_to_volatile_slice(piece);
+                at += src.len();
+            }
+            Ok(())
+        })
+    }
+
     /// Copies `data` into guest memory at `offset` of this buffer.
     pub fn write<M: GuestMemory>(
         &self,
@@ -167,6 +192,22 @@ mod tests {
         let mut b = [0u8; 2];
         mem.read_slice(&mut b, GuestAddress(0x301)).unwrap();
         assert_eq!(b, [4, 5]);
+    }
+
+    #[test]
+    fn read_into_copies_every_segment_into_volatile_memory() {
+        let mem = mem();
+        let mut buf = GuestBuffer::default();
+        buf.push(GuestAddress(0x100), 3);
+        buf.push(GuestAddress(0x300), 5);
+        buf.write(&mem, 0, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        let mut out = [0u8; 6];
+        let dst = VolatileSlice::from(&mut out[..]);
+        buf.read_into(&mem, 1, &dst).unwrap();
+        assert_eq!(out, [2, 3, 4, 5, 6, 7]);
+        let mut past = [0u8; 8];
+        let dst = VolatileSlice::from(&mut past[..]);
+        assert_eq!(buf.read_into(&mem, 1, &dst), Err(ChainError::Memory));
     }
 
     #[test]

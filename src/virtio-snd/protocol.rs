@@ -212,291 +212,144 @@ pub fn rate_index(hz: u32) -> Option<u8> {
     (0..=rate::MAX).find(|&i| rate_hz(i) == Some(hz))
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct VirtioSndConfig {
-    pub jacks: U32,
-    pub streams: U32,
-    pub chmaps: U32,
+/// Declares a wire struct of the spec: little-endian fields and no padding (`Unaligned`), and
+/// any bytes are a valid value (`FromBytes`), so parsing guest bytes is a bounds-checked copy.
+/// Each gets `SIZE`, its length on the wire.
+macro_rules! wire {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$field_meta:meta])* pub $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(
+            Debug, Clone, Copy, Default, PartialEq, Eq,
+            FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+        )]
+        #[repr(C)]
+        pub struct $name {
+            $($(#[$field_meta])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            pub const SIZE: u64 = ::core::mem::size_of::<$name>() as u64;
+        }
+    };
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct Hdr {
-    pub code: U32,
+wire! {
+    pub struct VirtioSndConfig {
+        pub jacks: U32,
+        pub streams: U32,
+        pub chmaps: U32,
+    }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct Event {
-    pub hdr: Hdr,
-    pub data: U32,
+wire! {
+    pub struct Hdr {
+        pub code: U32,
+    }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct QueryInfo {
-    pub hdr: Hdr,
-    pub start_id: U32,
-    pub count: U32,
-    pub size: U32,
+wire! {
+    pub struct Event {
+        pub hdr: Hdr,
+        pub data: U32,
+    }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct Info {
-    pub hda_fn_nid: U32,
+wire! {
+    pub struct QueryInfo {
+        pub hdr: Hdr,
+        pub start_id: U32,
+        pub count: U32,
+        pub size: U32,
+    }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct JackHdr {
-    pub hdr: Hdr,
-    pub jack_id: U32,
+wire! {
+    pub struct Info {
+        pub hda_fn_nid: U32,
+    }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct JackInfo {
-    pub hdr: Info,
-    pub features: U32,
-    pub hda_reg_defconf: U32,
-    pub hda_reg_caps: U32,
-    pub connected: u8,
-    pub padding: [u8; 7],
+wire! {
+    pub struct JackHdr {
+        pub hdr: Hdr,
+        pub jack_id: U32,
+    }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct JackRemap {
-    pub hdr: JackHdr,
-    pub association: U32,
-    pub sequence: U32,
+wire! {
+    pub struct JackInfo {
+        pub hdr: Info,
+        pub features: U32,
+        pub hda_reg_defconf: U32,
+        pub hda_reg_caps: U32,
+        pub connected: u8,
+        pub padding: [u8; 7],
+    }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct PcmHdr {
-    pub hdr: Hdr,
-    pub stream_id: U32,
+wire! {
+    pub struct JackRemap {
+        pub hdr: JackHdr,
+        pub association: U32,
+        pub sequence: U32,
+    }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct PcmInfo {
-    pub hdr: Info,
-    pub features: U32,
-    pub formats: U64,
-    pub rates: U64,
-    pub direction: u8,
-    pub channels_min: u8,
-    pub channels_max: u8,
-    pub padding: [u8; 5],
+wire! {
+    pub struct PcmHdr {
+        pub hdr: Hdr,
+        pub stream_id: U32,
+    }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct PcmSetParams {
-    pub hdr: PcmHdr,
-    pub buffer_bytes: U32,
-    pub period_bytes: U32,
-    pub features: U32,
-    pub channels: u8,
-    pub format: u8,
-    pub rate: u8,
-    pub padding: u8,
+wire! {
+    pub struct PcmInfo {
+        pub hdr: Info,
+        pub features: U32,
+        pub formats: U64,
+        pub rates: U64,
+        pub direction: u8,
+        pub channels_min: u8,
+        pub channels_max: u8,
+        pub padding: [u8; 5],
+    }
 }
 
-/// Header of every tx/rx message.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct PcmXfer {
-    pub stream_id: U32,
+wire! {
+    pub struct PcmSetParams {
+        pub hdr: PcmHdr,
+        pub buffer_bytes: U32,
+        pub period_bytes: U32,
+        pub features: U32,
+        pub channels: u8,
+        pub format: u8,
+        pub rate: u8,
+        pub padding: u8,
+    }
 }
 
-/// Trailer the device writes at the end of every tx/rx message.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct PcmStatus {
-    pub status: U32,
-    pub latency_bytes: U32,
+wire! {
+    /// Header of every tx/rx message.
+    pub struct PcmXfer {
+        pub stream_id: U32,
+    }
 }
 
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
-#[repr(C)]
-pub struct ChmapInfo {
-    pub hdr: Info,
-    pub direction: u8,
-    pub channels: u8,
-    pub positions: [u8; chmap::MAX_SIZE],
+wire! {
+    /// Trailer the device writes at the end of every tx/rx message.
+    pub struct PcmStatus {
+        pub status: U32,
+        pub latency_bytes: U32,
+    }
+}
+
+wire! {
+    pub struct ChmapInfo {
+        pub hdr: Info,
+        pub direction: u8,
+        pub channels: u8,
+        pub positions: [u8; chmap::MAX_SIZE],
+    }
 }
 
 /// Reads a `T` from the start of `bytes`; `None` if there are too few bytes.

@@ -17,7 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 use vsound_config::Config;
 use vsound_process::listen::{self, SocketKind, SocketPath, Source};
 use vsound_process::sandbox::{self, Mode, PathRule, Role};
-use vsound_worker::worker::{GuestMemory, SoundDevice, DEVICE_EVENT};
+use vsound_worker::device::{GuestMemory, SoundDevice, DEVICE_EVENT};
 
 #[derive(Parser)]
 #[command(version, about = "vhost-user virtio-sound worker (one per VM)")]

@@ -1,0 +1,616 @@
+//! One PCM stream of the device, in one struct: its spec state ([`PcmStream`]), the params its
+//! transport runs with, the transport (the broker's ring, or the worker's own clock while the
+//! broker is away) and the guest buffers it holds.
+//!
+//! Playback pacing: a tx buffer is copied into the ring only when the ring has room (it holds
+//! a few periods), straight from guest memory, and completed only once the broker has consumed
+//! its last byte at the backend's clock. Capture: an rx buffer is completed only when it is
+//! full.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use log::Level;
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
+
+use crate::broker_link::{BrokerLink, Fault};
+use crate::completion::{Completer, GuestMemory, Held};
+use crate::local_clock::LocalClock;
+use virtio_snd::control::{PcmParams, PcmState, PcmStream};
+use virtio_snd::guest::GuestBuffer;
+use virtio_snd::protocol::{self as p, Status};
+use vsound_shared::guest_log;
+use vsound_shared::ipc::{BrokerMsg, WorkerMsg};
+use vsound_shared::ratelimit::LogLimiter;
+use vsound_shared::ring::{check_wakeup_fd, Consumer, Producer, SharedRing};
+
+/// A tx message held until the backend has played it.
+pub(crate) struct TxBuf {
+    pub(crate) held: Held,
+    /// Readable part; the payload starts after the 4-byte header.
+    pub(crate) readable: GuestBuffer,
+    /// Ring position just past this buffer's frames, once copied.
+    ring_end: Option<u64>,
+    status: Status,
+    latency_bytes: u32,
+    /// When the guest queued it, for the latency figures.
+    arrived: Instant,
+}
+
+impl TxBuf {
+    pub(crate) fn new(held: Held, readable: GuestBuffer) -> TxBuf {
+        TxBuf {
+            held,
+            readable,
+            ring_end: None,
+            status: Status::Ok,
+            latency_bytes: 0,
+            arrived: Instant::now(),
+        }
+    }
+
+    fn payload_len(&self) -> u64 {
+        self.readable.len() - p::PcmXfer::SIZE
+    }
+
+    /// Completes it with its own status unless that is OK, else with `status`.
+    fn complete(self, mem: &GuestMemory, done: &mut Completer, status: Status, latency: u32) {
+        let status = if self.status == Status::Ok {
+            status
+        } else {
+            self.status
+        };
+        let used = p::PcmStatus::SIZE as u32;
+        self.held.complete(mem, done, status, latency, used);
+    }
+}
+
+/// An rx message being filled: its writable part holds the payload, then the 8-byte status.
+pub(crate) struct RxBuf {
+    pub(crate) held: Held,
+    payload_len: u64,
+    filled: u64,
+    /// BAD_MSG once frames could not be written to it (like a tx buffer that cannot be read).
+    status: Status,
+}
+
+impl RxBuf {
+    pub(crate) fn new(held: Held, payload_len: u64) -> RxBuf {
+        RxBuf {
+            held,
+            payload_len,
+            filled: 0,
+            status: Status::Ok,
+        }
+    }
+
+    /// Completes it with its own status unless that is OK, else with `status`. One whose
+    /// frames could not be written reports only its status, BAD_MSG (the guest gave memory the
+    /// device cannot write: a malformed message, as for tx).
+    fn complete(self, mem: &GuestMemory, done: &mut Completer, status: Status, latency: u32) {
+        let (status, filled) = if self.status == Status::Ok {
+            (status, self.filled)
+        } else {
+            (self.status, 0)
+        };
+        let used = (filled + p::PcmStatus::SIZE) as u32;
+        self.held.complete(mem, done, status, latency, used);
+    }
+}
+
+/// The worker's end of a stream's ring.
+pub(crate) enum RingEnd {
+    Playback(Producer),
+    Capture(Consumer),
+}
+
+/// How a prepared stream's frames move.
+pub(crate) enum Transport {
+    /// Through the broker's ring; it signals `notify` (our end of a socketpair) whenever it
+    /// moved the ring.
+    Ring { end: RingEnd, notify: OwnedFd },
+    /// The broker is away: the worker's own clock paces the stream (playback dropped, capture
+    /// silent) until a broker takes it back.
+    Local(LocalClock),
+}
+
+/// Playback latency figures of one prepared stream, logged when it is released.
+#[derive(Default)]
+struct TxStats {
+    buffers: u64,
+    /// A buffer's arrival to its completion (its last frame consumed by the backend).
+    total_ns: u128,
+    max_ns: u64,
+    /// `latency_bytes` as reported: what was queued ahead of the buffer when it was copied.
+    ahead_bytes: u128,
+}
+
+impl TxStats {
+    fn record(&mut self, buf: &TxBuf) {
+        let ns = u64::try_from(buf.arrived.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.buffers += 1;
+        self.total_ns += u128::from(ns);
+        self.max_ns = self.max_ns.max(ns);
+        self.ahead_bytes += u128::from(buf.latency_bytes);
+    }
+
+    /// One log line (the guest decides how often: rate-limited), then reset.
+    fn report(&mut self, stream_id: u32, params: Option<PcmParams>, limiter: &mut LogLimiter) {
+        let stats = std::mem::take(self);
+        let Some(params) = params.filter(|_| stats.buffers > 0) else {
+            return;
+        };
+        let n = u128::from(stats.buffers);
+        let bytes_per_s = u128::from(params.frame_bytes()) * u128::from(params.rate_hz());
+        guest_log!(
+            limiter,
+            Level::Info,
+            "stream {stream_id}: {} tx buffers; arrival to completion mean {} us, max {} us; \
+             queued ahead on copy (latency_bytes) mean {} us",
+            stats.buffers,
+            stats.total_ns / n / 1000,
+            stats.max_ns / 1000,
+            stats.ahead_bytes * 1_000_000 / n / bytes_per_s.max(1),
+        );
+    }
+}
+
+/// One stream: everything the device knows about it.
+pub(crate) struct Stream {
+    /// The spec's view, changed by control requests only.
+    pub(crate) pcm: PcmStream,
+    /// The params the transport runs with (those of the last PREPARE).
+    prepared: Option<PcmParams>,
+    transport: Option<Transport>,
+    tx: VecDeque<TxBuf>,
+    rx: VecDeque<RxBuf>,
+    /// Capture bytes on their way to guest memory, or silence while on the local clock.
+    scratch: Vec<u8>,
+    tx_stats: TxStats,
+}
+
+impl AsRef<PcmStream> for Stream {
+    fn as_ref(&self) -> &PcmStream {
+        &self.pcm
+    }
+}
+
+impl AsMut<PcmStream> for Stream {
+    fn as_mut(&mut self) -> &mut PcmStream {
+        &mut self.pcm
+    }
+}
+
+/// Bytes the backend holds beyond the ring, from the broker's published delay (clamped).
+fn delay_bytes(ring: &SharedRing, params: Option<PcmParams>) -> u64 {
+    let frame = params.map_or(0, |p| u64::from(p.frame_bytes()));
+    ring.backend_delay()
+        .min(u64::from(u32::MAX))
+        .saturating_mul(frame)
+}
+
+/// Saturates a byte count into the 32-bit `latency_bytes` field.
+fn latency_field(bytes: u64) -> u32 {
+    bytes.min(u64::from(u32::MAX)) as u32
+}
+
+impl Stream {
+    pub(crate) fn new(pcm: PcmStream) -> Stream {
+        Stream {
+            pcm,
+            prepared: None,
+            transport: None,
+            tx: VecDeque::new(),
+            rx: VecDeque::new(),
+            scratch: Vec::new(),
+            tx_stats: TxStats::default(),
+        }
+    }
+
+    pub(crate) fn output(&self) -> bool {
+        self.pcm.is_output()
+    }
+
+    /// Started by the guest (START without STOP since): what a new broker must be told.
+    fn running(&self) -> bool {
+        self.pcm.state() == PcmState::Running
+    }
+
+    pub(crate) fn at_broker(&self) -> bool {
+        matches!(self.transport, Some(Transport::Ring { .. }))
+    }
+
+    pub(crate) fn has_transport(&self) -> bool {
+        self.transport.is_some()
+    }
+
+    /// The largest tx payload the transport can take.
+    pub(crate) fn tx_limit(&self) -> Option<u64> {
+        match &self.transport {
+            Some(Transport::Ring {
+                end: RingEnd::Playback(producer),
+                ..
+            }) => Some(producer.ring().capacity()),
+            Some(Transport::Local(_)) => self.prepared.map(|p| u64::from(p.buffer_bytes)),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn queue_tx(&mut self, buf: TxBuf) {
+        self.tx.push_back(buf);
+    }
+
+    pub(crate) fn queue_rx(&mut self, buf: RxBuf) {
+        self.rx.push_back(buf);
+    }
+
+    /// The ring's wake-up socket, while the broker holds the stream.
+    pub(crate) fn wakeups(&self) -> Option<&OwnedFd> {
+        match &self.transport {
+            Some(Transport::Ring { notify, .. }) => Some(notify),
+            _ => None,
+        }
+    }
+
+    /// Completes every pending buffer (RELEASE, re-PREPARE, a broker breaking the ring).
+    pub(crate) fn flush(&mut self, mem: &GuestMemory, status: Status, done: &mut Completer) {
+        for buf in self.tx.drain(..) {
+            buf.complete(mem, done, status, 0);
+        }
+        for buf in self.rx.drain(..) {
+            buf.complete(mem, done, status, 0);
+        }
+    }
+
+    /// Completes the pending buffers (OK: what was played or captured so far counts), logs the
+    /// stream's figures and frees its transport; the caller tells the broker.
+    pub(crate) fn drop_transport(
+        &mut self,
+        stream_id: u32,
+        epoll: &Epoll,
+        mem: &GuestMemory,
+        done: &mut Completer,
+    ) {
+        self.flush(mem, Status::Ok, done);
+        self.tx_stats.report(stream_id, self.prepared, done.log());
+        self.close_transport(epoll);
+    }
+
+    /// Frees the transport without completing anything.
+    pub(crate) fn close_transport(&mut self, epoll: &Epoll) {
+        if let Some(Transport::Ring { notify, .. }) = self.transport.take() {
+            let _ = epoll.delete(&notify);
+        }
+    }
+
+    /// Forgets everything (device reset): held buffers are given up, not completed.
+    pub(crate) fn reset(&mut self, epoll: &Epoll) {
+        for buf in self.tx.drain(..) {
+            buf.held.abandon();
+        }
+        for buf in self.rx.drain(..) {
+            buf.held.abandon();
+        }
+        self.close_transport(epoll);
+        self.prepared = None;
+        self.pcm.reset();
+    }
+
+    /// Takes the broker's ring for this stream; pending buffers go into it from the start.
+    pub(crate) fn use_ring(&mut self, end: RingEnd, notify: OwnedFd, params: PcmParams) {
+        self.scratch = match &end {
+            RingEnd::Playback(_) => Vec::new(),
+            RingEnd::Capture(consumer) => vec![0; consumer.ring().capacity() as usize],
+        };
+        for buf in &mut self.tx {
+            buf.ring_end = None;
+        }
+        self.transport = Some(Transport::Ring { end, notify });
+        self.prepared = Some(params);
+    }
+
+    /// Moves the stream onto the worker's own clock (the broker is away): it keeps the
+    /// guest's running state, and its pending buffers are paced from now.
+    pub(crate) fn use_local_clock(&mut self, params: PcmParams, epoll: &Epoll) {
+        self.close_transport(epoll);
+        let mut clock = LocalClock::new(&params);
+        if self.running() {
+            clock.start(Instant::now());
+        }
+        self.scratch = if self.output() {
+            Vec::new()
+        } else {
+            let silence = p::silence_sample(params.format);
+            silence
+                .iter()
+                .copied()
+                .cycle()
+                .take(params.buffer_bytes as usize)
+                .collect()
+        };
+        // Pending buffers are paced from now, and the timer is set for the first of them even
+        // if the guest queues nothing more.
+        for buf in &mut self.tx {
+            buf.ring_end = None;
+        }
+        queue_on_local_clock(&mut self.tx, &mut clock);
+        self.transport = Some(Transport::Local(clock));
+        self.prepared = Some(params);
+    }
+
+    /// The broker is gone: a stream it held moves onto the worker's clock.
+    pub(crate) fn go_local(&mut self, epoll: &Epoll) {
+        if let Some(params) = self.prepared.filter(|_| self.at_broker()) {
+            self.use_local_clock(params, epoll);
+        }
+    }
+
+    /// START or STOP on the worker's clock.
+    pub(crate) fn set_local_running(&mut self, running: bool) -> Result<(), Status> {
+        let Some(Transport::Local(clock)) = &mut self.transport else {
+            return Err(Status::IoErr);
+        };
+        if running {
+            clock.start(Instant::now());
+        } else {
+            clock.stop(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// The params a new broker must prepare, for a stream the local clock is keeping.
+    pub(crate) fn to_restore(&self) -> Option<PcmParams> {
+        self.prepared
+            .filter(|_| self.transport.is_some() && !self.at_broker())
+    }
+
+    /// Whether a new broker must also be told START.
+    pub(crate) fn restore_running(&self) -> bool {
+        self.running()
+    }
+
+    /// Moves the stream's data: completes what was played or captured, queues what fits.
+    /// An error is a broker breaking the ring protocol.
+    pub(crate) fn pump(&mut self, mem: &GuestMemory, done: &mut Completer) -> Result<(), String> {
+        self.pump_tx(mem, done)?;
+        self.pump_rx(mem, done)
+    }
+
+    /// Completes played tx buffers and queues the next ones (into the ring while it has room).
+    fn pump_tx(&mut self, mem: &GuestMemory, done: &mut Completer) -> Result<(), String> {
+        let played = match &mut self.transport {
+            Some(Transport::Ring {
+                end: RingEnd::Playback(producer),
+                ..
+            }) => producer.read_pos().map_err(|e| e.to_string())?,
+            Some(Transport::Local(clock)) if self.pcm.is_output() => clock.played(Instant::now()),
+            _ => return Ok(()),
+        };
+        while let Some(front) = self.tx.front() {
+            match front.ring_end {
+                Some(end) if end <= played => {
+                    let buf = self.tx.pop_front().expect("front exists");
+                    if buf.status == Status::Ok {
+                        self.tx_stats.record(&buf);
+                    }
+                    let latency = buf.latency_bytes;
+                    buf.complete(mem, done, Status::Ok, latency);
+                }
+                _ => break,
+            }
+        }
+        match &mut self.transport {
+            Some(Transport::Ring {
+                end: RingEnd::Playback(producer),
+                ..
+            }) => {
+                let delay = delay_bytes(producer.ring(), self.prepared);
+                for buf in self.tx.iter_mut().filter(|b| b.ring_end.is_none()) {
+                    let len = buf.payload_len();
+                    let capacity = producer.ring().capacity();
+                    if len > capacity {
+                        // Queued while the stream was on the local clock, larger than the ring
+                        // the new broker gave: it can never be copied.
+                        buf.status = Status::BadMsg;
+                        buf.ring_end = Some(producer.write_pos());
+                        continue;
+                    }
+                    let queued = producer.queued().map_err(|e| e.to_string())?;
+                    if queued + len > capacity {
+                        break;
+                    }
+                    // Straight from guest memory into the ring: one copy.
+                    let mut failed = None;
+                    producer
+                        .push_with(len, |offset, piece| {
+                            let at = p::PcmXfer::SIZE + offset;
+                            match buf.readable.read_into(mem, at, &piece) {
+                                Ok(()) => true,
+                                Err(e) => {
+                                    failed = Some(e);
+                                    false
+                                }
+                            }
+                        })
+                        .map_err(|e| e.to_string())?;
+                    if let Some(e) = failed {
+                        guest_log!(
+                            done.log(),
+                            Level::Warn,
+                            "tx buffer {}: {e}",
+                            buf.held.head()
+                        );
+                        buf.status = Status::BadMsg;
+                    }
+                    buf.ring_end = Some(producer.write_pos());
+                    buf.latency_bytes = latency_field(queued + delay);
+                }
+            }
+            Some(Transport::Local(clock)) => queue_on_local_clock(&mut self.tx, clock),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Fills pending rx buffers from the ring (or with silence at the local clock's pace);
+    /// completes each one that is full.
+    fn pump_rx(&mut self, mem: &GuestMemory, done: &mut Completer) -> Result<(), String> {
+        match &mut self.transport {
+            Some(Transport::Ring {
+                end: RingEnd::Capture(consumer),
+                ..
+            }) => {
+                while let Some(buf) = self.rx.front_mut() {
+                    let want = buf.payload_len - buf.filled;
+                    if want > 0 {
+                        let n = want.min(self.scratch.len() as u64) as usize;
+                        let got = consumer
+                            .pop(&mut self.scratch[..n])
+                            .map_err(|e| e.to_string())?;
+                        if got == 0 {
+                            break;
+                        }
+                        // Once a write failed, the buffer's frames are lost: consume them only.
+                        let written = if buf.status == Status::Ok {
+                            buf.held
+                                .writable()
+                                .write(mem, buf.filled, &self.scratch[..got])
+                        } else {
+                            Ok(())
+                        };
+                        if let Err(e) = written {
+                            let head = buf.held.head();
+                            guest_log!(done.log(), Level::Warn, "rx buffer {head}: {e}");
+                            buf.status = Status::BadMsg;
+                        }
+                        buf.filled += got as u64;
+                    }
+                    if buf.filled == buf.payload_len {
+                        let ahead = consumer.available().map_err(|e| e.to_string())?;
+                        let latency =
+                            latency_field(ahead + delay_bytes(consumer.ring(), self.prepared));
+                        if let Some(buf) = self.rx.pop_front() {
+                            buf.complete(mem, done, Status::Ok, latency);
+                        }
+                    }
+                }
+            }
+            Some(Transport::Local(clock)) if !self.pcm.is_output() => {
+                let sample = self
+                    .prepared
+                    .map_or(1, |p| p::silence_sample(p.format).len());
+                let mut produced = clock.captured(Instant::now());
+                while let Some(buf) = self.rx.front_mut() {
+                    let want = (buf.payload_len - buf.filled).min(produced);
+                    let mut written = 0;
+                    while written < want {
+                        // Start the silence on the sample boundary the buffer is at.
+                        let skew = ((buf.filled + written) % sample as u64) as usize;
+                        let chunk = &self.scratch[skew.min(self.scratch.len())..];
+                        let n = (want - written).min(chunk.len() as u64);
+                        if n == 0 {
+                            break;
+                        }
+                        let result = if buf.status == Status::Ok {
+                            buf.held.writable().write(
+                                mem,
+                                buf.filled + written,
+                                &chunk[..n as usize],
+                            )
+                        } else {
+                            Ok(())
+                        };
+                        if let Err(e) = result {
+                            let head = buf.held.head();
+                            guest_log!(done.log(), Level::Warn, "rx buffer {head}: {e}");
+                            buf.status = Status::BadMsg;
+                        }
+                        written += n;
+                    }
+                    clock.take(written);
+                    produced -= written;
+                    buf.filled += written;
+                    if buf.filled < buf.payload_len {
+                        break;
+                    }
+                    // Still at the capture pace, also for a buffer that failed, so that it
+                    // cannot be used to spin.
+                    if let Some(buf) = self.rx.pop_front() {
+                        buf.complete(mem, done, Status::Ok, latency_field(produced));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// When the local clock next completes a buffer of this stream.
+    pub(crate) fn next_local_completion(&self) -> Option<Instant> {
+        let Some(Transport::Local(clock)) = &self.transport else {
+            return None;
+        };
+        if self.pcm.is_output() {
+            clock.when(self.tx.front()?.ring_end?)
+        } else {
+            let buf = self.rx.front()?;
+            clock.when_captured(buf.payload_len - buf.filled)
+        }
+    }
+}
+
+/// Gives the tx buffers not yet queued their end on the local clock.
+fn queue_on_local_clock(tx: &mut VecDeque<TxBuf>, clock: &mut LocalClock) {
+    let now = Instant::now();
+    for buf in tx.iter_mut().filter(|b| b.ring_end.is_none()) {
+        buf.latency_bytes = latency_field(clock.queued(now));
+        buf.ring_end = Some(clock.queue(buf.payload_len()));
+    }
+}
+
+/// Asks the broker for a stream's ring and maps it.
+pub(crate) fn open_ring(
+    link: &mut BrokerLink,
+    epoll: &Epoll,
+    stream_id: u32,
+    params: &PcmParams,
+    output: bool,
+) -> Result<(RingEnd, OwnedFd), Fault> {
+    let (reply, mut fds) = link.request(WorkerMsg::Prepare {
+        stream_id,
+        params: *params,
+    })?;
+    let capacity = match reply {
+        BrokerMsg::Prepared {
+            stream_id: id,
+            ring_capacity,
+        } if id == stream_id => ring_capacity,
+        BrokerMsg::Failed { reason, .. } => {
+            log::warn!("stream {stream_id}: broker cannot prepare: {reason}");
+            return Err(Fault::Refused(reason));
+        }
+        other => return Err(link.down(&format!("unexpected reply {other:?}"))),
+    };
+    let (Some(notify), Some(ring_fd)) = (fds.pop(), fds.pop()) else {
+        return Err(link.down(&"Prepared without its fds"));
+    };
+    check_wakeup_fd(notify.as_fd()).map_err(|e| link.down(&e))?;
+    // The ring must hold at least one period, and stay within our own limit.
+    if capacity < u64::from(params.period_bytes) {
+        return Err(link.down(&"ring smaller than a period"));
+    }
+    let ring = SharedRing::open(ring_fd, capacity).map_err(|e| link.down(&format!("ring: {e}")))?;
+    epoll
+        .add(
+            &notify,
+            EpollEvent::new(EpollFlags::EPOLLIN, u64::from(stream_id)),
+        )
+        .map_err(|e| link.down(&format!("epoll: {e}")))?;
+    let end = if output {
+        RingEnd::Playback(Producer::new(ring))
+    } else {
+        RingEnd::Capture(Consumer::new(ring))
+    };
+    Ok((end, notify))
+}
