@@ -37,6 +37,15 @@ impl GuestBuffer {
         self.len == 0
     }
 
+    /// A buffer of these (address, length) segments, as a descriptor chain would give.
+    pub fn from_segments(segments: &[(u64, u32)]) -> GuestBuffer {
+        let mut buf = GuestBuffer::default();
+        for &(addr, len) in segments {
+            buf.push(GuestAddress(addr), len);
+        }
+        buf
+    }
+
     fn push(&mut self, addr: GuestAddress, len: u32) {
         if len > 0 {
             self.segments.push((addr, len));

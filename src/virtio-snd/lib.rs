@@ -1,6 +1,6 @@
 //! The virtio-snd device's logic as the spec (VIRTIO 1.2/1.3, device ID 25) defines it: the wire
-//! structs (`protocol`), the control request handler and PCM state machine (`control`), and the
-//! parsing of a descriptor chain into guest buffers (`guest`). Pure: no I/O, no threads, no
+//! structs (`protocol`), the control request handler and PCM state machine (`control`), the parsing
+//! of a descriptor chain into guest buffers (`guest`) and of a PCM I/O request (`xfer`). Pure: no I/O, no threads, no
 //! `unsafe`; everything a guest sends is parsed here, which is what the fuzz targets exercise.
 
 #![forbid(unsafe_code)]
@@ -8,3 +8,4 @@
 pub mod control;
 pub mod guest;
 pub mod protocol;
+pub mod xfer;

@@ -41,6 +41,7 @@ use crate::stream::{open_ring, RxBuf, Stream, TxBuf};
 use virtio_snd::control::{ControlState, PcmStream};
 use virtio_snd::guest::{Chain, GuestBuffer};
 use virtio_snd::protocol::{self as p, Status};
+use virtio_snd::xfer::{Xfer, XferError};
 use vsound_config::Config;
 use vsound_shared::guest_log;
 use vsound_shared::ipc::{BrokerMsg, WorkerMsg};
@@ -248,7 +249,7 @@ impl SoundDevice {
 }
 
 /// A tx or rx request that passed the checks common to both, ready to be held.
-struct Xfer {
+struct CheckedXfer {
     stream_id: u32,
     chain: Chain,
     /// Where its status goes in the writable part: first for tx, after the frames for rx.
@@ -283,66 +284,52 @@ impl SoundDevice {
         mem: &GuestMemory,
         chain: Chain,
         done: &mut Completer,
-    ) -> Option<Xfer> {
-        let status_len = p::PcmStatus::SIZE;
+    ) -> Option<CheckedXfer> {
         let output = queue == p::TX_QUEUE;
-        if chain.writable.len() < status_len {
-            guest_log!(
-                done.log(),
-                Level::Warn,
-                "{} buffer {} has no room for a status",
-                if output { "tx" } else { "rx" },
-                chain.head
-            );
-            done.used(queue, chain.head, 0);
-            return None;
-        }
-        let status_at = if output {
-            0
-        } else {
-            chain.writable.len() - status_len
-        };
-        let reject = |done: &mut Completer, why: &dyn std::fmt::Display| {
+        let reject = |done: &mut Completer, status_at: u64, why: &dyn std::fmt::Display| {
             let (head, writable) = (chain.head, &chain.writable);
-            reject_xfer(
-                mem,
-                done,
-                queue,
-                head,
-                writable,
-                status_at,
-                Level::Debug,
-                why,
-            );
+            let level = Level::Debug;
+            reject_xfer(mem, done, queue, head, writable, status_at, level, why);
         };
-        let mut header = [0u8; 4];
-        if chain.readable.len() < p::PcmXfer::SIZE
-            || chain.readable.read(mem, 0, &mut header).is_err()
-        {
-            reject(done, &"short header");
-            return None;
-        }
-        let stream_id = u32::from_le_bytes(header);
+        let xfer = match Xfer::parse(mem, &chain, output) {
+            Ok(xfer) => xfer,
+            Err(XferError::NoRoomForStatus) => {
+                let direction = if output { "tx" } else { "rx" };
+                let head = chain.head;
+                guest_log!(
+                    done.log(),
+                    Level::Warn,
+                    "{direction} buffer {head} has no room for a status"
+                );
+                done.used(queue, head, 0);
+                return None;
+            }
+            Err(e @ XferError::ShortHeader { status_at }) => {
+                reject(done, status_at, &e);
+                return None;
+            }
+        };
+        let (stream_id, status_at) = (xfer.stream_id, xfer.status_at);
         let why = match self.streams.get(stream_id as usize) {
             None => "no such stream",
             Some(stream) if stream.output() != output => "not a stream of this direction",
             Some(stream) if !stream.pcm.state().accepts_io() => "stream is not prepared",
             Some(stream) if !stream.has_transport() => "stream has no transport",
             Some(_) => {
-                return Some(Xfer {
+                return Some(CheckedXfer {
                     stream_id,
                     chain,
                     status_at,
                 })
             }
         };
-        reject(done, &why);
+        reject(done, status_at, &why);
         None
     }
 
     /// Holds the chain until its frames are played.
     fn handle_tx(&mut self, mem: &GuestMemory, chain: Chain, done: &mut Completer) {
-        let Some(Xfer {
+        let Some(CheckedXfer {
             stream_id, chain, ..
         }) = self.check_xfer(p::TX_QUEUE, mem, chain, done)
         else {
@@ -380,7 +367,7 @@ impl SoundDevice {
 
     /// Holds the chain until it is filled with captured frames.
     fn handle_rx(&mut self, mem: &GuestMemory, chain: Chain, done: &mut Completer) {
-        let Some(Xfer {
+        let Some(CheckedXfer {
             stream_id,
             chain,
             status_at,
