@@ -363,6 +363,18 @@ pub fn request_code(bytes: &[u8]) -> Option<u32> {
     read_prefix::<Hdr>(bytes).map(|h| h.code.get())
 }
 
+/// The status a response starts with, by name (`OK`, `BAD_MSG`, ...), for logs.
+pub fn status_name(response: &[u8]) -> &'static str {
+    match request_code(response) {
+        Some(0x8000) => "OK",
+        Some(0x8001) => "BAD_MSG",
+        Some(0x8002) => "NOT_SUPP",
+        Some(0x8003) => "IO_ERR",
+        Some(_) => "unknown status",
+        None => "no status",
+    }
+}
+
 /// A status-only response.
 pub fn status_bytes(status: Status) -> [u8; 4] {
     status.code().to_le_bytes()

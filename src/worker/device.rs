@@ -241,6 +241,14 @@ impl SoundDevice {
             self.control
                 .handle(&request, capacity, &mut self.streams, &mut host)
         };
+        // Each request and its status at debug; its bytes at trace (how the fuzz corpus's
+        // requests from the Linux driver were recorded).
+        log::debug!(
+            "control request {:#x}: {}",
+            p::request_code(&request).unwrap_or(0),
+            p::status_name(&response)
+        );
+        log::trace!("control request bytes {}", hex(&request));
         if let Err(e) = chain.writable.write(mem, 0, &response) {
             guest_log!(done.log(), Level::Warn, "control response: {e}");
         }
@@ -703,4 +711,9 @@ impl VhostUserBackendMut for SoundDevice {
         // Errors here would stop the device thread: everything was handled and logged above.
         Ok(())
     }
+}
+
+/// `bytes` as lowercase hex digits.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
