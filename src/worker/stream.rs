@@ -614,3 +614,316 @@ pub(crate) fn open_ring(
     };
     Ok((end, notify))
 }
+
+#[cfg(test)]
+mod tests {
+    //! Pacing and completion of one stream, against real vrings in guest memory and a real
+    //! ring whose broker side the test plays: no buffer completes before its frames are
+    //! consumed (or, on the worker's clock, before their time), none is forgotten.
+
+    use std::time::Duration;
+
+    use nix::sys::epoll::EpollCreateFlags;
+    use vhost_user_backend::{VringRwLock, VringT};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+    use zerocopy::IntoBytes;
+
+    use super::*;
+    use crate::completion::{GuestLedger, Mem};
+    use virtio_snd::control::{ControlState, DeviceLayout, PcmCaps, PcmHost};
+    use vsound_shared::ring::WakeSender;
+
+    const QUEUE_SIZE: u16 = 16;
+    /// 10 ms of 48 kHz S16 stereo.
+    const PERIOD: u32 = 1920;
+    const HEADERS: u64 = 0x4_0000;
+    const STATUSES: u64 = 0x8_0000;
+
+    /// Guest memory with the four queues set up, as a VMM would.
+    struct Rig {
+        mem: GuestMemory,
+        vrings: Vec<VringRwLock<Mem>>,
+        used_rings: Vec<GuestAddress>,
+        ledger: GuestLedger,
+        epoll: Epoll,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+            let atomic = GuestMemoryAtomic::new(mem.clone());
+            let mut vrings = Vec::new();
+            let mut used_rings = Vec::new();
+            for queue in 0..p::NUM_QUEUES as u64 {
+                let mock = MockSplitQueue::create(&mem, GuestAddress(0x1000 * (queue + 1)), 16);
+                let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+                vring.set_queue_size(QUEUE_SIZE);
+                vring
+                    .set_queue_info(
+                        mock.desc_table_addr().0,
+                        mock.avail_addr().0,
+                        mock.used_addr().0,
+                    )
+                    .unwrap();
+                vring.set_queue_ready(true);
+                used_rings.push(mock.used_addr());
+                vrings.push(vring);
+            }
+            Rig {
+                mem,
+                vrings,
+                used_rings,
+                ledger: GuestLedger::default(),
+                epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap(),
+            }
+        }
+
+        /// (head, length) of every used entry of `queue` so far.
+        fn used(&self, queue: u16) -> Vec<(u32, u32)> {
+            let ring = self.used_rings[queue as usize];
+            let idx: u16 = self.mem.read_obj(ring.unchecked_add(2)).unwrap();
+            (0..u64::from(idx))
+                .map(|i| {
+                    let entry = ring.unchecked_add(4 + 8 * (i % u64::from(QUEUE_SIZE)));
+                    let id: u32 = self.mem.read_obj(entry).unwrap();
+                    let len: u32 = self.mem.read_obj(entry.unchecked_add(4)).unwrap();
+                    (id, len)
+                })
+                .collect()
+        }
+
+        fn status(&self, head: u16) -> u32 {
+            let at = GuestAddress(STATUSES + 16 * u64::from(head));
+            self.mem.read_obj(at).unwrap()
+        }
+
+        /// Runs `f` as one device event: completions are batched and signalled at its end.
+        fn event<T>(&mut self, f: impl FnOnce(&GuestMemory, &mut Completer, &Epoll) -> T) -> T {
+            let mut done = Completer::new(&self.vrings, &mut self.ledger);
+            let out = f(&self.mem, &mut done, &self.epoll);
+            done.complete_orphans(&self.mem);
+            done.signal(false);
+            out
+        }
+    }
+
+    /// Completes every PCM request with OK: the tests drive the transport themselves.
+    struct AgreeingHost;
+
+    impl PcmHost<Stream> for AgreeingHost {
+        fn prepare(&mut self, _: u32, _: &mut Stream, _: &PcmParams) -> Result<(), Status> {
+            Ok(())
+        }
+        fn start(&mut self, _: u32, _: &mut Stream) -> Result<(), Status> {
+            Ok(())
+        }
+        fn stop(&mut self, _: u32, _: &mut Stream) -> Result<(), Status> {
+            Ok(())
+        }
+        fn release(&mut self, _: u32, _: &mut Stream) -> Result<(), Status> {
+            Ok(())
+        }
+    }
+
+    fn params() -> PcmParams {
+        PcmParams {
+            buffer_bytes: 4 * PERIOD,
+            period_bytes: PERIOD,
+            features: 0,
+            channels: 2,
+            format: p::format::S16,
+            rate: p::rate::R48000,
+        }
+    }
+
+    /// A playback stream taken through SET_PARAMS, PREPARE and START by the control handler.
+    fn running_stream() -> Stream {
+        let caps = PcmCaps {
+            direction: p::D_OUTPUT,
+            hda_fn_nid: 0,
+            features: 0,
+            formats: 1 << p::format::S16,
+            rates: 1 << p::rate::R48000,
+            channels_min: 2,
+            channels_max: 2,
+        };
+        let mut control = ControlState::new(DeviceLayout {
+            max_buffer_bytes: 1 << 20,
+            ..DeviceLayout::default()
+        });
+        let mut streams = vec![Stream::new(PcmStream::new(caps))];
+        let params = params();
+        let hdr = |code: u32| p::PcmHdr {
+            hdr: p::Hdr { code: code.into() },
+            stream_id: 0.into(),
+        };
+        let set_params = p::PcmSetParams {
+            hdr: hdr(p::R_PCM_SET_PARAMS),
+            buffer_bytes: params.buffer_bytes.into(),
+            period_bytes: params.period_bytes.into(),
+            features: 0.into(),
+            channels: params.channels,
+            format: params.format,
+            rate: params.rate,
+            padding: 0,
+        };
+        let requests = [
+            set_params.as_bytes().to_vec(),
+            hdr(p::R_PCM_PREPARE).as_bytes().to_vec(),
+            hdr(p::R_PCM_START).as_bytes().to_vec(),
+        ];
+        for request in requests {
+            let response = control.handle(&request, 4, &mut streams, &mut AgreeingHost);
+            assert_eq!(response, p::status_bytes(Status::Ok));
+        }
+        assert_eq!(streams[0].pcm.state(), PcmState::Running);
+        streams.pop().unwrap()
+    }
+
+    /// Gives the stream a ring of `periods` periods; returns the broker's end.
+    fn attach_ring(stream: &mut Stream, periods: u32) -> (Consumer, WakeSender) {
+        let capacity = u64::from(periods * PERIOD);
+        let (ring, fd) = SharedRing::create(capacity).unwrap();
+        let broker_side = SharedRing::open(fd, capacity).unwrap();
+        let (sender, notify) = WakeSender::pair().unwrap();
+        stream.use_ring(RingEnd::Playback(Producer::new(ring)), notify, params());
+        (Consumer::new(broker_side), sender)
+    }
+
+    /// Queues tx buffer `head`: one period of frames whose bytes are `head`.
+    fn queue_tx(rig: &mut Rig, stream: &mut Stream, head: u16) {
+        let header = GuestAddress(HEADERS + 0x1000 * u64::from(head));
+        rig.mem.write_slice(&0u32.to_le_bytes(), header).unwrap();
+        let frames = vec![head as u8; PERIOD as usize];
+        rig.mem
+            .write_slice(&frames, header.unchecked_add(4))
+            .unwrap();
+        let readable = GuestBuffer::from_segments(&[(header.0, 4 + PERIOD)]);
+        let writable = GuestBuffer::from_segments(&[(STATUSES + 16 * u64::from(head), 8)]);
+        let held = rig.event(|_, done, _| {
+            done.hold(p::TX_QUEUE, head, writable, Some(0))
+                .map_err(|(_, refused)| refused)
+                .unwrap()
+        });
+        stream.queue_tx(TxBuf::new(held, readable));
+    }
+
+    fn pump(rig: &mut Rig, stream: &mut Stream) {
+        rig.event(|mem, done, _| stream.pump(mem, done)).unwrap();
+    }
+
+    #[test]
+    fn a_tx_buffer_completes_only_once_its_last_frame_was_consumed() {
+        let mut rig = Rig::new();
+        let mut stream = running_stream();
+        let (mut broker, _wake) = attach_ring(&mut stream, 3);
+        for head in 0..5 {
+            queue_tx(&mut rig, &mut stream, head);
+        }
+        pump(&mut rig, &mut stream);
+        assert_eq!(rig.used(p::TX_QUEUE), [], "copied is not played");
+        assert_eq!(broker.available().unwrap(), 3 * u64::from(PERIOD));
+
+        let mut out = vec![0u8; PERIOD as usize];
+        assert_eq!(broker.pop(&mut out[..1919]).unwrap(), 1919);
+        pump(&mut rig, &mut stream);
+        assert_eq!(
+            rig.used(p::TX_QUEUE),
+            [],
+            "one frame of buffer 0 is still queued"
+        );
+
+        assert_eq!(broker.pop(&mut out[1919..]).unwrap(), 1);
+        assert!(
+            out.iter().all(|&b| b == 0),
+            "buffer 0's frames, copied once"
+        );
+        pump(&mut rig, &mut stream);
+        assert_eq!(rig.used(p::TX_QUEUE), [(0, 8)]);
+        assert_eq!(rig.status(0), Status::Ok.code());
+        // Its room went to buffer 3; buffer 4 waits in guest memory.
+        assert_eq!(broker.available().unwrap(), 3 * u64::from(PERIOD));
+        assert_eq!(broker.pop(&mut out).unwrap(), PERIOD as usize);
+        assert!(out.iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn release_completes_every_pending_buffer_once_and_frees_its_head() {
+        let mut rig = Rig::new();
+        let mut stream = running_stream();
+        let (_broker, _wake) = attach_ring(&mut stream, 2);
+        for head in 0..4 {
+            queue_tx(&mut rig, &mut stream, head);
+        }
+        pump(&mut rig, &mut stream);
+        assert_eq!(rig.used(p::TX_QUEUE), []);
+        // RELEASE returns them all, played or not.
+        rig.event(|mem, done, epoll| stream.drop_transport(0, epoll, mem, done));
+        let mut used = rig.used(p::TX_QUEUE);
+        used.sort();
+        assert_eq!(used, [(0, 8), (1, 8), (2, 8), (3, 8)]);
+        assert!((0..4).all(|head| rig.status(head) == Status::Ok.code()));
+        // Nothing is held any more: the guest may publish the same heads again.
+        queue_tx(&mut rig, &mut stream, 0);
+        rig.event(|mem, done, _| stream.flush(mem, Status::IoErr, done));
+        assert_eq!(rig.used(p::TX_QUEUE).len(), 5);
+        assert_eq!(rig.status(0), Status::IoErr.code());
+    }
+
+    #[test]
+    fn on_broker_loss_pending_buffers_complete_at_the_local_clocks_pace_never_early() {
+        let mut rig = Rig::new();
+        let mut stream = running_stream();
+        let (_broker, _wake) = attach_ring(&mut stream, 2);
+        for head in 0..4 {
+            queue_tx(&mut rig, &mut stream, head);
+        }
+        pump(&mut rig, &mut stream);
+        let lost = Instant::now();
+        stream.go_local(&rig.epoll);
+        assert!(!stream.at_broker());
+        pump(&mut rig, &mut stream);
+        let period = Duration::from_millis(10);
+        let on_time = |completed: usize| period * completed as u32 <= lost.elapsed();
+        assert!(on_time(rig.used(p::TX_QUEUE).len()), "completed early");
+        assert!(
+            stream.next_local_completion().is_some(),
+            "the timer has a target"
+        );
+        std::thread::sleep(period * 5 / 2);
+        pump(&mut rig, &mut stream);
+        let completed = rig.used(p::TX_QUEUE).len();
+        assert!(on_time(completed), "{completed} completed early");
+        assert!(completed >= 2, "only {completed} of 4 after 2.5 periods");
+        std::thread::sleep(period * 2);
+        pump(&mut rig, &mut stream);
+        assert_eq!(rig.used(p::TX_QUEUE).len(), 4, "none forgotten");
+    }
+
+    #[test]
+    fn a_held_buffer_dropped_without_completion_is_completed_with_io_err() {
+        let mut rig = Rig::new();
+        let mut stream = running_stream();
+        let (_broker, _wake) = attach_ring(&mut stream, 2);
+        queue_tx(&mut rig, &mut stream, 3);
+        // A path that forgets the buffer: the stream is dropped with it.
+        drop(stream);
+        assert_eq!(rig.used(p::TX_QUEUE), []);
+        rig.event(|_, _, _| ());
+        assert_eq!(rig.used(p::TX_QUEUE), [(3, 8)]);
+        assert_eq!(rig.status(3), Status::IoErr.code());
+    }
+
+    #[test]
+    fn a_reset_gives_held_buffers_up_without_completing_them() {
+        let mut rig = Rig::new();
+        let mut stream = running_stream();
+        let (_broker, _wake) = attach_ring(&mut stream, 2);
+        queue_tx(&mut rig, &mut stream, 1);
+        stream.reset(&rig.epoll);
+        rig.event(|_, _, _| ());
+        assert_eq!(rig.used(p::TX_QUEUE), []);
+        assert_eq!(stream.pcm.state(), PcmState::Initial);
+    }
+}
