@@ -35,3 +35,65 @@ fn worker_links_no_audio_library() {
         );
     }
 }
+
+/// The crates a package depends on for its normal (not dev, not build) code, from `cargo tree`.
+fn dependency_tree(package: &str) -> Vec<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["tree", "--offline", "--edges", "normal", "--prefix", "none"])
+        .args(["--format", "{p}", "--package", package])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "cargo tree -p {package}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// Crates that bind an audio stack.
+fn is_audio_crate(name: &str) -> bool {
+    [
+        "pipewire",
+        "libspa",
+        "alsa",
+        "hound",
+        "pulse",
+        "cpal",
+        "gstreamer",
+    ]
+    .iter()
+    .any(|audio| name == *audio || name.starts_with(&format!("{audio}-")))
+}
+
+#[test]
+fn the_workers_package_depends_on_no_audio_crate() {
+    let worker = dependency_tree("vsound-worker");
+    assert!(
+        worker.iter().any(|c| c == "vhost-user-backend"),
+        "not the worker's tree: {worker:?}"
+    );
+    let audio: Vec<_> = worker.iter().filter(|c| is_audio_crate(c)).collect();
+    assert!(audio.is_empty(), "the worker depends on {audio:?}");
+    // The check can fail: the broker's tree has them.
+    let broker = dependency_tree("vsound-broker");
+    assert!(broker.iter().any(|c| c == "pipewire") && broker.iter().any(|c| c == "alsa"));
+    // And the spec crate does no I/O of its own: no system-call, socket or vhost crates
+    // (vm-memory and virtio-queue bring libc and vmm-sys-util for their mappings).
+    let spec = dependency_tree("vsound-virtio-snd");
+    for io in [
+        "nix",
+        "rustix",
+        "memfd",
+        "vhost",
+        "vhost-user-backend",
+        "bincode",
+    ] {
+        assert!(!spec.iter().any(|c| c == io), "virtio-snd depends on {io}");
+    }
+}

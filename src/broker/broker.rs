@@ -313,12 +313,6 @@ impl Broker {
         })
     }
 
-    /// Adopts an already connected worker (a launcher's socketpair).
-    pub fn add_client(&mut self, channel: Channel) -> io::Result<()> {
-        rustix::io::ioctl_fionbio(&channel, true)?;
-        self.register_client(channel)
-    }
-
     /// Connections past Hello.
     fn worker_count(&self) -> usize {
         self.clients.values().filter(|c| c.caps.is_some()).count()
@@ -953,7 +947,6 @@ impl Broker {
             WakeSender::pair().map_err(|e| format!("wake-up socket: {e}"))?;
         let spec = StreamSpec {
             client_id: id,
-            stream_id,
             direction: caps.direction,
             params,
         };

@@ -1,5 +1,7 @@
 //! vsound-broker: owns the audio backends and serves the workers of many VMs.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -3,6 +3,8 @@
 //! The same file is read by the worker (what the guest sees) and the broker (which backend serves
 //! each stream). Everything is validated at load time so that the running device can trust it.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};

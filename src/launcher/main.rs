@@ -4,6 +4,8 @@
 //! that connects meanwhile waits in the socket's backlog; stops both on Ctrl-C or SIGTERM and
 //! removes its sockets. Production starts the two programs from the shipped systemd units.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};

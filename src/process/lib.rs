@@ -3,5 +3,8 @@
 //! `listen`) and its sandbox (namespaces, Landlock, capabilities, no_new_privs and the seccomp
 //! filters compiled from `policies/*.json` at build time; `sandbox`).
 
+// `unsafe` is denied; the one exception is marked where it is (adopting an inherited fd).
+#![deny(unsafe_code)]
+
 pub mod listen;
 pub mod sandbox;

@@ -254,6 +254,7 @@ pub fn bind(path: &Path, kind: SocketKind) -> Result<(OwnedFd, SocketPath), List
 
 /// Takes ownership of an inherited fd after checking that it is a listening unix socket of
 /// `kind`.
+#[allow(unsafe_code)] // taking ownership of an inherited fd number is unsafe by nature
 pub fn adopt(fd: RawFd, origin: &'static str, kind: SocketKind) -> Result<OwnedFd, ListenError> {
     let bad = |problem: String| ListenError::BadFd {
         fd,

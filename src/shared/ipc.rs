@@ -169,10 +169,6 @@ impl Channel {
         Channel { fd }
     }
 
-    pub fn into_fd(self) -> OwnedFd {
-        self.fd
-    }
-
     pub fn connect(path: &Path) -> io::Result<Channel> {
         Self::connect_with(path, SocketFlags::CLOEXEC)
     }
@@ -231,6 +227,7 @@ impl Channel {
     /// Bytes this end sent that the peer has not read yet (SIOCOUTQ, which AF_UNIX answers
     /// with the kernel buffers of every unread packet, fds and all); 0 once the peer read
     /// everything or closed its end.
+    #[allow(unsafe_code)] // an ioctl no safe wrapper offers (SIOCOUTQ)
     pub fn unread_by_peer(&self) -> io::Result<usize> {
         const SIOCOUTQ: rustix::ioctl::Opcode = nix::libc::TIOCOUTQ as rustix::ioctl::Opcode;
         // SAFETY: SIOCOUTQ (the same number as TIOCOUTQ) on a socket writes one C int, the

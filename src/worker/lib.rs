@@ -9,9 +9,11 @@
 //! - `broker_link`: the client of the broker, reconnecting when it restarts;
 //! - `local_clock`: the pace of a stream while the broker is away.
 
-pub mod broker_link;
+#![forbid(unsafe_code)]
+
+mod broker_link;
 mod completion;
 pub mod device;
-pub mod local_clock;
+mod local_clock;
 mod pcm_host;
 mod stream;

@@ -1,6 +1,8 @@
 //! vsound-worker: serves one VMM's vhost-user socket as a virtio-sound device and feeds the
 //! audio broker. Never touches an audio device itself.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -26,7 +26,6 @@ pub mod wav;
 #[derive(Debug, Clone, Copy)]
 pub struct StreamSpec {
     pub client_id: u32,
-    pub stream_id: u32,
     /// VIRTIO_SND_D_OUTPUT or VIRTIO_SND_D_INPUT.
     pub direction: u8,
     pub params: PcmParams,

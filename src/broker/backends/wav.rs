@@ -270,7 +270,6 @@ mod tests {
     fn spec(direction: u8, format: u8) -> StreamSpec {
         StreamSpec {
             client_id: 7,
-            stream_id: 0,
             direction,
             params: PcmParams {
                 buffer_bytes: 4096,
