@@ -187,13 +187,13 @@ if allowed is None:
 needed = set()
 for filt in json.load(open(policy)).values():
     needed |= {rule["syscall"] for rule in filt["filter"]}
-# And what src/sandbox.rs calls before its own policy is in force.
+# And what src/process/sandbox.rs calls before its own policy is in force.
 needed |= {"prctl", "unshare", "capget", "capset", "seccomp",
            "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self"}
 missing = sorted(needed - allowed)
 if missing:
-    sys.exit(f"{unit}: SystemCallFilter= refuses {', '.join(missing)} (needed by {policy} or src/sandbox.rs)")
-print(f"{unit}: {len(needed)} calls of {policy} and src/sandbox.rs allowed ({len(allowed)} in the unit's allow-list)")
+    sys.exit(f"{unit}: SystemCallFilter= refuses {', '.join(missing)} (needed by {policy} or src/process/sandbox.rs)")
+print(f"{unit}: {len(needed)} calls of {policy} and src/process/sandbox.rs allowed ({len(allowed)} in the unit's allow-list)")
 PY
 }
 for pair in "systemd/vsound-worker@.service:policies/worker.json" "systemd/vsound-broker.service:policies/broker.json"; do

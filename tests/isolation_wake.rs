@@ -25,7 +25,7 @@ use rustix::net::{
 use serde::{Deserialize, Serialize};
 use virtio_snd::protocol as p;
 
-// --- The hostile client's own encoder of the wire format (src/ipc.rs): bincode 2's standard
+// --- The hostile client's own encoder of the wire format (src/shared/ipc.rs): bincode 2's standard
 // configuration over serde, one message per SOCK_SEQPACKET packet, variants in wire order. ---
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy)]
@@ -317,7 +317,7 @@ fn play_timed(
 }
 
 /// Keeps a hostile playback ring full (write position = read position + capacity, the most it
-/// may publish; the header layout of src/ring.rs), so that the broker consumes and wakes the
+/// may publish; the header layout of src/shared/ring.rs), so that the broker consumes and wakes the
 /// worker at every period whatever its backend, until `stop` is set.
 fn keep_ring_full(
     ring: OwnedFd,

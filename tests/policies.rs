@@ -137,7 +137,7 @@ fn assert_confined(name: &str, unit: &HashMap<String, Vec<String>>) {
     );
 }
 
-/// The binaries confine themselves at start-up (src/sandbox.rs): the unit's system call
+/// The binaries confine themselves at start-up (src/process/sandbox.rs): the unit's system call
 /// allow-list must let those calls through, or `--sandbox strict` could never start.
 fn assert_sandbox_can_start(name: &str, unit: &HashMap<String, Vec<String>>) {
     let filters = unit

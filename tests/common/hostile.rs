@@ -3,7 +3,7 @@
 //! `vsound_shared::ipc`), so that it can send what a real worker never would, and read, or never read,
 //! what it likes.
 //!
-//! The format (src/ipc.rs): one message per SOCK_SEQPACKET packet, fds by SCM_RIGHTS. An integer
+//! The format (src/shared/ipc.rs): one message per SOCK_SEQPACKET packet, fds by SCM_RIGHTS. An integer
 //! wider than a byte is a varint (below 251: one byte; else 251, 252 or 253 and the value as a
 //! little-endian u16, u32 or u64), a `u8` one byte, an enum its variant index (a varint) and then
 //! its fields in order, a `Vec` or a string its length (a varint) and then its items or bytes.
