@@ -47,7 +47,8 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -79,10 +80,14 @@ pub struct FrontendOptions {
     pub num_queues: usize,
     /// Negotiate `VIRTIO_RING_F_EVENT_IDX` if the backend offers it. Default false.
     pub event_idx: bool,
+    /// Negotiate `VIRTIO_RING_F_INDIRECT_DESC` if the backend offers it, which
+    /// [`GuestVm::submit_indirect`] needs. Default false.
+    pub indirect_desc: bool,
     /// Guest memory size in bytes. Default 16 MiB.
     pub mem_size: usize,
     /// Extra device feature bits to acknowledge if offered (in addition to `VIRTIO_F_VERSION_1`,
-    /// `VHOST_USER_F_PROTOCOL_FEATURES` and, if requested, `EVENT_IDX`). Default 0.
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` and, if requested, `EVENT_IDX` and `INDIRECT_DESC`).
+    /// Default 0.
     pub extra_features: u64,
 }
 
@@ -92,6 +97,7 @@ impl Default for FrontendOptions {
             queue_size: 64,
             num_queues: 4,
             event_idx: false,
+            indirect_desc: false,
             mem_size: 16 << 20,
             extra_features: 0,
         }
@@ -411,6 +417,9 @@ impl GuestVm {
         if opts.event_idx {
             wanted |= 1u64 << VIRTIO_RING_F_EVENT_IDX;
         }
+        if opts.indirect_desc {
+            wanted |= 1u64 << VIRTIO_RING_F_INDIRECT_DESC;
+        }
         let negotiated_features = wanted & offered_features;
         frontend
             .set_features(negotiated_features)
@@ -610,6 +619,11 @@ impl GuestVm {
         self.event_idx
     }
 
+    /// Whether `VIRTIO_RING_F_INDIRECT_DESC` was negotiated.
+    pub fn indirect_desc(&self) -> bool {
+        self.negotiated_features & (1u64 << VIRTIO_RING_F_INDIRECT_DESC) != 0
+    }
+
     pub fn num_queues(&self) -> usize {
         self.queues.len()
     }
@@ -664,8 +678,117 @@ impl GuestVm {
             "queue {queue}: cannot submit an empty descriptor chain"
         );
         self.check_fits(queue, n);
+        let (descs, bufs, writable) = self.lay_out_buffers(queue, readable, writable_lens);
+        self.publish_chain(queue, &descs, bufs, writable)
+    }
 
-        let mut bufs = Vec::with_capacity(n);
+    /// Lays out the buffers like [`GuestVm::submit`] and kicks, but as an indirect chain (see
+    /// [`GuestVm::submit_indirect_no_kick`]).
+    pub fn submit_indirect(
+        &mut self,
+        queue: u16,
+        readable: &[&[u8]],
+        writable_lens: &[u32],
+    ) -> u16 {
+        let head = self.submit_indirect_no_kick(queue, readable, writable_lens);
+        self.kick(queue);
+        head
+    }
+
+    /// Lays out the buffers like [`GuestVm::submit_no_kick`], but their descriptors go into an
+    /// indirect table in guest memory (entry i chaining to entry i + 1), and the ring gets a
+    /// single descriptor with VRING_DESC_F_INDIRECT pointing at it. Publishes that head
+    /// without kicking. Panics unless INDIRECT_DESC was negotiated (a driver must not use
+    /// indirect descriptors otherwise; [`GuestVm::submit_raw_indirect`] does, for hostile
+    /// tests).
+    pub fn submit_indirect_no_kick(
+        &mut self,
+        queue: u16,
+        readable: &[&[u8]],
+        writable_lens: &[u32],
+    ) -> u16 {
+        assert!(
+            self.indirect_desc(),
+            "queue {queue}: indirect descriptors without VIRTIO_RING_F_INDIRECT_DESC (set \
+             FrontendOptions::indirect_desc)"
+        );
+        let n = readable.len() + writable_lens.len();
+        let size = usize::from(self.queue(queue).size);
+        // The spec bounds a chain by the queue size, indirect or not.
+        assert!(
+            n > 0 && n <= size,
+            "queue {queue}: an indirect chain of {n} descriptors (queue size {size})"
+        );
+        self.check_fits(queue, 1);
+        let (descs, mut bufs, writable) = self.lay_out_buffers(queue, readable, writable_lens);
+        let table_len = 16 * descs.len() as u32;
+        let (table, table_size) = self.alloc_buf(&format!("queue {queue}"), table_len.into());
+        self.write_indirect_table(table, &descs);
+        bufs.push((table, table_size));
+        self.publish(
+            queue,
+            &[(table, table_len, VRING_DESC_F_INDIRECT as u16)],
+            bufs,
+            writable,
+        )
+    }
+
+    /// Publishes one ring descriptor with VRING_DESC_F_INDIRECT pointing at `len` bytes at
+    /// guest address `table`, which the caller lays out (see
+    /// [`GuestVm::write_indirect_table`], [`GuestVm::write_desc`]) and owns, without kicking
+    /// and whether INDIRECT_DESC was negotiated or not. Useful for malformed tables; the used
+    /// element's `written` is empty (read what the device wrote with
+    /// [`GuestVm::read_guest`]).
+    pub fn submit_raw_indirect(&mut self, queue: u16, table: u64, len: u32) -> u16 {
+        self.check_fits(queue, 1);
+        self.publish(
+            queue,
+            &[(table, len, VRING_DESC_F_INDIRECT as u16)],
+            Vec::new(),
+            Vec::new(),
+        )
+    }
+
+    /// Writes `descs` at guest address `table` as an indirect descriptor table: entry i
+    /// chains to entry i + 1 with VRING_DESC_F_NEXT, writable ones have VRING_DESC_F_WRITE.
+    pub fn write_indirect_table(&self, table: u64, descs: &[RawDesc]) {
+        for (i, d) in descs.iter().enumerate() {
+            let mut flags = 0u16;
+            let mut next = 0u16;
+            if i + 1 < descs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+                next = u16::try_from(i + 1).expect("indirect table of more than 65536 entries");
+            }
+            if d.write {
+                flags |= VRING_DESC_F_WRITE as u16;
+            }
+            self.write_desc(table + 16 * i as u64, d.addr, d.len, flags, next);
+        }
+    }
+
+    /// Writes one raw 16-byte descriptor (any flags, any next index) at guest address `at`.
+    pub fn write_desc(&self, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem
+            .write_slice(&raw, GuestAddress(at))
+            .expect("write descriptor");
+    }
+
+    /// Copies each readable buffer into guest memory and zero-fills one buffer per writable
+    /// length: their descriptors, the allocations and the writable parts.
+    #[allow(clippy::type_complexity)]
+    fn lay_out_buffers(
+        &mut self,
+        queue: u16,
+        readable: &[&[u8]],
+        writable_lens: &[u32],
+    ) -> (Vec<RawDesc>, Vec<(u64, u64)>, Vec<(u64, u32)>) {
+        let n = readable.len() + writable_lens.len();
+        let mut bufs = Vec::with_capacity(n + 1);
         let mut descs = Vec::with_capacity(n);
         let mut writable = Vec::with_capacity(writable_lens.len());
         for data in readable {
@@ -693,7 +816,7 @@ impl GuestVm {
                 write: true,
             });
         }
-        self.publish_chain(queue, &descs, bufs, writable)
+        (descs, bufs, writable)
     }
 
     /// Submits a chain of descriptors pointing at arbitrary guest addresses (which the harness
@@ -1055,30 +1178,44 @@ impl GuestVm {
         bufs: Vec<(u64, u64)>,
         writable: Vec<(u64, u32)>,
     ) -> u16 {
-        let mem = &self.mem;
+        let entries: Vec<(u64, u32, u16)> = descs
+            .iter()
+            .map(|d| {
+                let flags = if d.write {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
+                (d.addr, d.len, flags)
+            })
+            .collect();
+        self.publish(queue, &entries, bufs, writable)
+    }
+
+    /// Writes ring descriptors (address, length, flags but NEXT), chained in order, records
+    /// the chain and publishes its head in the avail ring.
+    fn publish(
+        &mut self,
+        queue: u16,
+        entries: &[(u64, u32, u16)],
+        bufs: Vec<(u64, u64)>,
+        writable: Vec<(u64, u32)>,
+    ) -> u16 {
         let q = &mut self.queues[queue as usize];
-        let indices: Vec<u16> = (0..descs.len())
+        let indices: Vec<u16> = (0..entries.len())
             .map(|_| q.free_descs.pop().expect("checked by check_fits"))
             .collect();
-        for (i, d) in descs.iter().enumerate() {
-            let mut flags = 0u16;
+        let desc_addrs: Vec<u64> = indices.iter().map(|&i| q.desc_entry_addr(i).0).collect();
+        for (i, &(addr, len, mut flags)) in entries.iter().enumerate() {
             let mut next = 0u16;
-            if i + 1 < descs.len() {
+            if i + 1 < entries.len() {
                 flags |= VRING_DESC_F_NEXT as u16;
                 next = indices[i + 1];
             }
-            if d.write {
-                flags |= VRING_DESC_F_WRITE as u16;
-            }
-            let mut raw = [0u8; 16];
-            raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-            raw[12..14].copy_from_slice(&flags.to_le_bytes());
-            raw[14..16].copy_from_slice(&next.to_le_bytes());
-            mem.write_slice(&raw, q.desc_entry_addr(indices[i]))
-                .expect("write descriptor");
+            self.write_desc(desc_addrs[i], addr, len, flags, next);
         }
         let head = indices[0];
+        let q = &mut self.queues[queue as usize];
         q.chains[head as usize] = Some(Chain {
             descs: indices,
             bufs,
