@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use virtio_snd::protocol as p;
@@ -373,6 +374,26 @@ impl Params {
 }
 
 /// Sends a control request and returns its status.
+/// [`GuestVm::wait_used`] for a guest whose worker is about to be killed (`killed` is set just
+/// before): a worker killed between publishing a used buffer and signalling it leaves that
+/// buffer without its interrupt, which then ends the wait like silence. Before `killed` is
+/// set, a missing interrupt fails as anywhere else.
+pub fn wait_used_or_killed(
+    vm: &mut GuestVm,
+    queue: u16,
+    timeout: Duration,
+    killed: &AtomicBool,
+) -> Option<UsedBuf> {
+    match vm.try_wait_used(queue, timeout) {
+        Ok(used) => used,
+        Err(e) if killed.load(Ordering::Acquire) => {
+            eprintln!("{e} (its worker was killed)");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 pub fn control(vm: &mut GuestVm, req: &[u8]) -> u32 {
     status_of(&vm.request(p::CONTROL_QUEUE, req, 4))
 }
