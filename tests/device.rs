@@ -5,8 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::frontend::{FrontendOptions, RawDesc};
+use common::frontend::{FrontendOptions, GuestVm, RawDesc};
 use common::vsound::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_snd::guest::MAX_SEGMENTS;
 use virtio_snd::protocol as p;
 
 const WAV_CONFIG: &str = r#"
@@ -656,23 +658,218 @@ fn held_event_buffers_do_not_spin_the_worker_with_event_idx() {
     assert_eq!(status_of(&resp), 0x8000);
 }
 
+/// With EVENT_IDX and INDIRECT_DESC negotiated, a control request and every tx buffer go
+/// through indirect tables: the answer spans the table's two writable descriptors, and the
+/// played audio is bit-exact.
 #[test]
-fn playback_works_with_event_idx_and_indirect_descriptors_offered() {
+fn playback_works_with_event_idx_and_indirect_descriptors() {
     let opts = FrontendOptions {
         event_idx: true,
+        indirect_desc: true,
         ..FrontendOptions::default()
     };
     let mut rig = Rig::start(Some(WAV_CONFIG), opts);
     let offered = rig.vm.offered_features();
     assert_ne!(offered & (1 << 28), 0, "INDIRECT_DESC offered");
+    assert!(rig.vm.event_idx(), "EVENT_IDX negotiated");
+    assert!(rig.vm.indirect_desc(), "INDIRECT_DESC negotiated");
+    let head = rig.vm.submit_indirect(
+        p::CONTROL_QUEUE,
+        &[&query(p::R_PCM_INFO, 0, 2, 32)],
+        &[20, 48],
+    );
+    let used = rig.vm.wait_used(p::CONTROL_QUEUE, WAIT).expect("answered");
+    assert_eq!((used.head, used.len), (head, 68));
+    assert_eq!(status_of(&used.written), 0x8000);
+    let out: p::PcmInfo = p::read_prefix(&used.written[4..]).unwrap();
+    let input: p::PcmInfo = p::read_prefix(&used.written[36..]).unwrap();
+    assert_eq!((out.direction, input.direction), (p::D_OUTPUT, p::D_INPUT));
+
     let params = Params::s16_48k(0);
     prepare(&mut rig.vm, &params);
     let data = pattern(params.period_bytes as usize * 20, 4);
-    let (_, done) = play(&mut rig.vm, &params, &data);
+    let (_, done) = play_as(&mut rig.vm, &params, &data, Layout::Indirect);
     assert_eq!(done.len(), 20);
+    assert!(done.iter().all(|c| c.status == 0x8000), "{done:?}");
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
     assert!(wav_s16_bytes(&rig.path("played-1.wav")) == data);
+}
+
+/// Every rx buffer through an indirect table: the capture is the source file, bit-exact.
+#[test]
+fn capture_works_with_indirect_descriptors() {
+    let opts = FrontendOptions {
+        indirect_desc: true,
+        ..FrontendOptions::default()
+    };
+    let mut rig = Rig::start(Some(WAV_CONFIG), opts);
+    assert!(rig.vm.indirect_desc(), "INDIRECT_DESC negotiated");
+    let params = Params::s16_48k(1);
+    let source = pattern(params.period_bytes as usize * 12, 12);
+    write_wav_s16(&rig.path("source.wav"), 2, 48000, &source);
+    prepare(&mut rig.vm, &params);
+    let (_, done) = record_as(&mut rig.vm, &params, 12, Layout::Indirect);
+    assert!(done.iter().all(|c| c.status == 0x8000), "{done:?}");
+    let captured: Vec<u8> = done.iter().flat_map(|c| c.data.iter().copied()).collect();
+    assert!(
+        captured == source,
+        "captured bytes differ from the source file"
+    );
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
+}
+
+/// Submits malformed indirect tables on `queue`, each built around `good` (the entries of a
+/// well-formed request that the device would answer or hold), one at a time. Each must come
+/// back at once with a used length of 0 and nothing written into the buffers `good` points at:
+/// the device neither held it nor followed it anywhere.
+fn malformed_indirect_tables_complete_empty(vm: &mut GuestVm, queue: u16, good: &[RawDesc]) {
+    let entries = good.len() as u32;
+    // Room for half an entry more than the table holds (see the first case).
+    let table = vm.alloc_guest(16 * u64::from(entries) + 8);
+    vm.write_indirect_table(table, good);
+    let first_flags = if good[0].write {
+        VRING_DESC_F_WRITE as u16
+    } else {
+        0
+    };
+    // The first entry, then the good table nested as a second one.
+    let nested = vm.alloc_guest(32);
+    vm.write_desc(
+        nested,
+        good[0].addr,
+        good[0].len,
+        first_flags | VRING_DESC_F_NEXT as u16,
+        1,
+    );
+    vm.write_desc(
+        nested + 16,
+        table,
+        16 * entries,
+        VRING_DESC_F_INDIRECT as u16,
+        0,
+    );
+    // The first entry chains to an index past the end of its table.
+    let past_end = vm.alloc_guest(16 * u64::from(entries));
+    vm.write_indirect_table(past_end, good);
+    vm.write_desc(
+        past_end,
+        good[0].addr,
+        good[0].len,
+        first_flags | VRING_DESC_F_NEXT as u16,
+        entries as u16 + 5,
+    );
+    // More descriptors than the device takes in one chain: writable ones after the good ones.
+    let last = *good.last().unwrap();
+    assert!(
+        last.write,
+        "the good request ends with a writable descriptor"
+    );
+    let mut long_descs = good.to_vec();
+    long_descs.resize(MAX_SEGMENTS + 1, last);
+    let long = vm.alloc_guest(16 * long_descs.len() as u64);
+    vm.write_indirect_table(long, &long_descs);
+
+    let cases = [
+        // Rounded down, it would be the good request.
+        (
+            "a length that is not a multiple of 16",
+            table,
+            16 * entries + 8,
+        ),
+        ("an empty table", table, 0),
+        ("a table outside guest memory", 1 << 40, 16 * entries),
+        ("a table nested in a table", nested, 32),
+        (
+            "a next index past the end of the table",
+            past_end,
+            16 * entries,
+        ),
+        (
+            "a table longer than MAX_SEGMENTS",
+            long,
+            16 * long_descs.len() as u32,
+        ),
+    ];
+    for (what, addr, len) in cases {
+        let head = vm.submit_raw_indirect(queue, addr, len);
+        vm.kick(queue);
+        let used = vm
+            .wait_used(queue, WAIT)
+            .unwrap_or_else(|| panic!("queue {queue}, {what}: not completed"));
+        assert_eq!((used.head, used.len), (head, 0), "queue {queue}, {what}");
+        for d in good.iter().filter(|d| d.write) {
+            assert!(
+                vm.read_guest(d.addr, d.len as usize)
+                    .iter()
+                    .all(|&b| b == 0),
+                "queue {queue}, {what}: the device wrote through a malformed table"
+            );
+        }
+    }
+}
+
+#[test]
+fn malformed_indirect_tables_are_completed_empty_and_the_streams_go_on() {
+    let opts = FrontendOptions {
+        indirect_desc: true,
+        ..FrontendOptions::default()
+    };
+    let mut rig = Rig::start(Some(WAV_CONFIG), opts);
+    let params = Params::s16_48k(0);
+    let capture = Params::s16_48k(1);
+    let source = pattern(capture.period_bytes as usize * 3, 13);
+    write_wav_s16(&rig.path("source.wav"), 2, 48000, &source);
+    let vm = &mut rig.vm;
+    // Prepared, not started: the device would hold well-formed tx and rx buffers.
+    prepare(vm, &params);
+    prepare(vm, &capture);
+    let desc = |addr, len, write| RawDesc { addr, len, write };
+
+    let header = vm.alloc_guest(4);
+    let payload = vm.alloc_guest(u64::from(params.period_bytes));
+    vm.write_guest(payload, &pattern(params.period_bytes as usize, 14));
+    let status = vm.alloc_guest(8);
+    let tx = [
+        desc(header, 4, false),
+        desc(payload, params.period_bytes, false),
+        desc(status, 8, true),
+    ];
+    malformed_indirect_tables_complete_empty(vm, p::TX_QUEUE, &tx);
+
+    let header = vm.alloc_guest(4);
+    vm.write_guest(header, &1u32.to_le_bytes());
+    let frames = vm.alloc_guest(u64::from(capture.period_bytes));
+    let status = vm.alloc_guest(8);
+    let rx = [
+        desc(header, 4, false),
+        desc(frames, capture.period_bytes, true),
+        desc(status, 8, true),
+    ];
+    malformed_indirect_tables_complete_empty(vm, p::RX_QUEUE, &rx);
+
+    let request = vm.alloc_guest(8);
+    vm.write_guest(request, &pcm(p::R_PCM_START, 0));
+    let response = vm.alloc_guest(4);
+    let ctl = [desc(request, 8, false), desc(response, 4, true)];
+    malformed_indirect_tables_complete_empty(vm, p::CONTROL_QUEUE, &ctl);
+
+    // Both streams go on with well-formed indirect buffers: the playback reaches the file
+    // bit-exact (nothing of the malformed tables' payload in it), the capture is the source.
+    let data = pattern(params.period_bytes as usize * 6, 15);
+    let (_, done) = play_as(vm, &params, &data, Layout::Indirect);
+    assert!(done.iter().all(|c| c.status == 0x8000), "{done:?}");
+    let (_, done) = record_as(vm, &capture, 3, Layout::Indirect);
+    assert!(done.iter().all(|c| c.status == 0x8000), "{done:?}");
+    let captured: Vec<u8> = done.iter().flat_map(|c| c.data.iter().copied()).collect();
+    assert!(captured == source, "captured bytes differ from the source");
+    for stream in [0, 1] {
+        assert_eq!(control(vm, &pcm(p::R_PCM_STOP, stream)), 0x8000);
+        assert_eq!(control(vm, &pcm(p::R_PCM_RELEASE, stream)), 0x8000);
+    }
+    assert!(wav_s16_bytes(&rig.path("played-1.wav")) == data);
+    assert!(rig.worker.is_running());
 }
 
 #[test]

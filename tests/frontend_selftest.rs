@@ -3,20 +3,20 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::frontend::{FrontendOptions, GuestVm, RawDesc};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -28,11 +28,25 @@ const EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 const WAIT: Duration = Duration::from_secs(5);
 const CONFIG: [u8; 16] = *b"reverser-config!";
 
+/// When the [`Reverser`] signals the guest after adding used elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Signal {
+    /// After each element the driver wants a call for (virtio-queue's `needs_notification`).
+    Each,
+    /// Once after all the elements of a kick (one call covers them all).
+    Batch,
+    /// Like `Batch`, but only this long after the elements were published.
+    Late(Duration),
+    /// Never: a device that forgets to signal.
+    Never,
+}
+
 /// Queue 0: for every chain, reads all device-readable bytes and writes them reversed into the
 /// device-writable descriptors (as much as fits). Queue 1: ignored (chains stay in flight).
 struct Reverser {
     offer_event_idx: bool,
     event_idx: bool,
+    signal: Signal,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
 }
 
@@ -44,6 +58,7 @@ impl Reverser {
             .ok_or_else(|| io::Error::other("no memory table"))?
             .memory();
         let mut state = vring.get_mut();
+        let mut added = false;
         loop {
             if self.event_idx {
                 state
@@ -77,9 +92,11 @@ impl Reverser {
                 state
                     .add_used(head, written)
                     .map_err(|e| io::Error::other(e.to_string()))?;
-                if state
-                    .needs_notification()
-                    .map_err(|e| io::Error::other(e.to_string()))?
+                added = true;
+                if self.signal == Signal::Each
+                    && state
+                        .needs_notification()
+                        .map_err(|e| io::Error::other(e.to_string()))?
                 {
                     state.signal_used_queue()?;
                 }
@@ -91,6 +108,18 @@ impl Reverser {
             {
                 break;
             }
+        }
+        let batch_wants_call = added
+            && matches!(self.signal, Signal::Batch | Signal::Late(_))
+            && state
+                .needs_notification()
+                .map_err(|e| io::Error::other(e.to_string()))?;
+        drop(state);
+        if batch_wants_call {
+            if let Signal::Late(delay) = self.signal {
+                thread::sleep(delay);
+            }
+            vring.signal_used_queue()?;
         }
         Ok(())
     }
@@ -109,7 +138,10 @@ impl VhostUserBackendMut for Reverser {
     }
 
     fn features(&self) -> u64 {
-        let mut f = (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        // virtio-queue follows indirect tables by itself.
+        let mut f = (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.offer_event_idx {
             f |= EVENT_IDX;
         }
@@ -166,6 +198,10 @@ struct TestBackend {
 
 impl TestBackend {
     fn start(offer_event_idx: bool) -> TestBackend {
+        Self::start_signalling(offer_event_idx, Signal::Each)
+    }
+
+    fn start_signalling(offer_event_idx: bool, signal: Signal) -> TestBackend {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("reverser.sock");
         let (tx, done) = mpsc::channel();
@@ -176,6 +212,7 @@ impl TestBackend {
             let backend = Arc::new(Mutex::new(Reverser {
                 offer_event_idx,
                 event_idx: false,
+                signal,
                 mem: None,
             }));
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -369,4 +406,176 @@ fn descriptor_exhaustion_panics() {
     }
     // 4 chains of 2 descriptors use the whole queue.
     vm.submit(1, &[b"x"], &[1]);
+}
+
+/// A device that publishes used elements but never signals: every wait for them fails, with or
+/// without EVENT_IDX, although the elements are there (polling finds them).
+fn never_signalled(event_idx: bool) {
+    let backend = TestBackend::start_signalling(event_idx, Signal::Never);
+    let mut vm = backend.connect(opts(event_idx));
+    assert_eq!(vm.event_idx(), event_idx);
+    let head = vm.submit(0, &[b"unannounced"], &[16]);
+    let started = Instant::now();
+    let err = vm
+        .try_wait_used(0, Duration::from_millis(100))
+        .expect_err("a used buffer without a call must not be taken");
+    // The grace for a late call was given before failing.
+    assert!(started.elapsed() >= Duration::from_secs(1), "{err}");
+    assert_eq!((err.queue, err.used_idx, err.last_used), (0, 1, 0), "{err}");
+    assert_eq!(err.notifications, 0);
+    assert!(
+        err.to_string()
+            .starts_with("used buffer on queue 0 without an interrupt"),
+        "{err}"
+    );
+    assert_eq!(vm.in_flight(0), 1, "the element was not taken");
+    // It is there: the opt-out polls it.
+    vm.suppress_interrupts(0);
+    let used = vm.wait_used(0, WAIT).expect("polled");
+    assert_eq!(
+        (used.head, used.written.as_slice()),
+        (head, &b"decnuonnanu"[..])
+    );
+    assert_eq!(vm.request(0, b"polled", 8), b"dellop");
+    assert_eq!(vm.notifications(0), 0);
+    backend.finish(vm);
+}
+
+#[test]
+fn a_used_buffer_without_a_call_fails_the_wait() {
+    never_signalled(false);
+}
+
+#[test]
+fn a_used_buffer_without_a_call_fails_the_wait_event_idx() {
+    never_signalled(true);
+}
+
+#[test]
+#[should_panic(expected = "used buffer on queue 0 without an interrupt")]
+fn wait_used_panics_on_a_missing_call() {
+    let backend = TestBackend::start_signalling(false, Signal::Never);
+    let mut vm = backend.connect(opts(false));
+    vm.request(0, b"x", 1);
+}
+
+#[test]
+#[should_panic(expected = "used buffer on queue 0 without an interrupt")]
+fn try_used_panics_on_a_missing_call() {
+    let backend = TestBackend::start_signalling(false, Signal::Never);
+    let mut vm = backend.connect(opts(false));
+    vm.submit(0, &[b"x"], &[1]);
+    // Only once the element is published does try_used look for its call.
+    let deadline = Instant::now() + WAIT;
+    while vm.try_used(0).is_none() {
+        assert!(Instant::now() < deadline, "never published");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The device publishes, then signals a moment later: the element is taken, but only once the
+/// call came.
+#[test]
+fn a_late_call_is_waited_for() {
+    let delay = Duration::from_millis(300);
+    let backend = TestBackend::start_signalling(false, Signal::Late(delay));
+    let mut vm = backend.connect(opts(false));
+    for i in 0..3u8 {
+        let started = Instant::now();
+        assert_eq!(vm.request(0, &[i, 1, 2], 3), [2, 1, i]);
+        assert!(
+            started.elapsed() >= delay,
+            "taken after {:?}, before the call",
+            started.elapsed()
+        );
+    }
+    backend.finish(vm);
+}
+
+/// One call for a whole batch announces every element of it.
+#[test]
+fn one_call_covers_a_batch() {
+    let backend = TestBackend::start_signalling(false, Signal::Batch);
+    let mut vm = backend.connect(opts(false));
+    let heads: HashSet<u16> = (0..10u8)
+        .map(|i| vm.submit_no_kick(0, &[&[i]], &[1]))
+        .collect();
+    vm.kick(0);
+    let got: HashSet<u16> = (0..10)
+        .map(|_| vm.wait_used(0, WAIT).expect("element of the batch").head)
+        .collect();
+    assert_eq!(got, heads);
+    assert_eq!(vm.notifications(0), 1, "one call for the batch");
+    assert!(vm.try_used(0).is_none());
+    backend.finish(vm);
+}
+
+/// With EVENT_IDX, suppressing interrupts keeps used_event behind the used index: a device that
+/// honours it (virtio-queue's `needs_notification`) sends no more calls, and polling still
+/// finds every element.
+#[test]
+fn suppressed_interrupts_are_not_sent_with_event_idx() {
+    let backend = TestBackend::start(true);
+    let mut vm = backend.connect(opts(true));
+    assert!(vm.event_idx());
+    assert_eq!(vm.request(0, b"ab", 2), b"ba");
+    let calls = vm.notifications(0);
+    assert!(calls >= 1);
+    vm.suppress_interrupts(0);
+    for i in 0..20u8 {
+        assert_eq!(vm.request(0, &[i, 7], 2), [7, i]);
+    }
+    assert_eq!(vm.notifications(0), calls, "called while suppressed");
+    backend.finish(vm);
+}
+
+/// An indirect chain takes one ring descriptor, however long its table: eight chains of five
+/// descriptors fit a queue of eight, and the device reads and writes through the tables.
+#[test]
+fn indirect_chains_take_one_ring_descriptor_each() {
+    let backend = TestBackend::start(false);
+    let mut vm = backend.connect(FrontendOptions {
+        queue_size: 8,
+        indirect_desc: true,
+        ..opts(false)
+    });
+    assert!(vm.indirect_desc());
+    assert_ne!(
+        vm.negotiated_features() & (1 << VIRTIO_RING_F_INDIRECT_DESC),
+        0
+    );
+    let free_before = vm.free_guest_bytes();
+    let mut heads = HashMap::new();
+    for i in 0..8u8 {
+        let head = vm.submit_indirect_no_kick(0, &[&[i, 1], &[2, 3, 4]], &[2, 1, 8]);
+        assert!(heads.insert(head, i).is_none());
+    }
+    vm.kick(0);
+    for _ in 0..8 {
+        let used = vm.wait_used(0, WAIT).expect("indirect chain completed");
+        let i = heads
+            .remove(&used.head)
+            .unwrap_or_else(|| panic!("unexpected head {}", used.head));
+        assert_eq!(used.written, [4, 3, 2, 1, i]);
+    }
+    assert_eq!(vm.in_flight(0), 0);
+    assert_eq!(
+        vm.free_guest_bytes(),
+        free_before,
+        "tables or buffers leaked"
+    );
+    // Direct and indirect chains mix on one queue.
+    assert_eq!(vm.request(0, b"direct", 6), b"tcerid");
+    vm.submit_indirect(0, &[b"indirect"], &[8]);
+    assert_eq!(vm.wait_used(0, WAIT).unwrap().written, b"tceridni");
+    backend.finish(vm);
+}
+
+#[test]
+#[should_panic(expected = "indirect descriptors without VIRTIO_RING_F_INDIRECT_DESC")]
+fn indirect_chains_need_the_feature() {
+    let backend = TestBackend::start(false);
+    let mut vm = backend.connect(opts(false));
+    assert!(!vm.indirect_desc());
+    vm.submit_indirect(0, &[b"x"], &[1]);
 }

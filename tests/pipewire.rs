@@ -577,6 +577,8 @@ fn killed_workers_leave_another_vms_playback_intact() {
             &broker_socket,
             Some(&config),
         );
+        let dying = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let player_dying = dying.clone();
         let player = std::thread::spawn(move || {
             let mut vm = GuestVm::connect(&socket, FrontendOptions::default()).unwrap();
             prepare(&mut vm, &params);
@@ -585,11 +587,13 @@ fn killed_workers_leave_another_vms_playback_intact() {
                 tx_submit(&mut vm, 0, &zeros);
             }
             assert_eq!(control(&mut vm, &pcm(p::R_PCM_START, 0)), 0x8000);
-            while vm.wait_used(p::TX_QUEUE, Duration::from_secs(2)).is_some() {
+            while wait_used_or_killed(&mut vm, p::TX_QUEUE, Duration::from_secs(2), &player_dying)
+                .is_some()
+            {
                 tx_submit(&mut vm, 0, &zeros);
             }
         });
-        doomed.push((worker, player));
+        doomed.push((worker, player, dying));
     }
     let (_worker_b, socket_b) = spawn_worker(dir.path(), "vm-b", &broker_socket, Some(&config));
     let recording = dir.path().join("sink.raw");
@@ -599,8 +603,9 @@ fn killed_workers_leave_another_vms_playback_intact() {
     prepare(&mut vm_b, &params);
     let data = known_signal(params.period_bytes as usize * 150 * (killed + 1), 23);
     let killer = std::thread::spawn(move || {
-        for (mut worker, player) in doomed {
+        for (mut worker, player, dying) in doomed {
             std::thread::sleep(Duration::from_millis(1100));
+            dying.store(true, std::sync::atomic::Ordering::Release);
             worker.child.kill().unwrap();
             worker.child.wait().unwrap();
             player.join().unwrap();

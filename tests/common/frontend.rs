@@ -20,6 +20,13 @@
 //! Descriptors are recycled through a per-queue free list and data buffers through a first-fit
 //! allocator, both released as soon as the chain comes back in the used ring, so tests can
 //! run any number of chains as long as the number in flight fits.
+//!
+//! Used buffers are taken only once the device announced them, as a guest driver sleeping on
+//! its interrupt would see them: by a call notification observed after they were published,
+//! or, with `EVENT_IDX`, because they were already published when the driver last moved
+//! `used_event` (the device owes no call for those). A used element that stays unannounced
+//! fails the wait ([`MissingInterrupt`]); a test whose point is a driver that wants no
+//! interrupts opts its queue out with [`GuestVm::suppress_interrupts`].
 
 use std::collections::BTreeMap;
 use std::io;
@@ -40,7 +47,8 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -52,9 +60,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout used by [`GuestVm::request`].
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest single sleep in [`GuestVm::wait_used`] before re-checking the used ring even without
-/// a notification.
+/// How often a queue whose interrupts are suppressed ([`GuestVm::suppress_interrupts`]) is
+/// polled for used elements.
 const POLL_SLICE: Duration = Duration::from_millis(20);
+/// How long a used element may wait for its call notification (the device publishes, then
+/// signals) before the wait fails, at least: a loaded machine may delay the device's signal.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 
 const PAGE_SIZE: u64 = 4096;
 /// Data buffers are allocated in multiples of this.
@@ -69,10 +80,14 @@ pub struct FrontendOptions {
     pub num_queues: usize,
     /// Negotiate `VIRTIO_RING_F_EVENT_IDX` if the backend offers it. Default false.
     pub event_idx: bool,
+    /// Negotiate `VIRTIO_RING_F_INDIRECT_DESC` if the backend offers it, which
+    /// [`GuestVm::submit_indirect`] needs. Default false.
+    pub indirect_desc: bool,
     /// Guest memory size in bytes. Default 16 MiB.
     pub mem_size: usize,
     /// Extra device feature bits to acknowledge if offered (in addition to `VIRTIO_F_VERSION_1`,
-    /// `VHOST_USER_F_PROTOCOL_FEATURES` and, if requested, `EVENT_IDX`). Default 0.
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` and, if requested, `EVENT_IDX` and `INDIRECT_DESC`).
+    /// Default 0.
     pub extra_features: u64,
 }
 
@@ -82,6 +97,7 @@ impl Default for FrontendOptions {
             queue_size: 64,
             num_queues: 4,
             event_idx: false,
+            indirect_desc: false,
             mem_size: 16 << 20,
             extra_features: 0,
         }
@@ -135,9 +151,19 @@ struct Queue {
     call: EventFd,
     kick: EventFd,
     notifications: u64,
+    /// Used index up to which the device announced its used elements: read after a call
+    /// notification, or (EVENT_IDX) after moving used_event, when whatever is published
+    /// already may have been published against the old used_event and owes no call.
+    announced: Wrapping<u16>,
+    /// Interrupts suppressed on purpose ([`GuestVm::suppress_interrupts`]): used elements
+    /// are polled for and taken whether announced or not.
+    polling: bool,
 }
 
 impl Queue {
+    fn avail_flags_addr(&self) -> GuestAddress {
+        GuestAddress(self.avail_addr)
+    }
     fn avail_idx_addr(&self) -> GuestAddress {
         GuestAddress(self.avail_addr + 2)
     }
@@ -156,7 +182,78 @@ impl Queue {
     fn desc_entry_addr(&self, index: u16) -> GuestAddress {
         GuestAddress(self.desc_addr + 16 * u64::from(index))
     }
+
+    /// The device's used index. The full fence orders the driver's earlier used_event store
+    /// before this load (the device does the mirror image: store used->idx, fence, load
+    /// used_event); Acquire makes the elements and data it publishes visible.
+    fn used_idx(&self, mem: &GuestMemoryMmap) -> Wrapping<u16> {
+        fence(Ordering::SeqCst);
+        let idx: u16 = mem
+            .load(self.used_idx_addr(), Ordering::Acquire)
+            .expect("read used idx");
+        Wrapping(u16::from_le(idx))
+    }
+
+    /// Reads a pending call notification, if any. The device signals after publishing, so
+    /// every element published by the time it is read is announced.
+    fn collect_call(&mut self, mem: &GuestMemoryMmap) -> bool {
+        match self.call.read() {
+            Ok(n) => {
+                self.notifications += n;
+                self.announced = self.used_idx(mem);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// How many of the pending used elements are announced.
+    fn announced_pending(&self) -> u16 {
+        let n = (self.announced - self.last_used).0;
+        // Behind last_used: elements were taken by polling past what was announced.
+        if n <= self.size {
+            n
+        } else {
+            0
+        }
+    }
+
+    /// Sleeps until the call eventfd is readable or `timeout` passed (without reading it).
+    fn poll_call(&self, timeout: Duration) {
+        let ms = timeout.as_millis().clamp(1, 1000) as u16;
+        // SAFETY: the eventfd is owned by `self`, which outlives this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.call.as_raw_fd()) };
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(ms));
+    }
 }
+
+/// A used element that the device published without announcing it: no call notification came
+/// within the grace (see [`GuestVm::try_wait_used`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MissingInterrupt {
+    pub queue: u16,
+    /// The device's used index and the driver's count of consumed elements.
+    pub used_idx: u16,
+    pub last_used: u16,
+    /// How long the driver waited for the call after it first saw the element.
+    pub waited: Duration,
+    /// Call notifications observed on the queue so far.
+    pub notifications: u64,
+}
+
+impl std::fmt::Display for MissingInterrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "used buffer on queue {} without an interrupt: used idx {}, driver consumed {}, no \
+             call notification within {:?} of seeing it ({} notifications so far)",
+            self.queue, self.used_idx, self.last_used, self.waited, self.notifications
+        )
+    }
+}
+
+impl std::error::Error for MissingInterrupt {}
 
 /// First-fit allocator over a guest address range, with coalescing on free.
 struct BufAllocator {
@@ -320,6 +417,9 @@ impl GuestVm {
         if opts.event_idx {
             wanted |= 1u64 << VIRTIO_RING_F_EVENT_IDX;
         }
+        if opts.indirect_desc {
+            wanted |= 1u64 << VIRTIO_RING_F_INDIRECT_DESC;
+        }
         let negotiated_features = wanted & offered_features;
         frontend
             .set_features(negotiated_features)
@@ -377,6 +477,8 @@ impl GuestVm {
                 call: new_eventfd()?,
                 kick: new_eventfd()?,
                 notifications: 0,
+                announced: Wrapping(0),
+                polling: false,
             };
             // The memfd starts zeroed, so the rings are already empty (flags, idx, used_event
             // and avail_event all 0), which the backend relies on: it reads used->idx on
@@ -442,6 +544,9 @@ impl GuestVm {
                 .map_err(|e| vhost_err("GET_VRING_BASE", e))?;
         }
         for (i, q) in self.queues.iter_mut().enumerate() {
+            // A call still pending is the old ring's: it must not announce the new one's
+            // elements.
+            q.collect_call(&self.mem);
             let end = q.used_addr + 6 + 8 * u64::from(q.size);
             let zeros = vec![0u8; (end - q.desc_addr) as usize];
             self.mem
@@ -453,6 +558,9 @@ impl GuestVm {
             q.in_flight = 0;
             q.next_avail = Wrapping(0);
             q.last_used = Wrapping(0);
+            q.announced = Wrapping(0);
+            // The new driver's avail flags and used_event are zero: interrupts wanted.
+            q.polling = false;
             let config = VringConfigData {
                 queue_max_size: q.size,
                 queue_size: q.size,
@@ -511,6 +619,11 @@ impl GuestVm {
         self.event_idx
     }
 
+    /// Whether `VIRTIO_RING_F_INDIRECT_DESC` was negotiated.
+    pub fn indirect_desc(&self) -> bool {
+        self.negotiated_features & (1u64 << VIRTIO_RING_F_INDIRECT_DESC) != 0
+    }
+
     pub fn num_queues(&self) -> usize {
         self.queues.len()
     }
@@ -565,8 +678,117 @@ impl GuestVm {
             "queue {queue}: cannot submit an empty descriptor chain"
         );
         self.check_fits(queue, n);
+        let (descs, bufs, writable) = self.lay_out_buffers(queue, readable, writable_lens);
+        self.publish_chain(queue, &descs, bufs, writable)
+    }
 
-        let mut bufs = Vec::with_capacity(n);
+    /// Lays out the buffers like [`GuestVm::submit`] and kicks, but as an indirect chain (see
+    /// [`GuestVm::submit_indirect_no_kick`]).
+    pub fn submit_indirect(
+        &mut self,
+        queue: u16,
+        readable: &[&[u8]],
+        writable_lens: &[u32],
+    ) -> u16 {
+        let head = self.submit_indirect_no_kick(queue, readable, writable_lens);
+        self.kick(queue);
+        head
+    }
+
+    /// Lays out the buffers like [`GuestVm::submit_no_kick`], but their descriptors go into an
+    /// indirect table in guest memory (entry i chaining to entry i + 1), and the ring gets a
+    /// single descriptor with VRING_DESC_F_INDIRECT pointing at it. Publishes that head
+    /// without kicking. Panics unless INDIRECT_DESC was negotiated (a driver must not use
+    /// indirect descriptors otherwise; [`GuestVm::submit_raw_indirect`] does, for hostile
+    /// tests).
+    pub fn submit_indirect_no_kick(
+        &mut self,
+        queue: u16,
+        readable: &[&[u8]],
+        writable_lens: &[u32],
+    ) -> u16 {
+        assert!(
+            self.indirect_desc(),
+            "queue {queue}: indirect descriptors without VIRTIO_RING_F_INDIRECT_DESC (set \
+             FrontendOptions::indirect_desc)"
+        );
+        let n = readable.len() + writable_lens.len();
+        let size = usize::from(self.queue(queue).size);
+        // The spec bounds a chain by the queue size, indirect or not.
+        assert!(
+            n > 0 && n <= size,
+            "queue {queue}: an indirect chain of {n} descriptors (queue size {size})"
+        );
+        self.check_fits(queue, 1);
+        let (descs, mut bufs, writable) = self.lay_out_buffers(queue, readable, writable_lens);
+        let table_len = 16 * descs.len() as u32;
+        let (table, table_size) = self.alloc_buf(&format!("queue {queue}"), table_len.into());
+        self.write_indirect_table(table, &descs);
+        bufs.push((table, table_size));
+        self.publish(
+            queue,
+            &[(table, table_len, VRING_DESC_F_INDIRECT as u16)],
+            bufs,
+            writable,
+        )
+    }
+
+    /// Publishes one ring descriptor with VRING_DESC_F_INDIRECT pointing at `len` bytes at
+    /// guest address `table`, which the caller lays out (see
+    /// [`GuestVm::write_indirect_table`], [`GuestVm::write_desc`]) and owns, without kicking
+    /// and whether INDIRECT_DESC was negotiated or not. Useful for malformed tables; the used
+    /// element's `written` is empty (read what the device wrote with
+    /// [`GuestVm::read_guest`]).
+    pub fn submit_raw_indirect(&mut self, queue: u16, table: u64, len: u32) -> u16 {
+        self.check_fits(queue, 1);
+        self.publish(
+            queue,
+            &[(table, len, VRING_DESC_F_INDIRECT as u16)],
+            Vec::new(),
+            Vec::new(),
+        )
+    }
+
+    /// Writes `descs` at guest address `table` as an indirect descriptor table: entry i
+    /// chains to entry i + 1 with VRING_DESC_F_NEXT, writable ones have VRING_DESC_F_WRITE.
+    pub fn write_indirect_table(&self, table: u64, descs: &[RawDesc]) {
+        for (i, d) in descs.iter().enumerate() {
+            let mut flags = 0u16;
+            let mut next = 0u16;
+            if i + 1 < descs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+                next = u16::try_from(i + 1).expect("indirect table of more than 65536 entries");
+            }
+            if d.write {
+                flags |= VRING_DESC_F_WRITE as u16;
+            }
+            self.write_desc(table + 16 * i as u64, d.addr, d.len, flags, next);
+        }
+    }
+
+    /// Writes one raw 16-byte descriptor (any flags, any next index) at guest address `at`.
+    pub fn write_desc(&self, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem
+            .write_slice(&raw, GuestAddress(at))
+            .expect("write descriptor");
+    }
+
+    /// Copies each readable buffer into guest memory and zero-fills one buffer per writable
+    /// length: their descriptors, the allocations and the writable parts.
+    #[allow(clippy::type_complexity)]
+    fn lay_out_buffers(
+        &mut self,
+        queue: u16,
+        readable: &[&[u8]],
+        writable_lens: &[u32],
+    ) -> (Vec<RawDesc>, Vec<(u64, u64)>, Vec<(u64, u32)>) {
+        let n = readable.len() + writable_lens.len();
+        let mut bufs = Vec::with_capacity(n + 1);
         let mut descs = Vec::with_capacity(n);
         let mut writable = Vec::with_capacity(writable_lens.len());
         for data in readable {
@@ -594,7 +816,7 @@ impl GuestVm {
                 write: true,
             });
         }
-        self.publish_chain(queue, &descs, bufs, writable)
+        (descs, bufs, writable)
     }
 
     /// Submits a chain of descriptors pointing at arbitrary guest addresses (which the harness
@@ -656,35 +878,121 @@ impl GuestVm {
             .unwrap_or_else(|e| panic!("queue {queue}: kick failed: {e}"));
     }
 
-    /// Returns the next used element of the queue if the device has published one.
+    /// Returns the next used element of the queue if the device has published one, without
+    /// waiting when there is none. An element not yet announced is given
+    /// [`INTERRUPT_GRACE`] for its call notification; panics if none comes (see
+    /// [`GuestVm::try_wait_used`]).
     pub fn try_used(&mut self, queue: u16) -> Option<UsedBuf> {
+        self.wait_used(queue, Duration::ZERO)
+    }
+
+    /// Waits up to `timeout` for the next used element, sleeping on the queue's call eventfd.
+    /// Panics with "used buffer on queue N without an interrupt" if an element is published
+    /// but never announced (see [`GuestVm::try_wait_used`]).
+    pub fn wait_used(&mut self, queue: u16, timeout: Duration) -> Option<UsedBuf> {
+        self.try_wait_used(queue, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits up to `timeout` for the next used element the device announced (a call
+    /// notification read after it was published, or with EVENT_IDX, published before the
+    /// driver last moved used_event). `Ok(None)` when nothing was published in time. An
+    /// element published but not announced is given the rest of `timeout`, and at least
+    /// [`INTERRUPT_GRACE`], for its call (the device signals after publishing); after that
+    /// the wait fails with [`MissingInterrupt`]. A queue opted out with
+    /// [`GuestVm::suppress_interrupts`] is polled instead.
+    pub fn try_wait_used(
+        &mut self,
+        queue: u16,
+        timeout: Duration,
+    ) -> Result<Option<UsedBuf>, MissingInterrupt> {
+        let deadline = Instant::now() + timeout;
+        let mut unannounced_since: Option<Instant> = None;
+        loop {
+            let mem = &self.mem;
+            let q = self
+                .queues
+                .get_mut(queue as usize)
+                .unwrap_or_else(|| panic!("no queue {queue}"));
+            q.collect_call(mem);
+            let used_idx = q.used_idx(mem);
+            let pending = (used_idx - q.last_used).0;
+            assert!(
+                pending <= q.size,
+                "queue {queue}: device advanced used idx to {} but we consumed {} (size {})",
+                used_idx.0,
+                q.last_used.0,
+                q.size
+            );
+            if pending > 0 && (q.polling || q.announced_pending() > 0) {
+                return Ok(Some(self.take_used(queue)));
+            }
+            let now = Instant::now();
+            let until = if pending == 0 {
+                if now >= deadline {
+                    return Ok(None);
+                }
+                if q.polling {
+                    deadline.min(now + POLL_SLICE)
+                } else {
+                    deadline
+                }
+            } else {
+                let since = *unannounced_since.get_or_insert(now);
+                let grace_end = deadline.max(since + INTERRUPT_GRACE);
+                if now >= grace_end {
+                    return Err(MissingInterrupt {
+                        queue,
+                        used_idx: used_idx.0,
+                        last_used: q.last_used.0,
+                        waited: now - since,
+                        notifications: q.notifications,
+                    });
+                }
+                grace_end
+            };
+            q.poll_call(until - now);
+        }
+    }
+
+    /// Opts `queue` out of the interrupt check, for a test whose point is a driver that wants
+    /// no interrupts: sets VRING_AVAIL_F_NO_INTERRUPT (with EVENT_IDX, where the device ignores
+    /// that flag, keeps used_event behind the used index instead), and from then on
+    /// [`GuestVm::wait_used`] and [`GuestVm::try_used`] poll the used ring every 20 ms and
+    /// take every element, announced or not. Until [`GuestVm::reset_rings`].
+    pub fn suppress_interrupts(&mut self, queue: u16) {
         let event_idx = self.event_idx;
         let mem = &self.mem;
         let q = self
             .queues
             .get_mut(queue as usize)
             .unwrap_or_else(|| panic!("no queue {queue}"));
-
-        // Order our earlier used_event store before the used->idx load (the device does the
-        // mirror image: store used->idx, fence, load used_event).
-        fence(Ordering::SeqCst);
-        // Acquire: the used element and the data written by the device are visible once we
-        // observe the index that publishes them.
-        let used_idx: u16 = mem
-            .load(q.used_idx_addr(), Ordering::Acquire)
-            .expect("read used idx");
-        let used_idx = Wrapping(used_idx);
-        if used_idx == q.last_used {
-            return None;
+        q.polling = true;
+        if event_idx {
+            // The device calls when it writes the element at used_event; the one before
+            // last_used was written already.
+            mem.store(
+                (q.last_used - Wrapping(1)).0.to_le(),
+                q.used_event_addr(),
+                Ordering::Release,
+            )
+            .expect("write used_event");
+        } else {
+            mem.store(
+                (VRING_AVAIL_F_NO_INTERRUPT as u16).to_le(),
+                q.avail_flags_addr(),
+                Ordering::Release,
+            )
+            .expect("write avail flags");
         }
-        let pending = (used_idx - q.last_used).0;
-        assert!(
-            pending <= q.size,
-            "queue {queue}: device advanced used idx to {} but we consumed {} (size {})",
-            used_idx.0,
-            q.last_used.0,
-            q.size
-        );
+        fence(Ordering::SeqCst);
+    }
+
+    /// Takes the next used element, which the caller saw published.
+    fn take_used(&mut self, queue: u16) -> UsedBuf {
+        let event_idx = self.event_idx;
+        let mem = &self.mem;
+        let q = &mut self.queues[queue as usize];
 
         let elem = q.used_elem_addr(q.last_used.0);
         let id = u32::from_le(mem.read_obj::<u32>(elem).expect("read used elem id"));
@@ -717,13 +1025,21 @@ impl GuestVm {
         };
         q.last_used += Wrapping(1);
         if event_idx {
-            // Ask to be notified when the next element is published.
-            mem.store(
-                q.last_used.0.to_le(),
-                q.used_event_addr(),
-                Ordering::Release,
-            )
-            .expect("write used_event");
+            // used_event = the count of elements consumed: the device must call when it
+            // writes the next one (while polling: one behind, never written again until the
+            // index wraps).
+            let event = if q.polling {
+                q.last_used - Wrapping(1)
+            } else {
+                q.last_used
+            };
+            mem.store(event.0.to_le(), q.used_event_addr(), Ordering::Release)
+                .expect("write used_event");
+            if !q.polling {
+                // Re-check after moving used_event, like Linux's virtqueue_enable_cb: what
+                // the device published before it could see the new value owes no call.
+                q.announced = q.used_idx(mem);
+            }
         }
 
         let mut written = Vec::new();
@@ -746,62 +1062,41 @@ impl GuestVm {
             self.alloc.release(addr, size);
         }
 
-        Some(UsedBuf {
+        UsedBuf {
             head: id as u16,
             len,
             written,
-        })
-    }
-
-    /// Waits up to `timeout` for the next used element, sleeping on the call eventfd (and
-    /// re-checking the used ring at least every 20 ms, so a missing notification only slows
-    /// this down; use [`GuestVm::notifications`] to check notifications explicitly).
-    pub fn wait_used(&mut self, queue: u16, timeout: Duration) -> Option<UsedBuf> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(used) = self.try_used(queue) {
-                return Some(used);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            self.wait_call(queue, (deadline - now).min(POLL_SLICE));
         }
     }
 
     /// Waits up to `timeout` for the call eventfd of `queue` to be signalled; returns whether
-    /// it was. Consumes the notification (it is counted in [`GuestVm::notifications`]).
+    /// it was. Consumes the notification (it is counted in [`GuestVm::notifications`]) and
+    /// with it announces what the device had published.
     pub fn wait_call(&mut self, queue: u16, timeout: Duration) -> bool {
+        let mem = &self.mem;
         let q = self
             .queues
             .get_mut(queue as usize)
             .unwrap_or_else(|| panic!("no queue {queue}"));
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(n) = q.call.read() {
-                q.notifications += n;
+            if q.collect_call(mem) {
                 return true;
             }
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            let ms = (deadline - now).as_millis().clamp(1, 1000) as u16;
-            // SAFETY: the eventfd outlives this borrow.
-            let fd = unsafe { BorrowedFd::borrow_raw(q.call.as_raw_fd()) };
-            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-            let _ = poll(&mut fds, PollTimeout::from(ms));
+            q.poll_call(deadline - now);
         }
     }
 
     /// Total number of call notifications observed on `queue` so far (eventfd counter values
     /// consumed by [`GuestVm::wait_used`] / [`GuestVm::wait_call`]), plus any pending one.
     pub fn notifications(&mut self, queue: u16) -> u64 {
+        let mem = &self.mem;
         let q = &mut self.queues[queue as usize];
-        if let Ok(n) = q.call.read() {
-            q.notifications += n;
-        }
+        q.collect_call(mem);
         q.notifications
     }
 
@@ -883,30 +1178,44 @@ impl GuestVm {
         bufs: Vec<(u64, u64)>,
         writable: Vec<(u64, u32)>,
     ) -> u16 {
-        let mem = &self.mem;
+        let entries: Vec<(u64, u32, u16)> = descs
+            .iter()
+            .map(|d| {
+                let flags = if d.write {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
+                (d.addr, d.len, flags)
+            })
+            .collect();
+        self.publish(queue, &entries, bufs, writable)
+    }
+
+    /// Writes ring descriptors (address, length, flags but NEXT), chained in order, records
+    /// the chain and publishes its head in the avail ring.
+    fn publish(
+        &mut self,
+        queue: u16,
+        entries: &[(u64, u32, u16)],
+        bufs: Vec<(u64, u64)>,
+        writable: Vec<(u64, u32)>,
+    ) -> u16 {
         let q = &mut self.queues[queue as usize];
-        let indices: Vec<u16> = (0..descs.len())
+        let indices: Vec<u16> = (0..entries.len())
             .map(|_| q.free_descs.pop().expect("checked by check_fits"))
             .collect();
-        for (i, d) in descs.iter().enumerate() {
-            let mut flags = 0u16;
+        let desc_addrs: Vec<u64> = indices.iter().map(|&i| q.desc_entry_addr(i).0).collect();
+        for (i, &(addr, len, mut flags)) in entries.iter().enumerate() {
             let mut next = 0u16;
-            if i + 1 < descs.len() {
+            if i + 1 < entries.len() {
                 flags |= VRING_DESC_F_NEXT as u16;
                 next = indices[i + 1];
             }
-            if d.write {
-                flags |= VRING_DESC_F_WRITE as u16;
-            }
-            let mut raw = [0u8; 16];
-            raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-            raw[12..14].copy_from_slice(&flags.to_le_bytes());
-            raw[14..16].copy_from_slice(&next.to_le_bytes());
-            mem.write_slice(&raw, q.desc_entry_addr(indices[i]))
-                .expect("write descriptor");
+            self.write_desc(desc_addrs[i], addr, len, flags, next);
         }
         let head = indices[0];
+        let q = &mut self.queues[queue as usize];
         q.chains[head as usize] = Some(Chain {
             descs: indices,
             bufs,

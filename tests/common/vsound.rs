@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use virtio_snd::protocol as p;
@@ -373,6 +374,26 @@ impl Params {
 }
 
 /// Sends a control request and returns its status.
+/// [`GuestVm::wait_used`] for a guest whose worker is about to be killed (`killed` is set just
+/// before): a worker killed between publishing a used buffer and signalling it leaves that
+/// buffer without its interrupt, which then ends the wait like silence. Before `killed` is
+/// set, a missing interrupt fails as anywhere else.
+pub fn wait_used_or_killed(
+    vm: &mut GuestVm,
+    queue: u16,
+    timeout: Duration,
+    killed: &AtomicBool,
+) -> Option<UsedBuf> {
+    match vm.try_wait_used(queue, timeout) {
+        Ok(used) => used,
+        Err(e) if killed.load(Ordering::Acquire) => {
+            eprintln!("{e} (its worker was killed)");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 pub fn control(vm: &mut GuestVm, req: &[u8]) -> u32 {
     status_of(&vm.request(p::CONTROL_QUEUE, req, 4))
 }
@@ -415,23 +436,71 @@ pub fn split_status(used: &UsedBuf, payload_len: usize) -> Completion {
     }
 }
 
+/// How the driver lays out a tx/rx buffer in the ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// A chain of ring descriptors.
+    Chain,
+    /// One ring descriptor pointing at an indirect table (needs
+    /// `FrontendOptions::indirect_desc`).
+    Indirect,
+}
+
+/// Submits one chain laid out as `layout`, and kicks.
+pub fn submit_as(
+    vm: &mut GuestVm,
+    layout: Layout,
+    queue: u16,
+    readable: &[&[u8]],
+    writable_lens: &[u32],
+) -> u16 {
+    match layout {
+        Layout::Chain => vm.submit(queue, readable, writable_lens),
+        Layout::Indirect => vm.submit_indirect(queue, readable, writable_lens),
+    }
+}
+
 pub fn tx_submit(vm: &mut GuestVm, stream: u32, data: &[u8]) -> u16 {
-    vm.submit(p::TX_QUEUE, &[&stream.to_le_bytes(), data], &[8])
+    tx_submit_as(vm, Layout::Chain, stream, data)
+}
+
+pub fn tx_submit_as(vm: &mut GuestVm, layout: Layout, stream: u32, data: &[u8]) -> u16 {
+    submit_as(
+        vm,
+        layout,
+        p::TX_QUEUE,
+        &[&stream.to_le_bytes(), data],
+        &[8],
+    )
 }
 
 pub fn rx_submit(vm: &mut GuestVm, stream: u32, len: u32) -> u16 {
-    vm.submit(p::RX_QUEUE, &[&stream.to_le_bytes()], &[len, 8])
+    rx_submit_as(vm, Layout::Chain, stream, len)
+}
+
+pub fn rx_submit_as(vm: &mut GuestVm, layout: Layout, stream: u32, len: u32) -> u16 {
+    submit_as(vm, layout, p::RX_QUEUE, &[&stream.to_le_bytes()], &[len, 8])
 }
 
 /// Plays `data` in periods the way the guest driver does: `periods` buffers in flight, START
 /// after the first ones are queued, a new buffer whenever one completes. Returns each
 /// completion with its time and the START instant.
 pub fn play(vm: &mut GuestVm, params: &Params, data: &[u8]) -> (Instant, Vec<Completion>) {
+    play_as(vm, params, data, Layout::Chain)
+}
+
+/// [`play`] with every tx buffer laid out as `layout`.
+pub fn play_as(
+    vm: &mut GuestVm,
+    params: &Params,
+    data: &[u8],
+    layout: Layout,
+) -> (Instant, Vec<Completion>) {
     let period = params.period_bytes as usize;
     let mut chunks = data.chunks(period);
     let mut in_flight = 0;
     for chunk in chunks.by_ref().take(params.periods as usize) {
-        tx_submit(vm, params.stream, chunk);
+        tx_submit_as(vm, layout, params.stream, chunk);
         in_flight += 1;
     }
     let started = Instant::now();
@@ -448,7 +517,7 @@ pub fn play(vm: &mut GuestVm, params: &Params, data: &[u8]) -> (Instant, Vec<Com
         done.push(split_status(&used, 0));
         in_flight -= 1;
         if let Some(chunk) = chunks.next() {
-            tx_submit(vm, params.stream, chunk);
+            tx_submit_as(vm, layout, params.stream, chunk);
             in_flight += 1;
         }
     }
@@ -457,10 +526,20 @@ pub fn play(vm: &mut GuestVm, params: &Params, data: &[u8]) -> (Instant, Vec<Com
 
 /// Records `count` periods: `periods` rx buffers in flight, re-queued as they complete.
 pub fn record(vm: &mut GuestVm, params: &Params, count: usize) -> (Instant, Vec<Completion>) {
+    record_as(vm, params, count, Layout::Chain)
+}
+
+/// [`record`] with every rx buffer laid out as `layout`.
+pub fn record_as(
+    vm: &mut GuestVm,
+    params: &Params,
+    count: usize,
+    layout: Layout,
+) -> (Instant, Vec<Completion>) {
     let period = params.period_bytes;
     let mut submitted = 0;
     while submitted < count.min(params.periods as usize) {
-        rx_submit(vm, params.stream, period);
+        rx_submit_as(vm, layout, params.stream, period);
         submitted += 1;
     }
     let started = Instant::now();
@@ -476,7 +555,7 @@ pub fn record(vm: &mut GuestVm, params: &Params, count: usize) -> (Instant, Vec<
             .expect("rx completion within the timeout");
         done.push(split_status(&used, period as usize));
         if submitted < count {
-            rx_submit(vm, params.stream, period);
+            rx_submit_as(vm, layout, params.stream, period);
             submitted += 1;
         }
     }

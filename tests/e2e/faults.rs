@@ -180,10 +180,14 @@ fn a_vm_whose_worker_is_killed_leaves_the_other_vms_audio_without_a_gap() {
     // VM B's audio must arrive bit-exact. VM A is the in-process frontend driving its worker
     // like a guest driver (a second TCG guest would take the CPU PipeWire needs on 2 cores).
     let playing_a = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killed_a = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let vm_a = {
         let playing_a = playing_a.clone();
+        let killed_a = killed_a.clone();
         let socket_a = socket_a.clone();
-        std::thread::spawn(move || play_zeros_until_the_worker_dies(&socket_a, &playing_a))
+        std::thread::spawn(move || {
+            play_zeros_until_the_worker_dies(&socket_a, &playing_a, &killed_a)
+        })
     };
     let files = [b_wav];
     let spec_b = VmSpec {
@@ -205,6 +209,7 @@ fn a_vm_whose_worker_is_killed_leaves_the_other_vms_audio_without_a_gap() {
         playing_a.load(std::sync::atomic::Ordering::Acquire),
         "VM A was playing"
     );
+    killed_a.store(true, std::sync::atomic::Ordering::Release);
     sigkill(&mut worker_a);
     println!("VM A's worker killed 2 s into VM B's aplay");
     let (status, _) = vm_b.finish(deadline);
@@ -219,11 +224,12 @@ fn a_vm_whose_worker_is_killed_leaves_the_other_vms_audio_without_a_gap() {
     assert_arrived("VM B's aplay", &recording, &b_signal);
 }
 
-/// A guest driver's playback of zeros, period by period, until its worker stops answering;
-/// returns the periods completed.
+/// A guest driver's playback of zeros, period by period, until its worker stops answering
+/// (`killed` is set just before it is killed); returns the periods completed.
 fn play_zeros_until_the_worker_dies(
     socket: &Path,
     playing: &std::sync::atomic::AtomicBool,
+    killed: &std::sync::atomic::AtomicBool,
 ) -> usize {
     use crate::common::frontend::{FrontendOptions, GuestVm};
     use virtio_snd::protocol as p;
@@ -241,7 +247,7 @@ fn play_zeros_until_the_worker_dies(
     );
     playing.store(true, std::sync::atomic::Ordering::Release);
     let mut completed = 0;
-    while vm.wait_used(p::TX_QUEUE, Duration::from_secs(2)).is_some() {
+    while wait_used_or_killed(&mut vm, p::TX_QUEUE, Duration::from_secs(2), killed).is_some() {
         completed += 1;
         tx_submit(&mut vm, 0, &zeros);
     }
