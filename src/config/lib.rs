@@ -15,7 +15,8 @@ use virtio_snd::protocol::{self, chmap, format};
 /// Upper bounds that keep every table and allocation small, whatever the config says.
 pub const MAX_STREAMS: usize = 32;
 pub const MAX_JACKS: usize = 32;
-pub const MAX_CHMAPS: usize = 32;
+/// Enough for 8 buses and a mic with every standard layout up to 7.1 on each (9 x 6).
+pub const MAX_CHMAPS: usize = 64;
 pub const MAX_NAME_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +158,10 @@ pub struct Config {
     pub jacks: Vec<JackConfig>,
     #[serde(default = "default_streams")]
     pub streams: Vec<StreamConfig>,
-    #[serde(default = "default_chmaps")]
+    /// Channel maps. Every guest PCM device (hda_fn_nid) and direction with streams but no map
+    /// here gets the standard layouts for the channel counts its streams offer
+    /// ([`Config::complete_chmaps`]), so each device has a "Channel Map" control in the guest.
+    #[serde(default)]
     pub chmaps: Vec<ChmapConfig>,
     #[serde(default)]
     pub limits: Limits,
@@ -165,12 +169,14 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
+        let mut config = Config {
             jacks: default_jacks(),
             streams: default_streams(),
-            chmaps: default_chmaps(),
+            chmaps: Vec::new(),
             limits: Limits::default(),
-        }
+        };
+        config.complete_chmaps();
+        config
     }
 }
 
@@ -248,26 +254,15 @@ fn default_streams() -> Vec<StreamConfig> {
     ]
 }
 /// Mono, stereo, 2.1, quad, 5.1 and 7.1, in ALSA's channel order, for each direction.
-fn default_chmaps() -> Vec<ChmapConfig> {
-    const LAYOUTS: [&[&str]; 6] = [
-        &["MONO"],
-        &["FL", "FR"],
-        &["FL", "FR", "LFE"],
-        &["FL", "FR", "RL", "RR"],
-        &["FL", "FR", "RL", "RR", "FC", "LFE"],
-        &["FL", "FR", "RL", "RR", "FC", "LFE", "SL", "SR"],
-    ];
-    [Direction::Output, Direction::Input]
-        .into_iter()
-        .flat_map(|direction| {
-            LAYOUTS.iter().map(move |layout| ChmapConfig {
-                direction,
-                hda_fn_nid: 0,
-                positions: layout.iter().map(|p| p.to_string()).collect(),
-            })
-        })
-        .collect()
-}
+/// The standard layouts, mono to 7.1, in ALSA's order of positions.
+const STANDARD_LAYOUTS: [&[&str]; 6] = [
+    &["MONO"],
+    &["FL", "FR"],
+    &["FL", "FR", "LFE"],
+    &["FL", "FR", "RL", "RR"],
+    &["FL", "FR", "RL", "RR", "FC", "LFE"],
+    &["FL", "FR", "RL", "RR", "FC", "LFE", "SL", "SR"],
+];
 
 /// Format name (as in the spec, without the VIRTIO_SND_PCM_FMT_ prefix) to its wire value.
 pub fn format_by_name(name: &str) -> Option<u8> {
@@ -414,9 +409,55 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)?;
+        let mut config: Config = toml::from_str(text)?;
+        config.complete_chmaps();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Adds the standard layouts for every (hda_fn_nid, direction) that has streams but no
+    /// channel map: those the streams' channel counts can use, output devices first, each in
+    /// nid order. (The guest offers a device's channel maps only for that device: without
+    /// them its "Channel Map" control cannot be read.)
+    pub fn complete_chmaps(&mut self) {
+        let mut devices: Vec<(Direction, u32)> = Vec::new();
+        for direction in [Direction::Output, Direction::Input] {
+            let mut nids: Vec<u32> = self
+                .streams
+                .iter()
+                .filter(|s| s.direction == direction)
+                .map(|s| s.hda_fn_nid)
+                .collect();
+            nids.sort_unstable();
+            nids.dedup();
+            devices.extend(nids.into_iter().map(|nid| (direction, nid)));
+        }
+        for (direction, nid) in devices {
+            let mapped = self
+                .chmaps
+                .iter()
+                .any(|c| c.direction == direction && c.hda_fn_nid == nid);
+            if mapped {
+                continue;
+            }
+            let streams = || {
+                self.streams
+                    .iter()
+                    .filter(|s| s.direction == direction && s.hda_fn_nid == nid)
+            };
+            let min = streams().map(|s| s.channels_min).min().unwrap_or(1);
+            let max = streams().map(|s| s.channels_max).max().unwrap_or(0);
+            let layouts: Vec<ChmapConfig> = STANDARD_LAYOUTS
+                .iter()
+                .filter(|layout| (min..=max).contains(&(layout.len() as u8)))
+                .map(|layout| ChmapConfig {
+                    direction,
+                    hda_fn_nid: nid,
+                    positions: layout.iter().map(|p| p.to_string()).collect(),
+                })
+                .collect();
+            self.chmaps.extend(layouts);
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -525,6 +566,75 @@ mod tests {
                 .map(|m| m.position_values().len())
                 .collect();
             assert_eq!(sizes, [1, 2, 3, 4, 6, 8]);
+        }
+    }
+
+    #[test]
+    fn every_device_gets_channel_maps_for_the_counts_it_offers() {
+        let stream = |name: &str, direction: &str, nid: u32, channels: &str| {
+            format!(
+                "[[streams]]\nname = '{name}'\ndirection = '{direction}'\nhda_fn_nid = {nid}\n{channels}\n"
+            )
+        };
+        let text = [
+            stream("media", "output", 0, "channels_max = 2"),
+            stream(
+                "navigation",
+                "output",
+                1,
+                "channels_min = 1\nchannels_max = 1",
+            ),
+            stream(
+                "surround",
+                "output",
+                2,
+                "channels_min = 6\nchannels_max = 8",
+            ),
+            stream("mic", "input", 3, "channels_max = 2"),
+        ]
+        .concat();
+        let c = Config::parse(&text).unwrap();
+        let maps = |direction, nid| -> Vec<usize> {
+            c.chmaps
+                .iter()
+                .filter(|m| m.direction == direction && m.hda_fn_nid == nid)
+                .map(|m| m.position_values().len())
+                .collect()
+        };
+        assert_eq!(maps(Direction::Output, 0), [1, 2]);
+        assert_eq!(maps(Direction::Output, 1), [1]);
+        assert_eq!(maps(Direction::Output, 2), [6, 8]);
+        assert_eq!(maps(Direction::Input, 3), [1, 2]);
+        assert_eq!(maps(Direction::Input, 0), [] as [usize; 0]);
+        // A device the config maps itself keeps exactly its maps.
+        let own = format!(
+            "{}[[chmaps]]\ndirection = 'output'\nhda_fn_nid = 0\npositions = ['FR', 'FL']\n",
+            stream("media", "output", 0, "channels_max = 2")
+        );
+        let c = Config::parse(&own).unwrap();
+        assert_eq!(c.chmaps.len(), 1);
+        assert_eq!(c.chmaps[0].positions, ["FR", "FL"]);
+    }
+
+    #[test]
+    fn the_aaos_example_has_eight_buses_and_a_mic_each_with_its_maps() {
+        let c = Config::parse(include_str!("../../examples/aaos.toml")).unwrap();
+        let outputs: Vec<u32> = c
+            .streams
+            .iter()
+            .filter(|s| s.direction == Direction::Output)
+            .map(|s| s.hda_fn_nid)
+            .collect();
+        assert_eq!(outputs, (0..8).collect::<Vec<_>>());
+        assert!(c.streams.iter().all(|s| s.media_role.is_some()));
+        for nid in 0..9 {
+            let sizes: Vec<usize> = c
+                .chmaps
+                .iter()
+                .filter(|m| m.hda_fn_nid == nid)
+                .map(|m| m.position_values().len())
+                .collect();
+            assert_eq!(sizes, [1, 2], "device {nid}");
         }
     }
 
