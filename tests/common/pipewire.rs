@@ -212,6 +212,11 @@ impl PipeWire {
     /// (a write into a disk's page cache can block under writeback, and a late recorder loses a
     /// quantum that vsound played); the file lands at `path` when the recording is dropped.
     pub fn record_sink(&self, path: &Path) -> Recording {
+        self.record_monitor(SINK, path)
+    }
+
+    /// Like [`PipeWire::record_sink`], for the sink named `sink`.
+    pub fn record_monitor(&self, sink: &str, path: &Path) -> Recording {
         let scratch = tempfile::Builder::new()
             .prefix("vsound-sink-")
             .suffix(".raw")
@@ -221,7 +226,7 @@ impl PipeWire {
             .into_temp_path();
         let proc = Proc {
             child: super::realtime::command("pw-record")
-                .args(["--target", SINK, "-P", "{ stream.capture.sink = true }"])
+                .args(["--target", sink, "-P", "{ stream.capture.sink = true }"])
                 .args(["--format", "s16", "--rate", "48000", "--channels", "2"])
                 .arg(&*scratch)
                 .envs(self.env())

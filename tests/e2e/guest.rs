@@ -101,8 +101,13 @@ pub fn signal(seconds: f64, seed: u32) -> Vec<u8> {
 }
 
 pub fn create_source_sink(pw: &PipeWire) {
+    create_null_sink(pw, SOURCE_SINK);
+}
+
+/// A stereo 48 kHz null sink named `name` in the test's PipeWire, waited for.
+pub fn create_null_sink(pw: &PipeWire, name: &str) {
     let props = format!(
-        "{{ factory.name = support.null-audio-sink node.name = {SOURCE_SINK} \
+        "{{ factory.name = support.null-audio-sink node.name = {name} \
          media.class = Audio/Sink audio.position = [ FL FR ] audio.rate = 48000 \
          monitor.channel-volumes = true node.group = pipewire.dummy priority.session = 1000 \
          object.linger = true }}"
@@ -114,8 +119,11 @@ pub fn create_source_sink(pw: &PipeWire) {
         .expect("pw-cli (apt package pipewire-bin)");
     assert!(out.status.success(), "pw-cli create-node: {out:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !pw.node_exists(SOURCE_SINK) {
-        assert!(Instant::now() < deadline, "the source sink never appeared");
+    while !pw.node_exists(name) {
+        assert!(
+            Instant::now() < deadline,
+            "the null sink {name} never appeared"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -20,6 +20,7 @@
 //! pipewire, pipewire-bin and wireplumber, and the guest packages build-guest.sh fetches with
 //! `apt-get download`. Run alone: `cargo test --test e2e -- --nocapture`.
 
+mod aaos;
 #[path = "../common/mod.rs"]
 mod common;
 mod faults;
