@@ -12,7 +12,8 @@ use crate::guest::*;
 const VM_TIMEOUT: Duration = Duration::from_secs(240);
 const MEDIA_S: f64 = 3.0;
 const NAVIGATION_S: f64 = 2.0;
-/// Android's period: 5.5 ms at 48 kHz (1056 bytes of S16 stereo).
+/// Android's period: 5.5 ms at 48 kHz (1056 bytes of S16 stereo); 8 of them buffered (44 ms),
+/// so that a guest under TCG on a loaded host keeps up.
 const ANDROID_PERIOD_FRAMES: u32 = 264;
 
 /// The buses the test listens to: (stream name, node name, the sink it is linked to).
@@ -70,7 +71,7 @@ wait $navigation || exit 22
 echo "@@E2E navigation-end $(up)"
 "#,
         p = ANDROID_PERIOD_FRAMES,
-        b = 4 * ANDROID_PERIOD_FRAMES,
+        b = 8 * ANDROID_PERIOD_FRAMES,
     )
 }
 
