@@ -126,6 +126,7 @@ fn allow_unprivileged_workers(dir: &Path, socket: &Path) {
     }
 }
 
+/// A worker for the VM `name` (its `--vm`), listening on `DIR/NAME.sock`.
 pub fn spawn_worker(
     dir: &Path,
     name: &str,
@@ -139,6 +140,8 @@ pub fn spawn_worker(
         .arg(&socket)
         .arg("--broker")
         .arg(broker)
+        .arg("--vm")
+        .arg(name)
         .env("RUST_LOG", log_level());
     if nix::unistd::Uid::effective().is_root() {
         cmd.args(["--user", "nobody", "--group", "nogroup"]);
