@@ -1,9 +1,9 @@
 //! VM names and per-VM layouts, with the real binaries: a worker's `--vm` is checked at start-up,
 //! sent in its Hello and bound by the broker to the connection's uid (another uid's claim is
 //! refused while the holder lives, the same uid's newer worker takes the name over, a config pin
-//! refuses every other uid); WAV paths with `{vm}` stay the same across worker restarts; and each
-//! VM's guest sees its own layout from `[vms.NAME]`, which the broker refuses to serve to a worker
-//! that read another one.
+//! refuses every other uid); WAV paths with `{vm}` stay the same across worker restarts; each VM's
+//! guest sees its own layout from `[vms.NAME]`, which the broker refuses to serve to a worker that
+//! read another one; and a broker that cannot see the workers' uids says so.
 
 mod common;
 
@@ -689,4 +689,47 @@ user = \"vsound-no-such-user\"
         .unwrap_or_else(|| panic!("{text}"));
     assert!(line.ends_with("uid 65534)"), "{line}");
     assert!(byuser.is_running());
+}
+
+/// A broker in a user namespace that maps only its own uid (as `PrivateUsers=` or its own
+/// unprivileged sandbox make) would see every worker as the overflow uid: it says so at start.
+#[test]
+fn a_broker_that_cannot_tell_uids_apart_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |wrapped: bool, name: &str| {
+        let socket = dir.path().join(format!("{name}.sock"));
+        let log = dir.path().join(format!("{name}.log"));
+        let mut cmd = if wrapped {
+            let mut cmd = Command::new("unshare");
+            if nix::unistd::Uid::effective().is_root() {
+                cmd.args(["--user", "--map-user=0", "--map-group=0"]);
+            } else {
+                cmd.args(["--user", "--map-current-user"]);
+            }
+            cmd.arg(common::bins::broker());
+            cmd
+        } else {
+            Command::new(common::bins::broker())
+        };
+        cmd.arg("--socket")
+            .arg(&socket)
+            .args(["--sandbox", "best-effort"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut broker = Proc {
+            child: cmd.spawn().expect("unshare (apt package util-linux)"),
+        };
+        wait_for_path(&socket, &mut broker);
+        wait_for_text(&log, "broker: listening on")
+    };
+    let warning = "in a user namespace that does not map the workers' uids";
+    let wrapped = run(true, "private");
+    assert!(wrapped.contains(warning), "{wrapped}");
+    if nix::unistd::Uid::effective().is_root() {
+        // In the initial namespace (the shipped unit has no PrivateUsers=): silent. An
+        // unprivileged broker makes a user namespace of its own, so it always warns.
+        let plain = run(false, "plain");
+        assert!(!plain.contains(warning), "{plain}");
+    }
 }

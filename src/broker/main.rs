@@ -88,6 +88,15 @@ fn wav_paths(config: &Config) -> Vec<PathRule> {
         .collect()
 }
 
+/// Whether this process's user namespace maps every uid to itself (the initial one does):
+/// only then are the uids SO_PEERCRED reports the workers' own.
+fn maps_every_uid() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|map| {
+        map.lines()
+            .any(|l| l.split_whitespace().eq(["0", "0", "4294967295"]))
+    })
+}
+
 fn run(args: Args, source: Source) -> Result<(), String> {
     let config = match &args.config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
@@ -127,8 +136,10 @@ fn run(args: Args, source: Source) -> Result<(), String> {
     if let Some(socket_path) = &socket_path {
         paths.push(PathRule::RemoveFiles(socket_path.directory()));
     }
+    let mapped = maps_every_uid();
+    let root = nix::unistd::Uid::effective().is_root();
     // Backends start after the sandbox so that every thread they create is confined too.
-    sandbox::apply(&sandbox::Options {
+    let report = sandbox::apply(&sandbox::Options {
         mode: args.sandbox,
         role: Role::Broker,
         user: args.user.clone(),
@@ -137,6 +148,15 @@ fn run(args: Args, source: Source) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     sandbox::run_probe_if_asked();
+    // An unprivileged broker confines itself in a user namespace of its own, which maps no uid.
+    if !mapped || (report.namespaces && !root) {
+        log::warn!(
+            "broker: in a user namespace that does not map the workers' uids (PrivateUsers=, or \
+             started unprivileged): every worker's SO_PEERCRED uid reads as the overflow uid, so \
+             the per-uid limits and the VM names' binding treat all workers as one uid and uid \
+             pins match none"
+        );
+    }
     let mut broker = Broker::new(config, pins, listener).map_err(|e| e.to_string())?;
     log::info!("broker: listening on {}", source.describe());
     broker
