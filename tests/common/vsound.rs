@@ -164,6 +164,22 @@ pub struct Launcher {
     pub log: PathBuf,
 }
 
+/// Stops the launcher with SIGTERM, which stops its children: a SIGKILL (`Proc`'s drop) would
+/// leave its broker and worker running, orphaned.
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        // Not once reaped: its pid may be another process's by now.
+        if !self.proc.is_running() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.proc.pid() as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
+            // The launcher gives each child 3 s before it kills it.
+            let _ = wait_exit(&mut self.proc, Duration::from_secs(8));
+        }
+    }
+}
+
 impl Launcher {
     pub fn start(dir: &Path) -> Launcher {
         let socket = dir.join("vm.sock");
