@@ -959,7 +959,7 @@ impl Broker {
     /// A worker's Hello: its version, its VM's name (which this connection's uid must be
     /// allowed to claim, see SECURITY.md) and its streams (which must be the broker's layout for
     /// that VM). Every check comes before anything changes, so a refused Hello takes nothing
-    /// from the VM's current holder.
+    /// from the name's live holder.
     fn hello(
         &mut self,
         id: u32,
