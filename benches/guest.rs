@@ -93,7 +93,8 @@ fn main() {
     cmd.arg("--socket")
         .arg(&socket)
         .arg("--broker")
-        .arg(&broker_socket);
+        .arg(&broker_socket)
+        .args(["--vm", "vm"]);
     cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
     if nix::unistd::Uid::effective().is_root() {
         cmd.args(["--user", "nobody", "--group", "nogroup"]);

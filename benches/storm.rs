@@ -23,6 +23,8 @@ use common::vsound::*;
 use virtio_snd::protocol as p;
 use vsound_broker::broker::MAX_CONNECTIONS_PER_UID;
 
+/// The config's layout (`config_text`): three output streams.
+const LAYOUT: [u8; 3] = [common::hostile::DIRECTION_OUTPUT; 3];
 const CLIENTS: usize = 50;
 const ATTACKER_UID: u32 = 42_000;
 /// Periods (10 ms) the good stream plays for each figure.
@@ -55,8 +57,14 @@ const OTHER_ATTACKS: [AttackRun; 3] = [
     AttackRun {
         name: "never-reading worker (8 connections)",
         start: |socket| {
-            let mut a =
-                Attacker::spawn("attacker", ATTACKER_UID + 100, socket, Attack::NeverRead, 8);
+            let mut a = Attacker::spawn(
+                "attacker",
+                ATTACKER_UID + 100,
+                socket,
+                Attack::NeverRead,
+                8,
+                &LAYOUT,
+            );
             a.numbers("sent");
             vec![a]
         },
@@ -79,6 +87,7 @@ const OTHER_ATTACKS: [AttackRun; 3] = [
                         socket,
                         Attack::Idle,
                         8,
+                        &LAYOUT,
                     );
                     a.numbers("connected");
                     a
@@ -95,8 +104,14 @@ const OTHER_ATTACKS: [AttackRun; 3] = [
     AttackRun {
         name: "hanging backend opens (1 worker)",
         start: |socket| {
-            let mut a =
-                Attacker::spawn("attacker", ATTACKER_UID + 300, socket, Attack::HungOpen, 1);
+            let mut a = Attacker::spawn(
+                "attacker",
+                ATTACKER_UID + 300,
+                socket,
+                Attack::HungOpen,
+                1,
+                &LAYOUT,
+            );
             a.report("ready");
             vec![a]
         },
@@ -147,7 +162,7 @@ fn play_figures(vm: &mut GuestVm, params: &Params) -> (Duration, Duration) {
 
 /// PREPARE → Prepared round trips of a client of our own (median, worst).
 fn prepare_latency(socket: &Path) -> (Duration, Duration) {
-    let probe = Hostile::hello(socket, 2).unwrap();
+    let probe = Hostile::hello(socket, &LAYOUT).unwrap();
     assert_eq!(
         probe.recv(Duration::from_secs(5)).unwrap(),
         Some(Reply::Welcome)
@@ -211,6 +226,7 @@ fn main() {
                 &socket,
                 Attack::Storm,
                 count,
+                &LAYOUT,
             )
         })
         .collect();

@@ -702,6 +702,16 @@ EOF
     has "vmm1 connected" && pass "boot: a member of vsound connects to the worker socket" || fail "boot: the VMM's user cannot connect: $(line vmm1)"
     check_main up "$B" "started by its socket"
     check_main up "$W" "started by its socket"
+    # The broker sees the worker as its own uid (SO_PEERCRED, as the broker's user namespace
+    # reports it): a namespace that maps only the broker's uid (PrivateUsers=) would show every
+    # worker as nobody, and the per-uid limits and the VM names' binding would take all VMs for one.
+    wuid=$(sed -n "s/^up status ${W//./\\.} Uid:[[:space:]]*\([0-9]*\).*/\1/p" "$OUT" | head -n 1)
+    seen=$(sed -n 's/.*broker: vm vm1 connected (connection [0-9]*, uid \([0-9]*\)).*/\1/p' "$OUT" | head -n 1)
+    if [ -n "$wuid" ] && [ "$seen" = "$wuid" ]; then
+      pass "boot: the broker sees vm1's worker (--vm %i) as its own uid $wuid"
+    else
+      fail "boot: the broker sees vm1's worker as uid ${seen:-(no 'vm vm1 connected' line)}; it runs as ${wuid:-?}"
+    fi
     worker=$(sed -n "s/^up mainpid ${W//./\\.} //p" "$OUT" | head -n 1)
     for u in "$B" "$W"; do
       first=$(sed -n "s/^up mainpid ${u//./\\.} //p" "$OUT" | head -n 1)

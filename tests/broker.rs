@@ -60,12 +60,22 @@ fn recv(channel: &Channel) -> Result<(BrokerMsg, Vec<OwnedFd>), IpcError> {
     channel.recv::<BrokerMsg>()
 }
 
+/// A VM name of its own for each connection (all of this test's are one uid's, and a newer
+/// connection claiming a held name takes it over).
+fn vm_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("vm{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Says Hello for a VM of its own with the default layout (an output and an input stream).
 fn hello(setup: &Setup) -> Channel {
     let channel = Channel::connect(&setup.socket).unwrap();
     channel
         .send(
             &WorkerMsg::Hello {
                 version: PROTOCOL_VERSION,
+                vm: vm_name(),
                 streams: vec![caps(p::D_OUTPUT), caps(p::D_INPUT)],
             },
             &[],
@@ -146,6 +156,7 @@ fn broken_messages_disconnect_only_that_worker() {
     bad.send(
         &WorkerMsg::Hello {
             version: PROTOCOL_VERSION + 1,
+            vm: vm_name(),
             streams: vec![],
         },
         &[],
@@ -164,6 +175,7 @@ fn broken_messages_disconnect_only_that_worker() {
     bad.send(
         &WorkerMsg::Hello {
             version: PROTOCOL_VERSION,
+            vm: vm_name(),
             streams: vec![],
         },
         &[],
@@ -183,6 +195,7 @@ fn broken_messages_disconnect_only_that_worker() {
     bad.send(
         &WorkerMsg::Hello {
             version: PROTOCOL_VERSION,
+            vm: vm_name(),
             streams: vec![caps(p::D_OUTPUT); 100],
         },
         &[],

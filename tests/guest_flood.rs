@@ -378,6 +378,7 @@ fn spawn_logging_worker(dir: &Path, broker: &Path, log: &Path) -> (Proc, PathBuf
         .arg(&socket)
         .arg("--broker")
         .arg(broker)
+        .args(["--vm", "vm"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::frontend::{FrontendOptions, GuestVm};
-use common::hostile::{open_fds, Attack, Attacker, STORM_BURST, STORM_STREAM};
+use common::hostile::{open_fds, outputs, Attack, Attacker, STORM_BURST, STORM_STREAM};
 use common::pipewire::PipeWire;
 use common::vsound::*;
 use virtio_snd::protocol as p;
@@ -234,6 +234,7 @@ fn storm_against(name: &str, dir: &Path, backend: &str, env: &[(&'static str, Pa
                 &socket,
                 Attack::Storm,
                 MAX_CONNECTIONS_PER_UID,
+                &outputs(2),
             )
         })
         .collect();

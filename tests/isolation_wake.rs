@@ -53,6 +53,7 @@ struct WireParams {
 enum ToBroker {
     Hello {
         version: u32,
+        vm: String,
         streams: Vec<WireCaps>,
     },
     Prepare {
@@ -98,7 +99,7 @@ enum FromBroker {
     },
 }
 
-const WIRE_VERSION: u32 = 1;
+const WIRE_VERSION: u32 = 2;
 
 struct Hostile {
     socket: OwnedFd,
@@ -170,8 +171,12 @@ impl Hostile {
         }
     }
 
-    /// Hello with the default config's two streams; true if the broker answered Welcome.
+    /// Hello with the default config's two streams, for a VM of its own (a newer connection
+    /// of the same uid claiming a held name would take it over); true if the broker answered
+    /// Welcome.
     fn hello(&self, timeout: Duration) -> bool {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
         let caps = |direction| WireCaps {
             direction,
             hda_fn_nid: 0,
@@ -183,6 +188,7 @@ impl Hostile {
         };
         self.send(&ToBroker::Hello {
             version: WIRE_VERSION,
+            vm: format!("hostile{}", NEXT.fetch_add(1, Ordering::Relaxed)),
             streams: vec![caps(p::D_OUTPUT), caps(p::D_INPUT)],
         });
         matches!(self.recv(timeout), Some((FromBroker::Welcome { .. }, _)))
@@ -602,7 +608,9 @@ fn hostile_broker(listener: OwnedFd, stop: std::sync::Arc<std::sync::atomic::Ato
     let mut racers = Vec::new();
     while let Some(msg) = recv_request(channel.as_fd()) {
         let reply = match msg {
-            ToBroker::Hello { version, streams } => FromBroker::Welcome {
+            ToBroker::Hello {
+                version, streams, ..
+            } => FromBroker::Welcome {
                 version,
                 client_id: 1,
                 caps: streams,

@@ -58,9 +58,23 @@ fn broker_welcomes(socket: &Path) -> bool {
     let Ok(channel) = Channel::connect(socket) else {
         return false;
     };
+    // The default layout's streams (an output and an input): the broker refuses another.
+    let caps = |direction| virtio_snd::control::PcmCaps {
+        direction,
+        hda_fn_nid: 0,
+        features: 0,
+        formats: 1 << virtio_snd::protocol::format::S16,
+        rates: 1 << virtio_snd::protocol::rate::R48000,
+        channels_min: 1,
+        channels_max: 2,
+    };
     let hello = WorkerMsg::Hello {
         version: PROTOCOL_VERSION,
-        streams: Vec::new(),
+        vm: "probe".into(),
+        streams: vec![
+            caps(virtio_snd::protocol::D_OUTPUT),
+            caps(virtio_snd::protocol::D_INPUT),
+        ],
     };
     if channel.send(&hello, &[]).is_err() || channel.wait_readable(Some(WAIT)).is_err() {
         return false;
@@ -75,6 +89,7 @@ fn worker_command(broker: &Path) -> Command {
     let mut cmd = Command::new(common::bins::worker());
     cmd.arg("--broker")
         .arg(broker)
+        .args(["--vm", "vm"])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -4,7 +4,7 @@
 //! linked, unlinked mid-stream) plays into silence at the real-time pace and plays again once
 //! linked; a ring is sized from a pinned graph quantum, not only from the guest's period; one
 //! VM's worker killed mid-play leaves another VM's playback intact; a 5.1 stream's node carries
-//! the 5.1 channel positions.
+//! the 5.1 channel positions; nodes are named after their VM, across worker restarts.
 
 mod common;
 
@@ -618,6 +618,82 @@ fn killed_workers_leave_another_vms_playback_intact() {
     drop(recorder);
     let recorded = std::fs::read(&recording).unwrap();
     assert_arrived_intact(&recorded, &data);
+}
+
+/// Without a `node_name` in the config, a stream's node is named after its VM
+/// (`vsound.VM.STREAM`, with the VM in `vsound.vm` and the description), not after the broker's
+/// connection number: a VM's worker restarted under the same name gets the same node name back,
+/// which a session manager's routing rules can match.
+#[test]
+fn nodes_are_named_after_their_vm_across_worker_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start(dir.path());
+    let config = dir.path().join("vsound.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[streams]]
+name = "media"
+direction = "output"
+backend = "pipewire"
+formats = ["S16"]
+rates = [48000]
+target_object = "vsound-test-sink"
+"#,
+    )
+    .unwrap();
+    let (_broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &pw.env());
+    let params = Params::s16_48k(0);
+    let node_of = |vm: &str| format!("vsound.{vm}.media");
+    let serve = |vm: &str| {
+        let (worker, socket) = spawn_worker(dir.path(), vm, &broker_socket, Some(&config));
+        let mut guest = GuestVm::connect(&socket, FrontendOptions::default()).unwrap();
+        prepare(&mut guest, &params);
+        (worker, guest)
+    };
+    let wait_node = |name: &str, present: bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pw.node_exists(name) != present {
+            assert!(
+                Instant::now() < deadline,
+                "node {name} {} within 10 s",
+                if present { "did not appear" } else { "stayed" }
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (alpha, alpha_guest) = serve("alpha");
+    let (_beta, mut beta_guest) = serve("beta");
+    for vm in ["alpha", "beta"] {
+        wait_node(&node_of(vm), true);
+        let info = pw.node_info(&node_of(vm));
+        assert!(info.contains(&format!("vsound.vm = \"{vm}\"")), "{info}");
+        assert!(
+            info.contains(&format!("node.description = \"vsound {vm} media\"")),
+            "{info}"
+        );
+    }
+    // The worker killed: its node goes; restarted under the same name: it comes back.
+    drop((alpha_guest, alpha));
+    wait_node(&node_of("alpha"), false);
+    assert!(
+        pw.node_exists(&node_of("beta")),
+        "another VM's node went too"
+    );
+    let (_alpha, mut alpha_guest) = serve("alpha");
+    wait_node(&node_of("alpha"), true);
+    let info = pw.node_info(&node_of("alpha"));
+    assert!(info.contains("vsound.vm = \"alpha\""), "{info}");
+    // And it plays, at pace.
+    let (started, done) = play(
+        &mut alpha_guest,
+        &params,
+        &known_signal(params.period_bytes as usize * 30, 41),
+    );
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    let took = done.last().unwrap().at - started;
+    assert!(took >= params.period() * 25, "30 periods in {took:?}");
+    assert_eq!(control(&mut beta_guest, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
 }
 
 /// A 5.1 stream (six channels) is a PipeWire node with the positions of the config's 5.1

@@ -88,7 +88,6 @@ fn assert_confined(name: &str, unit: &HashMap<String, Vec<String>>) {
         ("ProtectSystem", "strict"),
         ("ProtectHome", "yes"),
         ("PrivateTmp", "yes"),
-        ("PrivateUsers", "yes"),
         ("RestrictNamespaces", "yes"),
         ("MemoryDenyWriteExecute", "yes"),
         ("LockPersonality", "yes"),
@@ -199,10 +198,15 @@ fn worker_unit_is_confined() {
     assert_sandbox_can_start("vsound-worker@.service", &unit);
     assert_eq!(last(&unit, "PrivateDevices"), Some("yes"));
     assert_eq!(last(&unit, "DynamicUser"), Some("yes"));
+    assert_eq!(last(&unit, "PrivateUsers"), Some("yes"));
     assert!(
         !unit.contains_key("DeviceAllow"),
         "the worker never opens a device"
     );
+    // The instance is the VM: its name, bound by the broker to this instance's user.
+    let exec = last(&unit, "ExecStart").unwrap();
+    assert_eq!(option(exec, "--vm"), Some("%i"), "{exec}");
+    assert_eq!(last(&unit, "User"), Some("vsound-vm-%i"));
     // The listening socket comes from vsound-worker@.socket; a RuntimeDirectory= would be
     // removed, with the socket systemd holds in it, whenever a worker stops.
     let exec = last(&unit, "ExecStart").unwrap();
@@ -363,6 +367,13 @@ fn broker_unit_is_confined() {
     assert_eq!(
         unit.get("DeviceAllow").map(Vec::as_slice),
         Some(&["char-alsa rw".to_string()][..])
+    );
+    // SO_PEERCRED reports a worker's uid in the broker's user namespace: one of its own
+    // (PrivateUsers=) shows every worker as nobody, and the per-uid limits and the VM names'
+    // binding to uids would treat all VMs as one.
+    assert!(
+        last(&unit, "PrivateUsers").is_none_or(|v| v == "no"),
+        "vsound-broker.service: PrivateUsers= hides the workers' uids from the broker"
     );
 }
 

@@ -55,6 +55,8 @@ fn worker_args<'a>(
         dir.join("probe.sock").into(),
         "--broker".into(),
         broker.into(),
+        "--vm".into(),
+        "probe".into(),
     ];
     if is_root() {
         args.extend([
@@ -237,6 +239,7 @@ fn strict_worker_refuses_to_run_as_root_without_a_user() {
         .arg(dir.path().join("w.sock"))
         .arg("--broker")
         .arg(&broker_socket)
+        .args(["--vm", "vm"])
         .stderr(Stdio::piped())
         .output()
         .unwrap();

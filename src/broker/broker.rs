@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::backends::clocked::{Returned, TimerCommand, TimerThread, TIMER_SLOTS};
-use crate::backends::{self, Backend, BackendStream, RingPort, StreamRing, StreamSpec};
+use crate::backends::{self, BackendStream, Backends, RingPort, StreamRing, StreamSpec};
 use crate::opener::{Opened, Opener, Outcome, Pending, OPEN_DEADLINE};
 use virtio_snd::control::{PcmCaps, PcmParams};
 use virtio_snd::protocol::D_OUTPUT;
-use vsound_config::Config;
+use vsound_config::{Config, StreamConfig, VmName};
 use vsound_shared::ipc::{self, BrokerMsg, Channel, IpcError, Listener, WorkerMsg};
 use vsound_shared::ratelimit::LogLimiter;
 use vsound_shared::ring::{Consumer, Producer, RingError, SharedRing, WakeSender};
@@ -115,6 +115,9 @@ fn timer_token(client: u32, stream: u32) -> u64 {
 /// Why a client is dropped.
 #[derive(Debug, thiserror::Error)]
 enum Violation {
+    /// Its Hello was answered `Refused` with this reason.
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("{0}")]
     Ipc(#[from] IpcError),
     #[error("ring: {0}")]
@@ -207,11 +210,65 @@ struct Opening {
     deadline: Instant,
 }
 
+/// What the broker serves one VM: its layout's streams and their backends, by stream id.
+struct VmLayout {
+    streams: Vec<StreamConfig>,
+    backends: Backends,
+}
+
+/// Who may claim a VM's name, from its `[vms.NAME]` table (`uid` or `user`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    Uid(u32),
+    /// A `user` that did not exist when the broker started: nobody but root may claim it.
+    Unknown(String),
+}
+
+/// The pins of the config's VM tables, users resolved now: call it before the sandbox (which
+/// hides the user database). An unknown user is logged and pins its VM to nobody, so that a
+/// typo locks that one VM out rather than every VM (or nobody).
+pub fn resolve_pins(config: &Config) -> HashMap<String, Pin> {
+    let mut pins = HashMap::new();
+    for (name, vm) in &config.vms {
+        let pin = match (vm.uid, &vm.user) {
+            (Some(uid), _) => Pin::Uid(uid),
+            (None, Some(user)) => match nix::unistd::User::from_name(user) {
+                Ok(Some(found)) => Pin::Uid(found.uid.as_raw()),
+                Ok(None) | Err(_) => {
+                    log::error!(
+                        "broker: vms.{name} is pinned to user {user:?}, which does not exist: \
+                         no worker but root's may claim {name}"
+                    );
+                    Pin::Unknown(user.clone())
+                }
+            },
+            (None, None) => continue,
+        };
+        pins.insert(name.clone(), pin);
+    }
+    pins
+}
+
+/// Directions as in a refusal's reason.
+fn directions(directions: impl Iterator<Item = u8>) -> String {
+    directions
+        .map(|d| match d {
+            D_OUTPUT => "output".to_string(),
+            virtio_snd::protocol::D_INPUT => "input".to_string(),
+            other => format!("direction {other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 struct Client {
     channel: Channel,
-    /// Who connected (SO_PEERCRED), for the per-uid limit.
+    /// Who connected (SO_PEERCRED), for the per-uid limit and the VM name's binding.
     uid: u32,
     accepted: Instant,
+    /// Set by Hello: the VM's name (held by this connection while it lives) and its layout.
+    vm: Option<VmName>,
+    layout: Option<Arc<VmLayout>>,
     /// Set by Hello: what each of its streams may use.
     caps: Option<Vec<PcmCaps>>,
     streams: HashMap<u32, BrokerStream>,
@@ -248,7 +305,13 @@ struct Unread {
 
 pub struct Broker {
     config: Config,
-    backends: Vec<Arc<dyn Backend>>,
+    /// The default layout, for VMs without a table of their own.
+    default_layout: Arc<VmLayout>,
+    /// The layouts of VMs with streams or channel maps of their own.
+    vm_layouts: HashMap<String, Arc<VmLayout>>,
+    pins: HashMap<String, Pin>,
+    /// Which connection holds each VM's name.
+    names: HashMap<VmName, u32>,
     opener: Opener,
     next_ticket: u64,
     /// Abandoned opens still running, by ticket: the uid they count against.
@@ -270,8 +333,26 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(config: Config, listener: Listener) -> io::Result<Broker> {
-        let backends = backends::build(&config).map_err(io::Error::other)?;
+    /// A broker serving `config`'s layouts; `pins` from [`resolve_pins`].
+    pub fn new(
+        config: Config,
+        pins: HashMap<String, Pin>,
+        listener: Listener,
+    ) -> io::Result<Broker> {
+        let built = backends::build(&config).map_err(io::Error::other)?;
+        let default_layout = Arc::new(VmLayout {
+            streams: config.streams.clone(),
+            backends: built.default,
+        });
+        let mut vm_layouts = HashMap::new();
+        for (name, backends) in built.vms {
+            let streams = config
+                .vms
+                .get(&name)
+                .and_then(|v| v.streams.clone())
+                .unwrap_or_else(|| config.streams.clone());
+            vm_layouts.insert(name, Arc::new(VmLayout { streams, backends }));
+        }
         listener.set_nonblocking()?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(
@@ -290,7 +371,10 @@ impl Broker {
         )?;
         Ok(Broker {
             config,
-            backends,
+            default_layout,
+            vm_layouts,
+            pins,
+            names: HashMap::new(),
             opener,
             next_ticket: 0,
             abandoned: HashMap::new(),
@@ -562,6 +646,8 @@ impl Broker {
                 channel,
                 uid,
                 accepted,
+                vm: None,
+                layout: None,
                 caps: None,
                 streams: HashMap::new(),
                 fds_maybe_unread: false,
@@ -597,7 +683,16 @@ impl Broker {
             return;
         };
         if log::log_enabled!(level) && self.connection_log.admit(Instant::now()) {
-            log::log!(level, "broker: dropping worker {id}: {why}");
+            let who = match client.vm {
+                Some(vm) => format!("vm {vm} (connection {id}, uid {})", client.uid),
+                None => format!("connection {id} (uid {})", client.uid),
+            };
+            log::log!(level, "broker: dropping {who}: {why}");
+        }
+        if let Some(vm) = client.vm {
+            if self.names.get(&vm) == Some(&id) {
+                self.names.remove(&vm);
+            }
         }
         if let Some(opening) = &client.opening {
             opening.pending.abandon();
@@ -699,40 +794,15 @@ impl Broker {
     fn handle_message(&mut self, id: u32, msg: WorkerMsg) -> Result<(), Violation> {
         let hello_done = self.clients.get(&id).and_then(|c| c.caps.clone());
         let Some(caps) = hello_done else {
-            let WorkerMsg::Hello { version, streams } = msg else {
+            let WorkerMsg::Hello {
+                version,
+                vm,
+                streams,
+            } = msg
+            else {
                 return Err(Violation::Protocol("first message must be Hello".into()));
             };
-            if version != ipc::PROTOCOL_VERSION {
-                self.refuse(id, format!("protocol version {version} not supported"));
-                return Err(Violation::Protocol("version mismatch".into()));
-            }
-            // The cap counts workers only: connections before Hello have their own bound.
-            if self.worker_count() >= MAX_CLIENTS {
-                self.refuse(id, "too many workers".into());
-                return Err(Violation::Protocol("too many workers".into()));
-            }
-            if streams.len() > vsound_config::MAX_STREAMS {
-                return Err(Violation::Protocol("too many streams".into()));
-            }
-            let granted = self.grant_caps(&streams);
-            let client = self
-                .clients
-                .get_mut(&id)
-                .ok_or_else(|| Violation::Protocol("no such client".into()))?;
-            // At least a PREPARE and a START for every stream it may use (a worker restoring
-            // its streams after a broker restart).
-            let usable = granted.iter().filter(|c| c.formats != 0 && c.rates != 0);
-            client.budget = RequestBudget::new(REQUEST_BURST.max(2 * usable.count() as u32));
-            client.caps = Some(granted.clone());
-            client.channel.send(
-                &BrokerMsg::Welcome {
-                    version: ipc::PROTOCOL_VERSION,
-                    client_id: id,
-                    caps: granted,
-                },
-                &[],
-            )?;
-            return Ok(());
+            return self.hello(id, version, &vm, streams);
         };
         let stream_id = match &msg {
             WorkerMsg::Hello { .. } => return Err(Violation::Protocol("second Hello".into())),
@@ -758,8 +828,11 @@ impl Broker {
         if costly && !client.budget.take(now) {
             if client.failure_log.admit(now) {
                 log::warn!(
-                    "broker: worker {id} is over its request rate ({REQUEST_BURST} at once, \
-                     {REQUEST_RATE_PER_SEC}/s): its requests wait for their turn"
+                    "broker: {} is over its request rate ({REQUEST_BURST} at once, \
+                     {REQUEST_RATE_PER_SEC}/s): its requests wait for their turn",
+                    client
+                        .vm
+                        .map_or_else(|| format!("connection {id}"), |vm| vm.to_string())
                 );
             }
             // Served when its token comes (at most 1/rate from now, well inside the worker's
@@ -851,9 +924,10 @@ impl Broker {
             Ok(()) => BrokerMsg::Done { stream_id },
             Err(reason) => {
                 let now = Instant::now();
+                let who = self.who(id);
                 if let Some(client) = self.clients.get_mut(&id) {
                     if client.failure_log.admit(now) {
-                        log::warn!("broker: worker {id} stream {stream_id}: {reason}");
+                        log::warn!("broker: {who} stream {stream_id}: {reason}");
                     }
                 }
                 BrokerMsg::Failed {
@@ -868,49 +942,204 @@ impl Broker {
         Ok(())
     }
 
-    fn refuse(&self, id: u32, reason: String) {
+    /// Answers a Hello `Refused` with `reason`; the connection is then dropped (and the reason
+    /// logged, rate-limited, with it).
+    fn refuse(&self, id: u32, reason: String) -> Result<(), Violation> {
         if let Some(client) = self.clients.get(&id) {
-            let _ = client.channel.send(&BrokerMsg::Refused { reason }, &[]);
+            let _ = client.channel.send(
+                &BrokerMsg::Refused {
+                    reason: ipc::reason(reason.clone()),
+                },
+                &[],
+            );
+        }
+        Err(Violation::Refused(reason))
+    }
+
+    /// A worker's Hello: its version, its VM's name (which this connection's uid must be
+    /// allowed to claim, see SECURITY.md) and its streams (which must be the broker's layout for
+    /// that VM). Every check comes before anything changes, so a refused Hello takes nothing
+    /// from the name's live holder.
+    fn hello(
+        &mut self,
+        id: u32,
+        version: u32,
+        vm: &str,
+        streams: Vec<PcmCaps>,
+    ) -> Result<(), Violation> {
+        if version != ipc::PROTOCOL_VERSION {
+            return self.refuse(id, format!("protocol version {version} not supported"));
+        }
+        let vm = match VmName::new(vm) {
+            Ok(vm) => vm,
+            Err(e) => return self.refuse(id, e.to_string()),
+        };
+        let uid = self
+            .clients
+            .get(&id)
+            .ok_or_else(|| Violation::Protocol("no such client".into()))?
+            .uid;
+        // Root may claim any name: a worker started as root connects as root before it
+        // becomes its --user, and root needs no name to reach the audio anyway.
+        let privileged = uid == 0;
+        match self.pins.get(vm.as_str()) {
+            Some(Pin::Uid(pinned)) if *pinned != uid && !privileged => {
+                return self.refuse(
+                    id,
+                    format!("vm {vm} is pinned to uid {pinned} by the broker's config, not {uid}"),
+                );
+            }
+            Some(Pin::Unknown(user)) if !privileged => {
+                return self.refuse(
+                    id,
+                    format!("vm {vm} is pinned to user {user:?}, which does not exist"),
+                );
+            }
+            _ => {}
+        }
+        // The name's holder, if it is still connected.
+        let holder = self.names.get(&vm).copied().filter(|&held| held != id);
+        let holder = match holder.and_then(|held| self.clients.get(&held).map(|c| (held, c))) {
+            Some((held, c)) if c.channel.peer_hung_up() => {
+                // Gone, only not noticed yet.
+                self.drop_client(held, &"hung up");
+                None
+            }
+            Some((held, c)) => Some((held, c.uid)),
+            None => None,
+        };
+        let replaced = match holder {
+            Some((held, holder_uid)) if holder_uid != uid && !privileged => {
+                // Not the holder's uid in the reason: it is another VM's.
+                log::debug!("broker: vm {vm} is held by connection {held} of uid {holder_uid}");
+                return self.refuse(
+                    id,
+                    format!("vm {vm} is held by a live connection of another uid"),
+                );
+            }
+            Some((held, _)) => Some(held),
+            None => None,
+        };
+        // The cap counts workers only: connections before Hello have their own bound.
+        if self.worker_count() - usize::from(replaced.is_some()) >= MAX_CLIENTS {
+            return self.refuse(id, "too many workers".into());
+        }
+        if streams.len() > vsound_config::MAX_STREAMS {
+            return Err(Violation::Protocol("too many streams".into()));
+        }
+        let layout = self
+            .vm_layouts
+            .get(vm.as_str())
+            .unwrap_or(&self.default_layout)
+            .clone();
+        let theirs = streams.iter().map(|c| c.direction);
+        let ours = layout.streams.iter().map(|s| s.direction.wire());
+        if !theirs.clone().eq(ours.clone()) {
+            return self.refuse(
+                id,
+                format!(
+                    "vm {vm}: the worker's layout has {} streams ({}), the broker's for it {} \
+                     ({}): do both read the same config?",
+                    streams.len(),
+                    directions(theirs),
+                    layout.streams.len(),
+                    directions(ours)
+                ),
+            );
+        }
+        if let Some(old) = replaced {
+            // A restarted worker of the same uid whose predecessor's connection lingers: the
+            // newer one is the VM's. The old one is told why, so it does not take it back.
+            let reason = format!("vm {vm} was taken over by a newer connection of the same uid");
+            if let Some(c) = self.clients.get(&old) {
+                let _ = c.channel.send(
+                    &BrokerMsg::Refused {
+                        reason: ipc::reason(reason.clone()),
+                    },
+                    &[],
+                );
+            }
+            self.drop_client(old, &reason);
+        }
+        let granted = grant_caps(&layout, &streams);
+        let client = self
+            .clients
+            .get_mut(&id)
+            .ok_or_else(|| Violation::Protocol("no such client".into()))?;
+        // At least a PREPARE and a START for every stream it may use (a worker restoring
+        // its streams after a broker restart).
+        let usable = granted.iter().filter(|c| c.formats != 0 && c.rates != 0);
+        client.budget = RequestBudget::new(REQUEST_BURST.max(2 * usable.count() as u32));
+        client.caps = Some(granted.clone());
+        client.vm = Some(vm);
+        client.layout = Some(layout);
+        client.channel.send(
+            &BrokerMsg::Welcome {
+                version: ipc::PROTOCOL_VERSION,
+                client_id: id,
+                caps: granted,
+            },
+            &[],
+        )?;
+        self.names.insert(vm, id);
+        // A worker can connect at will: counted with the refused and dropped ones.
+        if self.connection_log.admit(Instant::now()) {
+            log::info!("broker: vm {vm} connected (connection {id}, uid {uid})");
+        }
+        Ok(())
+    }
+
+    /// A label for a client's log lines: its VM's name once it said Hello.
+    fn who(&self, id: u32) -> String {
+        match self.clients.get(&id).and_then(|c| c.vm) {
+            Some(vm) => vm.to_string(),
+            None => format!("connection {id}"),
         }
     }
 
-    /// What each requested stream may use: the request ∩ our config ∩ the backend.
-    fn grant_caps(&self, requested: &[PcmCaps]) -> Vec<PcmCaps> {
-        requested
-            .iter()
-            .enumerate()
-            .map(|(i, want)| {
-                let (Some(cfg), Some(backend)) = (self.config.streams.get(i), self.backends.get(i))
-                else {
-                    return PcmCaps {
-                        formats: 0,
-                        rates: 0,
-                        ..*want
-                    };
-                };
-                let offered = PcmCaps {
-                    direction: cfg.direction.wire(),
-                    hda_fn_nid: want.hda_fn_nid,
-                    features: want.features & BROKER_PCM_FEATURES,
-                    formats: cfg.format_mask() & want.formats,
-                    rates: cfg.rate_mask() & want.rates,
-                    channels_min: cfg.channels_min.max(want.channels_min),
-                    channels_max: cfg.channels_max.min(want.channels_max),
-                };
-                if offered.direction != want.direction
-                    || offered.channels_min > offered.channels_max
-                {
-                    return PcmCaps {
-                        formats: 0,
-                        rates: 0,
-                        ..*want
-                    };
-                }
-                backend.caps(&offered)
-            })
-            .collect()
+    fn layout_of(&self, id: u32) -> Result<Arc<VmLayout>, String> {
+        self.clients
+            .get(&id)
+            .and_then(|c| c.layout.clone())
+            .ok_or_else(|| "no Hello yet".to_string())
     }
+}
 
+/// What each requested stream may use: the request ∩ the VM's layout ∩ the backend.
+fn grant_caps(layout: &VmLayout, requested: &[PcmCaps]) -> Vec<PcmCaps> {
+    requested
+        .iter()
+        .enumerate()
+        .map(|(i, want)| {
+            let (Some(cfg), Some(backend)) = (layout.streams.get(i), layout.backends.get(i)) else {
+                return PcmCaps {
+                    formats: 0,
+                    rates: 0,
+                    ..*want
+                };
+            };
+            let offered = PcmCaps {
+                direction: cfg.direction.wire(),
+                hda_fn_nid: want.hda_fn_nid,
+                features: want.features & BROKER_PCM_FEATURES,
+                formats: cfg.format_mask() & want.formats,
+                rates: cfg.rate_mask() & want.rates,
+                channels_min: cfg.channels_min.max(want.channels_min),
+                channels_max: cfg.channels_max.min(want.channels_max),
+            };
+            if offered.direction != want.direction || offered.channels_min > offered.channels_max {
+                return PcmCaps {
+                    formats: 0,
+                    rates: 0,
+                    ..*want
+                };
+            }
+            backend.caps(&offered)
+        })
+        .collect()
+}
+
+impl Broker {
     fn prepare(
         &mut self,
         id: u32,
@@ -923,7 +1152,13 @@ impl Broker {
             .map_err(|s| format!("invalid params ({s:?})"))?;
         // Re-preparing replaces the old transport.
         self.free_stream(id, stream_id);
-        let backend = self
+        let layout = self.layout_of(id)?;
+        let vm = self
+            .clients
+            .get(&id)
+            .and_then(|c| c.vm)
+            .ok_or("no Hello yet")?;
+        let backend = layout
             .backends
             .get(stream_id as usize)
             .ok_or("no such stream")?;
@@ -947,6 +1182,7 @@ impl Broker {
             WakeSender::pair().map_err(|e| format!("wake-up socket: {e}"))?;
         let spec = StreamSpec {
             client_id: id,
+            vm,
             direction: caps.direction,
             params,
         };
@@ -957,7 +1193,7 @@ impl Broker {
         };
         // Checked although Hello granted nothing beyond the backends: a panic here would
         // silence every VM.
-        let backend = self
+        let backend = layout
             .backends
             .get(stream_id as usize)
             .ok_or("no backend for this stream")?
@@ -1109,8 +1345,11 @@ impl Broker {
             },
         );
         let params = opening.params;
+        let who = client
+            .vm
+            .map_or_else(|| format!("connection {id}"), |vm| vm.to_string());
         log::info!(
-            "broker: worker {id} stream {stream_id} prepared: {} Hz, {} ch, format {}, period {} bytes, {} backend",
+            "broker: {who} stream {stream_id} prepared: {} Hz, {} ch, format {}, period {} bytes, {} backend",
             params.rate_hz(),
             params.channels,
             params.format,
@@ -1312,7 +1551,8 @@ impl Broker {
         }
         if stream.xruns > 0 {
             log::info!(
-                "broker: worker {id} stream {stream_id} released after {} xruns",
+                "broker: {} stream {stream_id} released after {} xruns",
+                self.who(id),
                 stream.xruns
             );
         }

@@ -11,7 +11,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use virtio_snd::protocol::D_OUTPUT;
-use vsound_broker::broker::Broker;
+use vsound_broker::broker::{resolve_pins, Broker};
 use vsound_config::BackendKind;
 use vsound_config::Config;
 use vsound_process::listen::{self, SocketKind, Source};
@@ -42,12 +42,12 @@ struct Args {
     group: Option<String>,
 }
 
-/// What the backends need of the filesystem once the broker is confined.
+/// What the backends of every layout (the default's, each VM's) need of the filesystem once the
+/// broker is confined.
 fn backend_paths(config: &Config) -> Vec<PathRule> {
     let mut rules = Vec::new();
     if config
-        .streams
-        .iter()
+        .all_streams()
         .any(|s| matches!(s.backend, BackendKind::Pipewire | BackendKind::Auto))
     {
         rules.extend(
@@ -57,8 +57,7 @@ fn backend_paths(config: &Config) -> Vec<PathRule> {
         );
     }
     if config
-        .streams
-        .iter()
+        .all_streams()
         .any(|s| matches!(s.backend, BackendKind::Alsa | BackendKind::Auto))
     {
         let alsa = &vsound_broker::backends::alsa::sandbox_read_paths;
@@ -75,8 +74,7 @@ fn backend_paths(config: &Config) -> Vec<PathRule> {
 
 fn wav_paths(config: &Config) -> Vec<PathRule> {
     config
-        .streams
-        .iter()
+        .all_streams()
         .filter(|s| s.backend == BackendKind::Wav)
         .filter_map(|s| {
             let path = s.wav_path.as_ref()?;
@@ -88,6 +86,15 @@ fn wav_paths(config: &Config) -> Vec<PathRule> {
             })
         })
         .collect()
+}
+
+/// Whether this process's user namespace maps every uid to itself (the initial one does):
+/// only then are the uids SO_PEERCRED reports the workers' own.
+fn maps_every_uid() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|map| {
+        map.lines()
+            .any(|l| l.split_whitespace().eq(["0", "0", "4294967295"]))
+    })
 }
 
 fn run(args: Args, source: Source) -> Result<(), String> {
@@ -113,12 +120,26 @@ fn run(args: Args, source: Source) -> Result<(), String> {
             stream.backend
         );
     }
+    for (name, vm) in &config.vms {
+        for stream in vm.streams.iter().flatten() {
+            log::info!(
+                "broker: vm {name}: stream {} ({:?}) on the {:?} backend",
+                stream.name,
+                stream.direction,
+                stream.backend
+            );
+        }
+    }
+    // Before the sandbox, which hides the user database.
+    let pins = resolve_pins(&config);
     let mut paths = backend_paths(&config);
     if let Some(socket_path) = &socket_path {
         paths.push(PathRule::RemoveFiles(socket_path.directory()));
     }
+    let mapped = maps_every_uid();
+    let root = nix::unistd::Uid::effective().is_root();
     // Backends start after the sandbox so that every thread they create is confined too.
-    sandbox::apply(&sandbox::Options {
+    let report = sandbox::apply(&sandbox::Options {
         mode: args.sandbox,
         role: Role::Broker,
         user: args.user.clone(),
@@ -127,7 +148,16 @@ fn run(args: Args, source: Source) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     sandbox::run_probe_if_asked();
-    let mut broker = Broker::new(config, listener).map_err(|e| e.to_string())?;
+    // An unprivileged broker confines itself in a user namespace of its own, which maps no uid.
+    if !mapped || (report.namespaces && !root) {
+        log::warn!(
+            "broker: in a user namespace that does not map the workers' uids (PrivateUsers=, or \
+             started unprivileged): every worker's SO_PEERCRED uid reads as the overflow uid, so \
+             the per-uid limits and the VM names' binding treat all workers as one uid and uid \
+             pins match none"
+        );
+    }
+    let mut broker = Broker::new(config, pins, listener).map_err(|e| e.to_string())?;
     log::info!("broker: listening on {}", source.describe());
     broker
         .run(Some(std::os::fd::AsFd::as_fd(&stop)))

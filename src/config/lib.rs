@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,85 @@ pub const MAX_JACKS: usize = 32;
 /// Enough for 8 buses and a mic with every standard layout up to 7.1 on each (9 x 6).
 pub const MAX_CHMAPS: usize = 64;
 pub const MAX_NAME_LEN: usize = 64;
+/// Longest VM name (`--vm`, `[vms.NAME]`).
+pub const MAX_VM_NAME_LEN: usize = 32;
+/// Placeholders a `wav_path` may hold, in its file name only.
+pub const WAV_PLACEHOLDERS: [&str; 2] = ["{vm}", "{client}"];
+
+/// What a VM name may be, for error messages.
+pub const VM_NAME_RULE: &str =
+    "1 to 32 characters of A-Z, a-z, 0-9, '_' and '-', starting with a letter or digit";
+
+/// A VM's name: `--vm` of its worker, sent in its Hello, the key of its `[vms.NAME]` table,
+/// part of its PipeWire node names and WAV file names. The charset keeps it a single path
+/// component (no '/', no '.', so never `..`) and a plain token in node names and logs; a worker
+/// can send any bytes, so the broker builds one only through [`VmName::new`]. `Copy` (inline
+/// bytes) so that it travels with each stream's spec.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VmName {
+    len: u8,
+    bytes: [u8; MAX_VM_NAME_LEN],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid VM name {shown}: a VM name is {VM_NAME_RULE}")]
+pub struct VmNameError {
+    /// The name as given, escaped and clipped (it may come from an untrusted worker).
+    shown: String,
+}
+
+impl VmName {
+    pub fn new(name: &str) -> Result<VmName, VmNameError> {
+        let ok_char = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'-';
+        let raw = name.as_bytes();
+        let valid = !raw.is_empty()
+            && raw.len() <= MAX_VM_NAME_LEN
+            && raw[0].is_ascii_alphanumeric()
+            && raw.iter().all(|&c| ok_char(c));
+        if !valid {
+            let mut shown = format!("{name:?}");
+            if shown.len() > 2 * MAX_VM_NAME_LEN {
+                let mut end = 2 * MAX_VM_NAME_LEN;
+                while !shown.is_char_boundary(end) {
+                    end -= 1;
+                }
+                shown.truncate(end);
+                shown.push_str("...");
+            }
+            return Err(VmNameError { shown });
+        }
+        let mut bytes = [0u8; MAX_VM_NAME_LEN];
+        bytes[..raw.len()].copy_from_slice(raw);
+        Ok(VmName {
+            len: raw.len() as u8,
+            bytes,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        // ASCII by construction, so this never fails.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::str::FromStr for VmName {
+    type Err = VmNameError;
+    fn from_str(s: &str) -> Result<VmName, VmNameError> {
+        VmName::new(s)
+    }
+}
+
+impl std::fmt::Display for VmName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for VmName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VmName({:?})", self.as_str())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -97,14 +177,15 @@ pub struct StreamConfig {
     pub channels_max: u8,
     #[serde(default = "default_backend")]
     pub backend: BackendKind,
-    /// For the `wav` backend: the file to write (output) or read (input). `{client}` is replaced
-    /// by the broker's number for the connected worker, so several VMs do not share a file.
+    /// For the `wav` backend: the file to write (output) or read (input). In its file name,
+    /// `{vm}` is replaced by the VM's name (stable across worker restarts) and `{client}` by the
+    /// broker's number for the connection (a new one at every worker restart).
     #[serde(default)]
     pub wav_path: Option<PathBuf>,
-    /// PipeWire: node.name (default `vsound.vmN.NAME`).
+    /// PipeWire: node.name (default `vsound.VM.NAME`); `{vm}` is replaced by the VM's name.
     #[serde(default)]
     pub node_name: Option<String>,
-    /// PipeWire: node.description.
+    /// PipeWire: node.description (default `vsound VM NAME`); `{vm}` as in `node_name`.
     #[serde(default)]
     pub node_description: Option<String>,
     /// PipeWire: media.role, for the host's routing policy (e.g. Music, Navigation, Phone).
@@ -151,6 +232,40 @@ impl Default for Limits {
     }
 }
 
+/// One VM's table, `[vms.NAME]`: who may claim the name, and the VM's own layout. Each of
+/// `jacks`, `streams` and `chmaps` it gives replaces the top level's (the default layout) for
+/// this VM only; what it leaves out is the top level's. `[limits]` are the broker's and the
+/// same for every VM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The only uid (besides root) whose worker may claim this name (SO_PEERCRED).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// The same by user name, resolved by the broker at its start.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub jacks: Option<Vec<JackConfig>>,
+    #[serde(default)]
+    pub streams: Option<Vec<StreamConfig>>,
+    #[serde(default)]
+    pub chmaps: Option<Vec<ChmapConfig>>,
+}
+
+impl VmConfig {
+    /// Whether it changes what the broker's backends are built from (streams, or the channel
+    /// maps PipeWire nodes carry).
+    pub fn has_own_backends(&self) -> bool {
+        self.streams.is_some() || self.chmaps.is_some()
+    }
+
+    /// Whether it changes what the guest sees.
+    pub fn has_own_layout(&self) -> bool {
+        self.jacks.is_some() || self.has_own_backends()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -165,6 +280,9 @@ pub struct Config {
     pub chmaps: Vec<ChmapConfig>,
     #[serde(default)]
     pub limits: Limits,
+    /// Per-VM tables by VM name; a VM without one gets the default (top-level) layout.
+    #[serde(default)]
+    pub vms: BTreeMap<String, VmConfig>,
 }
 
 impl Default for Config {
@@ -174,6 +292,7 @@ impl Default for Config {
             streams: default_streams(),
             chmaps: Vec::new(),
             limits: Limits::default(),
+            vms: BTreeMap::new(),
         };
         config.complete_chmaps();
         config
@@ -460,7 +579,73 @@ impl Config {
         }
     }
 
+    /// The layout `vm` gets: its `[vms.NAME]` table's jacks, streams and channel maps where it
+    /// gives them, the top level's otherwise; the limits are the top level's. What the worker
+    /// shows its guest and the broker serves that VM (both read it from the same file).
+    pub fn for_vm(&self, vm: &VmName) -> Config {
+        fn pick<T: Clone>(own: Option<&Option<Vec<T>>>, default: &[T]) -> Vec<T> {
+            own.and_then(Option::as_ref).map_or(default, |v| v).to_vec()
+        }
+        let own = self.vms.get(vm.as_str());
+        // A VM with streams of its own and no maps gets the standard maps of its own devices,
+        // not the default layout's.
+        let own_streams = own.is_some_and(|v| v.streams.is_some());
+        let default_chmaps: &[ChmapConfig] = if own_streams { &[] } else { &self.chmaps };
+        let mut layout = Config {
+            jacks: pick(own.map(|v| &v.jacks), &self.jacks),
+            streams: pick(own.map(|v| &v.streams), &self.streams),
+            chmaps: pick(own.map(|v| &v.chmaps), default_chmaps),
+            limits: self.limits.clone(),
+            vms: BTreeMap::new(),
+        };
+        layout.complete_chmaps();
+        layout
+    }
+
+    /// Every stream of every layout (the default's and each VM table's own), for what the
+    /// broker must be able to reach (backends, files).
+    pub fn all_streams(&self) -> impl Iterator<Item = &StreamConfig> {
+        self.streams.iter().chain(
+            self.vms
+                .values()
+                .filter_map(|v| v.streams.as_ref())
+                .flatten(),
+        )
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        self.validate_layout()?;
+        if self.limits.lookahead_periods < 2 || self.limits.lookahead_periods > 16 {
+            return bad("limits.lookahead_periods must be 2..=16".into());
+        }
+        if self.limits.max_buffer_bytes == 0 || self.limits.max_buffer_bytes > 16 << 20 {
+            return bad("limits.max_buffer_bytes must be 1..=16 MiB".into());
+        }
+        for (name, vm) in &self.vms {
+            // A key no worker could ever claim is a typo.
+            let vm_name =
+                VmName::new(name).map_err(|e| ConfigError::Invalid(format!("vms: {e}")))?;
+            if vm.uid.is_some() && vm.user.is_some() {
+                return bad(format!("vms.{name}: give uid or user, not both"));
+            }
+            if let Some(user) = &vm.user {
+                if user.is_empty() || user.len() > MAX_NAME_LEN || user.contains(['\0', '/', ':']) {
+                    return bad(format!("vms.{name}: user {user:?} is not a user name"));
+                }
+            }
+            self.for_vm(&vm_name)
+                .validate_layout()
+                .map_err(|e| match e {
+                    ConfigError::Invalid(why) => ConfigError::Invalid(format!("vms.{name}: {why}")),
+                    other => other,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Streams, jacks and channel maps (of one layout).
+    fn validate_layout(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
         if self.streams.is_empty() {
             return bad("at least one stream is required".into());
@@ -515,6 +700,20 @@ impl Config {
             if s.backend == BackendKind::Wav && s.wav_path.is_none() {
                 return bad(format!("stream {}: the wav backend needs wav_path", s.name));
             }
+            if let Some(path) = &s.wav_path {
+                // A placeholder in a directory would name a directory that does not exist (and
+                // that the broker's Landlock rules, made from the directory, do not cover).
+                let dir = path
+                    .parent()
+                    .map(|d| d.to_string_lossy())
+                    .unwrap_or_default();
+                if WAV_PLACEHOLDERS.iter().any(|p| dir.contains(p)) {
+                    return bad(format!(
+                        "stream {}: {{vm}} and {{client}} may only appear in wav_path's file name",
+                        s.name
+                    ));
+                }
+            }
         }
         for c in &self.chmaps {
             if c.positions.is_empty() || c.positions.len() > chmap::MAX_SIZE {
@@ -525,12 +724,6 @@ impl Config {
                     return bad(format!("unknown channel position {p}"));
                 }
             }
-        }
-        if self.limits.lookahead_periods < 2 || self.limits.lookahead_periods > 16 {
-            return bad("limits.lookahead_periods must be 2..=16".into());
-        }
-        if self.limits.max_buffer_bytes == 0 || self.limits.max_buffer_bytes > 16 << 20 {
-            return bad("limits.max_buffer_bytes must be 1..=16 MiB".into());
         }
         Ok(())
     }
@@ -690,5 +883,138 @@ mod tests {
             c.streams[1].rate_mask(),
             (1 << protocol::rate::R48000) | (1 << protocol::rate::R24000)
         );
+    }
+
+    #[test]
+    fn vm_names_are_single_plain_tokens() {
+        for good in [
+            "vm",
+            "vm1",
+            "navi",
+            "A",
+            "0",
+            "rear_seat-2",
+            "x".repeat(32).as_str(),
+        ] {
+            assert_eq!(VmName::new(good).unwrap().as_str(), good);
+        }
+        for bad in [
+            "",
+            "..",
+            ".",
+            "a/b",
+            "/",
+            "-vm",
+            "_vm",
+            "vm.1",
+            "vm 1",
+            "vm\n",
+            "ví",
+            "x".repeat(33).as_str(),
+        ] {
+            let e = VmName::new(bad).unwrap_err().to_string();
+            assert!(e.contains("1 to 32 characters"), "{bad:?}: {e}");
+        }
+        // A hostile name is shown escaped and clipped.
+        let e = VmName::new(&"\u{1b}[2J".repeat(100))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\u{1b}') && e.len() < 200, "{e}");
+    }
+
+    const PER_VM: &str = r#"
+        [[streams]]
+        name = "media"
+        direction = "output"
+        [[streams]]
+        name = "mic"
+        direction = "input"
+
+        [vms.navi]
+        uid = 1234
+        [[vms.navi.streams]]
+        name = "navigation"
+        direction = "output"
+        [[vms.navi.chmaps]]
+        direction = "output"
+        positions = ["MONO"]
+
+        [vms.cluster]
+        user = "vsound-vm-cluster"
+        [[vms.cluster.jacks]]
+        name = "Chime"
+
+        [vms.unused]
+        [[vms.unused.streams]]
+        name = "spare"
+        direction = "input"
+    "#;
+
+    #[test]
+    fn a_vm_table_overrides_the_default_layout_part_by_part() {
+        let c = Config::parse(PER_VM).unwrap();
+        let name = |n: &str| VmName::new(n).unwrap();
+        let navi = c.for_vm(&name("navi"));
+        assert_eq!(navi.streams.len(), 1);
+        assert_eq!(navi.streams[0].name, "navigation");
+        assert_eq!(navi.chmaps.len(), 1);
+        assert_eq!(navi.jacks.len(), 1, "the default jack");
+        assert_eq!(navi.jacks[0].name, "Line Out");
+        // Only the jacks are the cluster's own.
+        let cluster = c.for_vm(&name("cluster"));
+        assert_eq!(cluster.jacks[0].name, "Chime");
+        assert_eq!(cluster.streams.len(), 2);
+        assert_eq!(cluster.chmaps.len(), 12);
+        // A VM without a table gets the top level.
+        let other = c.for_vm(&name("other"));
+        assert_eq!(other.streams.len(), 2);
+        assert_eq!(other.streams[1].name, "mic");
+        assert!(other.vms.is_empty());
+        assert_eq!(c.vms["navi"].uid, Some(1234));
+        assert_eq!(c.vms["cluster"].user.as_deref(), Some("vsound-vm-cluster"));
+        assert!(c.vms["navi"].has_own_backends() && !c.vms["cluster"].has_own_backends());
+        assert!(c.vms["cluster"].has_own_layout());
+        // Every layout's streams, each once.
+        let names: Vec<&str> = c.all_streams().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["media", "mic", "navigation", "spare"]);
+    }
+
+    #[test]
+    fn each_vm_layout_is_validated_like_the_top_level() {
+        let vm = |body: &str| format!("[vms.navi]\n{body}");
+        for (text, why) in [
+            (vm("streams = []"), "vms.navi: at least one stream"),
+            (
+                vm("[[vms.navi.streams]]\nname='a'\ndirection='output'\nrates=[12345]"),
+                "vms.navi: stream a: unsupported rate",
+            ),
+            (
+                vm("[[vms.navi.chmaps]]\ndirection='output'\npositions=['XX']"),
+                "vms.navi: unknown channel position",
+            ),
+            (vm("uid = 1\nuser = 'x'"), "uid or user, not both"),
+            (vm("user = 'a/b'"), "not a user name"),
+            (vm("limits = {}"), "unknown field"),
+            (vm("volume = 3"), "unknown field"),
+            ("[vms.'a/b']".to_string(), "invalid VM name"),
+            ("[vms.'-x']".to_string(), "invalid VM name"),
+        ] {
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+        // Today's files stay valid, and an unknown VM's table is no error.
+        Config::parse("[vms.someday]\nuid = 5").unwrap();
+    }
+
+    #[test]
+    fn wav_placeholders_only_in_the_file_name() {
+        let stream = |path: &str| {
+            format!("[[streams]]\nname='a'\ndirection='output'\nbackend='wav'\nwav_path='{path}'")
+        };
+        Config::parse(&stream("/var/lib/vsound/{vm}-{client}.wav")).unwrap();
+        for path in ["/var/lib/{vm}/a.wav", "/var/{client}/x/a.wav"] {
+            let e = Config::parse(&stream(path)).unwrap_err().to_string();
+            assert!(e.contains("file name"), "{path}: {e}");
+        }
     }
 }

@@ -19,6 +19,7 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 
+use vsound_config::VmName;
 use vsound_process::listen::{self, SocketKind, SocketPath};
 
 /// The fd a child finds its listening socket on (`--fd 3`).
@@ -48,6 +49,11 @@ enum Cmd {
         /// Device configuration (TOML).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The VM's name, passed to the worker (`vsound-worker --vm`): its node and file names,
+        /// and its `[vms.NAME]` layout if the config has one. Checked here, so that a bad one
+        /// stops the launcher instead of failing every worker it starts.
+        #[arg(long, value_name = "NAME", default_value = "vm")]
+        vm: VmName,
         /// Where the broker's socket goes (default: beside the vhost-user socket).
         #[arg(long)]
         broker_socket: Option<PathBuf>,
@@ -232,6 +238,7 @@ fn let_worker_reconnect(broker_socket: &Path, worker_group: &str) -> Result<(), 
 struct RunOptions {
     socket: PathBuf,
     config: Option<PathBuf>,
+    vm: VmName,
     broker_socket: Option<PathBuf>,
     sandbox: String,
     worker_user: String,
@@ -242,6 +249,7 @@ fn run(options: RunOptions) -> Result<(), String> {
     let RunOptions {
         socket,
         config,
+        vm,
         broker_socket,
         sandbox,
         worker_user,
@@ -272,7 +280,12 @@ fn run(options: RunOptions) -> Result<(), String> {
     if let Some(config) = &config {
         common.extend(["--config".into(), config.into()]);
     }
-    let mut worker_args: Vec<OsString> = vec!["--broker".into(), broker_socket.clone().into()];
+    let mut worker_args: Vec<OsString> = vec![
+        "--broker".into(),
+        broker_socket.clone().into(),
+        "--vm".into(),
+        vm.as_str().into(),
+    ];
     worker_args.extend(common.iter().cloned());
     if nix::unistd::Uid::effective().is_root() {
         worker_args.extend([
@@ -364,6 +377,7 @@ fn main() -> ExitCode {
         Cmd::Run {
             socket,
             config,
+            vm,
             broker_socket,
             sandbox,
             worker_user,
@@ -371,6 +385,7 @@ fn main() -> ExitCode {
         } => run(RunOptions {
             socket,
             config,
+            vm,
             broker_socket,
             sandbox,
             worker_user,

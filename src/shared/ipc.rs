@@ -24,7 +24,8 @@ pub const BROKER_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 
 use virtio_snd::control::{PcmCaps, PcmParams};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: Hello carries the VM's name.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest packet either side sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 8192;
 /// Largest number of fds in one packet.
@@ -34,9 +35,12 @@ pub const MAX_REASON_LEN: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WorkerMsg {
-    /// First message: protocol version and the streams the worker wants to offer the guest.
+    /// First message: protocol version, the VM's name (`--vm`; the broker checks it and binds
+    /// it to this connection's uid) and the streams the worker wants to offer the guest (its
+    /// VM's layout: the broker refuses a Hello whose streams are not its layout for that VM).
     Hello {
         version: u32,
+        vm: String,
         streams: Vec<PcmCaps>,
     },
     /// Set up a stream's transport; answered by `Prepared` (with fds) or `Failed`.
@@ -64,7 +68,8 @@ pub enum BrokerMsg {
         client_id: u32,
         caps: Vec<PcmCaps>,
     },
-    /// The broker refuses the connection.
+    /// The broker refuses the connection (an answer to Hello), or drops a welcomed one because
+    /// a newer connection of the same uid took its VM's name over; it hangs up after it.
     Refused {
         reason: String,
     },
@@ -248,6 +253,19 @@ impl Channel {
         Ok(())
     }
 
+    /// Whether the peer has closed its end (or shut it down), found without reading or waiting.
+    pub fn peer_hung_up(&self) -> bool {
+        let mut fds = [PollFd::new(&self.fd, PollFlags::RDHUP)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        matches!(poll(&mut fds, Some(&now)), Ok(1))
+            && fds[0]
+                .revents()
+                .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR)
+    }
+
     /// Waits until a packet is readable, up to `timeout` (forever if `None`).
     pub fn wait_readable(&self, timeout: Option<Duration>) -> Result<(), IpcError> {
         let timeout = timeout.map(|t| Timespec {
@@ -355,6 +373,7 @@ mod tests {
         let (a, b) = Channel::pair().unwrap();
         let hello = WorkerMsg::Hello {
             version: PROTOCOL_VERSION,
+            vm: "navi".into(),
             streams: vec![caps(); 3],
         };
         a.send(&hello, &[]).unwrap();
@@ -382,6 +401,7 @@ mod tests {
         // A Vec length prefix claiming a huge count must not allocate it.
         let mut huge = encode(&WorkerMsg::Hello {
             version: 1,
+            vm: "vm".into(),
             streams: vec![],
         })
         .unwrap();
@@ -454,6 +474,20 @@ mod tests {
     #[test]
     fn reasons_are_clipped() {
         assert_eq!(reason("é".repeat(200)).len(), MAX_REASON_LEN);
+    }
+
+    #[test]
+    fn a_closed_or_shut_peer_is_seen_without_reading() {
+        let (a, b) = Channel::pair().unwrap();
+        assert!(!a.peer_hung_up());
+        // Unread input is no hang-up.
+        b.send(&WorkerMsg::Start { stream_id: 0 }, &[]).unwrap();
+        assert!(!a.peer_hung_up());
+        drop(b);
+        assert!(a.peer_hung_up());
+        let (c, d) = Channel::pair().unwrap();
+        d.shutdown().unwrap();
+        assert!(c.peer_hung_up());
     }
 
     #[test]

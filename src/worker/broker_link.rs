@@ -14,6 +14,7 @@ use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
 use crate::local_clock::WakeTimer;
 use virtio_snd::control::PcmCaps;
+use vsound_config::VmName;
 use vsound_shared::ipc::{self, BrokerMsg, Channel, IpcError, WorkerMsg, BROKER_REPLY_TIMEOUT};
 
 /// How long the first Hello at start-up may wait for the broker.
@@ -66,6 +67,10 @@ enum State {
     },
     /// Not connected; the timer fires for the next attempt.
     Away,
+    /// A newer worker of the same uid took this VM's name over at the broker (which dropped
+    /// us): this worker is on its way out, and taking the name back would only drop that one
+    /// in turn. No more attempts; the streams go on at their pace on the local clock.
+    Superseded,
 }
 
 /// When the link went down and how the reconnection goes.
@@ -78,6 +83,7 @@ struct Outage {
 
 pub struct BrokerLink {
     path: PathBuf,
+    vm: VmName,
     wanted: Vec<PcmCaps>,
     granted: Vec<PcmCaps>,
     state: State,
@@ -96,13 +102,14 @@ impl BrokerLink {
     /// `timer_token` that of the reconnection timer.
     pub fn connect(
         path: &Path,
+        vm: VmName,
         wanted: Vec<PcmCaps>,
         epoll: &Epoll,
         token: u64,
         timer_token: u64,
     ) -> Result<(BrokerLink, Vec<PcmCaps>), LinkError> {
         let channel = Channel::connect(path)?;
-        channel.send(&hello(&wanted), &[])?;
+        channel.send(&hello(vm, &wanted), &[])?;
         channel.wait_readable(Some(FIRST_WELCOME_TIMEOUT))?;
         let (reply, _fds) = channel.recv::<BrokerMsg>()?;
         let (client_id, granted) = welcome(reply, wanted.len())?;
@@ -116,6 +123,7 @@ impl BrokerLink {
             .map_err(io::Error::from)?;
         let link = BrokerLink {
             path: path.to_path_buf(),
+            vm,
             wanted,
             granted: granted.clone(),
             state: State::Up(channel),
@@ -141,6 +149,9 @@ impl BrokerLink {
 
     /// Marks the link failed: logs once, drops the connection, schedules a reconnection.
     pub fn fail(&mut self, why: &dyn std::fmt::Display) {
+        if matches!(self.state, State::Superseded) {
+            return;
+        }
         if self.is_up() {
             log::error!(
                 "broker link lost: {why}; streams go on at their real-time pace in silence \
@@ -164,11 +175,48 @@ impl BrokerLink {
         self.timer.arm(Some(now + wait));
     }
 
+    /// Stops using the broker for good (see [`State::Superseded`]).
+    fn superseded(&mut self, reason: &str) {
+        log::error!(
+            "broker dropped this worker of vm {}: {reason}; it no longer uses the broker (its \
+             streams go on in silence at their pace)",
+            self.vm
+        );
+        self.state = State::Superseded;
+        self.timer.arm(None);
+        let now = Instant::now();
+        self.outage.get_or_insert(Outage {
+            since: now,
+            attempts: 0,
+            retry: MAX_RETRY,
+            last_logged: now,
+        });
+    }
+
+    /// A reconnection the broker refused (its reason says why: the VM's name held by another
+    /// uid, a layout that is not the broker's for this VM): logged at most every
+    /// `RETRY_LOG_INTERVAL`, and retried like any failed attempt.
+    fn refused(&mut self, reason: &str) {
+        if let Some(outage) = &mut self.outage {
+            outage.attempts += 1;
+            if outage.attempts == 1 || outage.last_logged.elapsed() >= RETRY_LOG_INTERVAL {
+                outage.last_logged = Instant::now();
+                log::warn!(
+                    "broker refused vm {} after {:.1} s away ({} attempts): {reason}",
+                    self.vm,
+                    outage.since.elapsed().as_secs_f64(),
+                    outage.attempts
+                );
+            }
+        }
+        self.fail(&reason);
+    }
+
     /// The timer fired: attempt a reconnection, or give up on a Welcome that is late.
     pub fn on_timer(&mut self, epoll: &Epoll) {
         self.timer.clear();
         match &self.state {
-            State::Up(_) => {}
+            State::Up(_) | State::Superseded => {}
             State::Greeting { deadline, .. } => {
                 if Instant::now() >= *deadline {
                     self.fail(&"no Welcome in time");
@@ -184,7 +232,7 @@ impl BrokerLink {
         let greeted = Channel::connect_nonblocking(&self.path)
             .map_err(IpcError::from)
             .and_then(|channel| {
-                channel.send(&hello(&self.wanted), &[])?;
+                channel.send(&hello(self.vm, &self.wanted), &[])?;
                 epoll
                     .add(&channel, EpollEvent::new(EpollFlags::EPOLLIN, self.token))
                     .map_err(io::Error::from)?;
@@ -262,13 +310,17 @@ impl BrokerLink {
                         }
                         LinkEvent::Restored
                     }
+                    Err(LinkError::Refused(reason)) => {
+                        self.refused(&reason);
+                        LinkEvent::Nothing
+                    }
                     Err(e) => {
                         self.fail(&e);
                         LinkEvent::Nothing
                     }
                 }
             }
-            State::Away => LinkEvent::Nothing,
+            State::Away | State::Superseded => LinkEvent::Nothing,
         }
     }
 
@@ -292,6 +344,10 @@ impl BrokerLink {
             match channel.recv::<BrokerMsg>() {
                 Ok((BrokerMsg::Xrun { stream_id }, _)) => {
                     self.events.push_back(BrokerMsg::Xrun { stream_id });
+                }
+                Ok((BrokerMsg::Refused { reason }, _)) => {
+                    self.superseded(&reason);
+                    return Err(Fault::Down);
                 }
                 Ok((reply, fds)) => {
                     if fds.len() != reply.fd_count() {
@@ -339,6 +395,7 @@ impl BrokerLink {
         while let State::Up(channel) = &self.state {
             match channel.recv::<BrokerMsg>() {
                 Ok((msg @ BrokerMsg::Xrun { .. }, _)) => self.events.push_back(msg),
+                Ok((BrokerMsg::Refused { reason }, _)) => self.superseded(&reason),
                 Ok((other, _)) => self.fail(&format!("unsolicited message {other:?}")),
                 Err(IpcError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => self.fail(&e),
@@ -347,9 +404,10 @@ impl BrokerLink {
     }
 }
 
-fn hello(wanted: &[PcmCaps]) -> WorkerMsg {
+fn hello(vm: VmName, wanted: &[PcmCaps]) -> WorkerMsg {
     WorkerMsg::Hello {
         version: ipc::PROTOCOL_VERSION,
+        vm: vm.as_str().to_string(),
         streams: wanted.to_vec(),
     }
 }

@@ -42,7 +42,7 @@ use virtio_snd::control::{ControlState, PcmStream};
 use virtio_snd::guest::{Chain, GuestBuffer};
 use virtio_snd::protocol::{self as p, Status};
 use virtio_snd::xfer::{Xfer, XferError};
-use vsound_config::Config;
+use vsound_config::{Config, VmName};
 use vsound_shared::guest_log;
 use vsound_shared::ipc::{BrokerMsg, WorkerMsg};
 use vsound_shared::ring::{drain_wakeups, Wakeups};
@@ -88,12 +88,17 @@ pub struct SoundDevice {
 }
 
 impl SoundDevice {
-    /// Builds the device from the config and the grants of the broker at `broker_path`, which
-    /// it will reconnect to whenever the link fails.
-    pub fn new(config: &Config, broker_path: &Path) -> Result<SoundDevice, WorkerError> {
+    /// Builds the device from `vm`'s layout (`config`, from `Config::for_vm`) and the grants of
+    /// the broker at `broker_path`, which it will reconnect to whenever the link fails.
+    pub fn new(
+        config: &Config,
+        vm: VmName,
+        broker_path: &Path,
+    ) -> Result<SoundDevice, WorkerError> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         let (link, granted) = BrokerLink::connect(
             broker_path,
+            vm,
             config.pcm_caps(),
             &epoll,
             TOKEN_BROKER,

@@ -16,7 +16,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
-use vsound_config::Config;
+use vsound_config::{Config, VmName};
 use vsound_process::listen::{self, SocketKind, SocketPath, Source};
 use vsound_process::sandbox::{self, Mode, PathRule, Role};
 use vsound_worker::device::{GuestMemory, SoundDevice, DEVICE_EVENT};
@@ -35,6 +35,12 @@ struct Args {
     /// The audio broker's socket.
     #[arg(long)]
     broker: PathBuf,
+    /// This VM's name (1 to 32 of A-Z a-z 0-9 _ -, starting with a letter or digit): the
+    /// broker binds it to this worker's uid, and names the VM's PipeWire nodes and WAV files
+    /// after it; its `[vms.NAME]` table in the config, if any, gives the VM's layout. The
+    /// shipped unit passes its instance name.
+    #[arg(long, value_name = "NAME")]
+    vm: VmName,
     /// Device configuration (TOML); the built-in default without it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -81,20 +87,34 @@ fn run(args: Args, source: Source) -> Result<(), String> {
         }
         Source::Fd { .. } => None,
     };
-    let config = match &args.config {
+    let file = match &args.config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
-    let device = SoundDevice::new(&config, &args.broker).map_err(|e| {
+    // The broker serves this VM the same layout from the same file, and refuses a Hello whose
+    // streams are not it.
+    let own = file
+        .vms
+        .get(args.vm.as_str())
+        .is_some_and(|v| v.has_own_layout());
+    let config = file.for_vm(&args.vm);
+    let device = SoundDevice::new(&config, args.vm, &args.broker).map_err(|e| {
         format!(
-            "cannot start with the broker at {}: {e}",
+            "vm {}: cannot start with the broker at {}: {e}",
+            args.vm,
             args.broker.display()
         )
     })?;
     log::info!(
-        "worker: broker client {}, {} streams",
+        "worker: vm {}, broker client {}, {} streams ({})",
+        args.vm,
         device.broker_client_id(),
-        config.streams.len()
+        config.streams.len(),
+        if own {
+            format!("its own layout from [vms.{}]", args.vm)
+        } else {
+            "the default layout".to_string()
+        }
     );
     // Everything the worker will ever open is open now: confine it before any guest byte.
     // The vhost-user listener is built from a plain UnixListener, so it never unlinks a path

@@ -21,10 +21,32 @@ use rustix::net::{
 };
 
 /// The version the broker speaks (`ipc::PROTOCOL_VERSION`).
-pub const PROTOCOL_VERSION: u64 = 1;
+pub const PROTOCOL_VERSION: u64 = 2;
 
 /// virtio-snd numbers (the spec's, not the crate's constants).
-const DIRECTION_OUTPUT: u8 = 0;
+pub const DIRECTION_OUTPUT: u8 = 0;
+pub const DIRECTION_INPUT: u8 = 1;
+
+/// The default config's layout (an output and an input stream), as the directions of a Hello's
+/// streams: a Hello must claim the broker's layout for its VM, or it is refused.
+pub const DEFAULT_LAYOUT: &[u8] = &[DIRECTION_OUTPUT, DIRECTION_INPUT];
+
+/// A layout of `n` output streams.
+pub fn outputs(n: usize) -> Vec<u8> {
+    vec![DIRECTION_OUTPUT; n]
+}
+
+/// A VM name no other connection uses: one a live connection of the same uid holds would be
+/// taken over (the broker drops the older connection), one of another uid refused.
+pub fn unique_vm_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "h{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
 const FORMAT_S16: u8 = 5;
 const RATE_48000: u8 = 7;
 
@@ -71,9 +93,9 @@ pub mod wire {
         }
     }
 
-    /// `PcmCaps` of a 48 kHz S16 mono/stereo output stream.
-    fn output_caps(out: &mut Vec<u8>) {
-        out.push(DIRECTION_OUTPUT);
+    /// `PcmCaps` of a 48 kHz S16 mono/stereo stream.
+    fn caps(out: &mut Vec<u8>, direction: u8) {
+        out.push(direction);
         varint(out, 0); // hda_fn_nid
         varint(out, 0); // features
         varint(out, 1 << FORMAT_S16);
@@ -82,14 +104,16 @@ pub mod wire {
         out.push(2); // channels_max
     }
 
-    /// `Hello { version, streams }` asking for `streams` output streams.
-    pub fn hello(version: u64, streams: usize) -> Vec<u8> {
+    /// `Hello { version, vm, streams }` asking for streams of these directions.
+    pub fn hello(version: u64, vm: &str, layout: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         varint(&mut out, 0);
         varint(&mut out, version);
-        varint(&mut out, streams as u64);
-        for _ in 0..streams {
-            output_caps(&mut out);
+        varint(&mut out, vm.len() as u64);
+        out.extend(vm.as_bytes());
+        varint(&mut out, layout.len() as u64);
+        for &direction in layout {
+            caps(&mut out, direction);
         }
         out
     }
@@ -186,12 +210,17 @@ impl Hostile {
         Ok(())
     }
 
-    /// Connects and says Hello for `streams` output streams; does not read the answer. A
-    /// broker that refused the connection before the Hello went out (EPIPE) still left its
-    /// `Refused` to read.
-    pub fn hello(path: &Path, streams: usize) -> io::Result<Hostile> {
+    /// Connects and says Hello for a VM of its own with streams of `layout`'s directions; does
+    /// not read the answer. A broker that refused the connection before the Hello went out
+    /// (EPIPE) still left its `Refused` to read.
+    pub fn hello(path: &Path, layout: &[u8]) -> io::Result<Hostile> {
+        Hostile::hello_as(path, &unique_vm_name(), layout)
+    }
+
+    /// [`Hostile::hello`] claiming the VM name `vm`.
+    pub fn hello_as(path: &Path, vm: &str, layout: &[u8]) -> io::Result<Hostile> {
         let hostile = Hostile::connect(path)?;
-        match hostile.send(&wire::hello(PROTOCOL_VERSION, streams)) {
+        match hostile.send(&wire::hello(PROTOCOL_VERSION, vm, layout)) {
             Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e),
             _ => Ok(hostile),
         }
@@ -272,6 +301,8 @@ pub fn rss_kib(pid: u32) -> u64 {
 const ATTACK_SOCKET: &str = "VSOUND_HOSTILE_SOCKET";
 const ATTACK_MODE: &str = "VSOUND_HOSTILE_MODE";
 const ATTACK_COUNT: &str = "VSOUND_HOSTILE_COUNT";
+/// The directions of the streams its Hellos claim, `o` and `i` (the broker's layout).
+const ATTACK_LAYOUT: &str = "VSOUND_HOSTILE_LAYOUT";
 /// How long an attacker waits for the broker to hang up on all its connections.
 const HANG_UP_LIMIT: Duration = Duration::from_secs(10);
 
@@ -291,7 +322,7 @@ pub enum Attack {
     /// of PREPARE, PREPARE, START, STOP, ...) on each and reads their replies; reports
     /// "storming" once all are welcomed, then the replies it got: `succeeded failed missing`.
     Storm,
-    /// Says Hello asking for `HUNG_STREAM + 1` streams, then until told "end" PREPAREs
+    /// Says Hello (its layout has at least `HUNG_STREAM + 1` streams), then until told "end" PREPAREs
     /// `HUNG_STREAM` (a backend whose open hangs) and reads each reply; reports "ready" once
     /// welcomed, then `answered failed`.
     HungOpen,
@@ -326,13 +357,26 @@ pub struct Attacker {
 }
 
 impl Attacker {
-    pub fn spawn(test_name: &str, uid: u32, socket: &Path, attack: Attack, count: usize) -> Self {
+    /// Its Hellos claim streams of `layout`'s directions: the broker's layout.
+    pub fn spawn(
+        test_name: &str,
+        uid: u32,
+        socket: &Path,
+        attack: Attack,
+        count: usize,
+        layout: &[u8],
+    ) -> Self {
         use std::os::unix::process::CommandExt;
+        let layout: String = layout
+            .iter()
+            .map(|&d| if d == DIRECTION_INPUT { 'i' } else { 'o' })
+            .collect();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([test_name, "--exact", "--ignored", "--nocapture", "-q"])
             .env(ATTACK_SOCKET, socket)
             .env(ATTACK_MODE, attack.name())
             .env(ATTACK_COUNT, count.to_string())
+            .env(ATTACK_LAYOUT, layout)
             .uid(uid)
             .gid(65534)
             .stdin(std::process::Stdio::piped())
@@ -450,6 +494,18 @@ pub fn run_attacker() {
     };
     let socket = Path::new(&socket);
     let count: usize = count.parse().unwrap();
+    let layout: Vec<u8> = std::env::var(ATTACK_LAYOUT)
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c == 'i' {
+                DIRECTION_INPUT
+            } else {
+                DIRECTION_OUTPUT
+            }
+        })
+        .collect();
+    let layout = &layout[..];
     match mode.as_str() {
         "idle" => {
             let conns: Vec<(Hostile, Instant)> = (0..count)
@@ -461,7 +517,7 @@ pub fn run_attacker() {
         }
         "never-read" => {
             let conns: Vec<(Hostile, Instant)> = (0..count)
-                .map(|_| (Hostile::hello(socket, 2).unwrap(), Instant::now()))
+                .map(|_| (Hostile::hello(socket, layout).unwrap(), Instant::now()))
                 .collect();
             let mut sent = 0;
             for (conn, _) in &conns {
@@ -474,7 +530,7 @@ pub fn run_attacker() {
             say("sent", sent);
             say("hangups", hang_up_times(&conns));
             // The fds queued on the dropped sockets are still ours to hold.
-            let extra = Hostile::hello(socket, 2).unwrap();
+            let extra = Hostile::hello(socket, layout).unwrap();
             match extra.recv(Duration::from_secs(5)) {
                 Ok(Some(Reply::Refused(reason))) => say("extra", format!("refused: {reason}")),
                 other => say("extra", format!("{other:?}")),
@@ -485,7 +541,7 @@ pub fn run_attacker() {
             let mut welcomed = Vec::new();
             let mut refused = 0;
             for _ in 0..count {
-                let conn = Hostile::hello(socket, 2).unwrap();
+                let conn = Hostile::hello(socket, layout).unwrap();
                 match conn.recv(Duration::from_secs(5)) {
                     Ok(Some(Reply::Welcome)) => welcomed.push(conn),
                     // Refused, then hung up.
@@ -502,7 +558,7 @@ pub fn run_attacker() {
                 drop(welcomed.pop());
                 let deadline = Instant::now() + Duration::from_secs(2);
                 let again = loop {
-                    let conn = Hostile::hello(socket, 2).unwrap();
+                    let conn = Hostile::hello(socket, layout).unwrap();
                     match conn.recv(Duration::from_secs(5)) {
                         Ok(Some(Reply::Welcome)) => {
                             welcomed.push(conn);
@@ -516,14 +572,18 @@ pub fn run_attacker() {
                 wait_for("end");
             }
         }
-        "storm" => storm(socket, count),
-        "hung-open" => hung_open(socket),
+        "storm" => storm(socket, count, layout),
+        "hung-open" => hung_open(socket, layout),
         other => panic!("unknown attack {other}"),
     }
 }
 
-fn hung_open(socket: &Path) {
-    let conn = Hostile::hello(socket, HUNG_STREAM as usize + 1).unwrap();
+fn hung_open(socket: &Path, layout: &[u8]) {
+    assert!(
+        layout.len() > HUNG_STREAM as usize,
+        "the layout has no hung stream"
+    );
+    let conn = Hostile::hello(socket, layout).unwrap();
     assert_eq!(
         conn.recv(Duration::from_secs(5)).unwrap(),
         Some(Reply::Welcome)
@@ -550,7 +610,7 @@ fn hung_open(socket: &Path) {
     say("replies", format!("{answered} {failed}"));
 }
 
-/// The stream an `Attack::Storm` storms (its Hello asks for two output streams).
+/// The stream an `Attack::Storm` storms (an output stream of its layout).
 pub const STORM_STREAM: u32 = 1;
 
 /// The requests of one `Attack::Storm` burst on `STORM_STREAM`: a PREPARE (replacing the stream), START
@@ -594,12 +654,12 @@ pub fn storm_once(conn: &Hostile, burst: &[Vec<u8>], timeout: Duration) -> (usiz
 /// It runs at the lowest priority (nice 19): on a test machine's few cores the storming clients
 /// stand for other VMs' workers on cores of their own, so the delay they cause is the broker's,
 /// not the machine's (their requests still come as fast as the broker answers when it is idle).
-fn storm(socket: &Path, count: usize) {
+fn storm(socket: &Path, count: usize, layout: &[u8]) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let _ = rustix::process::nice(19);
     let conns: Vec<Hostile> = (0..count)
-        .map(|_| Hostile::hello(socket, 2).unwrap())
+        .map(|_| Hostile::hello(socket, layout).unwrap())
         .filter(|conn| conn.recv(Duration::from_secs(5)).ok() == Some(Some(Reply::Welcome)))
         .collect();
     say("storming", conns.len());

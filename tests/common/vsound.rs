@@ -126,6 +126,7 @@ fn allow_unprivileged_workers(dir: &Path, socket: &Path) {
     }
 }
 
+/// A worker for the VM `name` (its `--vm`), listening on `DIR/NAME.sock`.
 pub fn spawn_worker(
     dir: &Path,
     name: &str,
@@ -139,6 +140,8 @@ pub fn spawn_worker(
         .arg(&socket)
         .arg("--broker")
         .arg(broker)
+        .arg("--vm")
+        .arg(name)
         .env("RUST_LOG", log_level());
     if nix::unistd::Uid::effective().is_root() {
         cmd.args(["--user", "nobody", "--group", "nogroup"]);
@@ -159,6 +162,22 @@ pub struct Launcher {
     pub socket: PathBuf,
     pub broker_socket: PathBuf,
     pub log: PathBuf,
+}
+
+/// Stops the launcher with SIGTERM, which stops its children: a SIGKILL (`Proc`'s drop) would
+/// leave its broker and worker running, orphaned.
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        // Not once reaped: its pid may be another process's by now.
+        if !self.proc.is_running() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.proc.pid() as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
+            // The launcher gives each child 3 s before it kills it.
+            let _ = wait_exit(&mut self.proc, Duration::from_secs(8));
+        }
+    }
 }
 
 impl Launcher {

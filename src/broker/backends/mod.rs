@@ -7,13 +7,14 @@
 //! (ALSA's is polled by a timer too). Timer-driven streams run on the broker's timer thread while
 //! they play ([`clocked::TimerThread`]).
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::BorrowedFd;
 
 use std::sync::Arc;
 
 use virtio_snd::control::{PcmCaps, PcmParams};
-use vsound_config::{BackendKind, Config, StreamConfig};
+use vsound_config::{BackendKind, Config, StreamConfig, VmName};
 use vsound_shared::ring::{Consumer, Producer, RingError, SharedRing, WakeSender};
 
 pub mod alsa;
@@ -26,6 +27,8 @@ pub mod wav;
 #[derive(Debug, Clone, Copy)]
 pub struct StreamSpec {
     pub client_id: u32,
+    /// The VM's name (checked at Hello): node names and WAV file names are made from it.
+    pub vm: VmName,
     /// VIRTIO_SND_D_OUTPUT or VIRTIO_SND_D_INPUT.
     pub direction: u8,
     pub params: PcmParams,
@@ -151,11 +154,23 @@ pub trait BackendStream: Send {
     fn on_wake(&mut self) -> Result<Wake, RingError>;
 }
 
-/// Builds the backend each configured stream asks for. `auto` streams get PipeWire when a
-/// daemon answers, otherwise ALSA's default PCM if it opens, otherwise `null` (and the choice
-/// is logged); an explicit `pipewire` stream needs the daemon.
-pub fn build(config: &Config) -> Result<Vec<Arc<dyn Backend>>, String> {
-    let wants = |kind| config.streams.iter().any(|s| s.backend == kind);
+/// The backends of one layout, one per stream slot.
+pub type Backends = Vec<Arc<dyn Backend>>;
+
+/// The backends of every layout of the config.
+pub struct LayoutBackends {
+    /// The default (top-level) layout's.
+    pub default: Backends,
+    /// Those of each VM whose `[vms.NAME]` table has streams or channel maps of its own (the
+    /// others share the default's).
+    pub vms: HashMap<String, Backends>,
+}
+
+/// Builds the backend each configured stream of every layout asks for. `auto` streams get
+/// PipeWire when a daemon answers, otherwise ALSA's default PCM if it opens, otherwise `null`
+/// (and the choice is logged); an explicit `pipewire` stream needs the daemon.
+pub fn build(config: &Config) -> Result<LayoutBackends, String> {
+    let wants = |kind| config.all_streams().any(|s| s.backend == kind);
     let pipewire_thread = if wants(BackendKind::Pipewire) || wants(BackendKind::Auto) {
         match pipewire::PipewireThread::start() {
             Ok(thread) => Some(thread),
@@ -179,11 +194,27 @@ pub fn build(config: &Config) -> Result<Vec<Arc<dyn Backend>>, String> {
     if wants(BackendKind::Auto) {
         log::info!("backends: auto streams use {auto}");
     }
-    Ok(config
-        .streams
-        .iter()
-        .map(|stream| for_stream(config, stream, pipewire_thread.as_ref(), auto_alsa))
-        .collect())
+    let layout = |config: &Config| -> Backends {
+        config
+            .streams
+            .iter()
+            .map(|stream| for_stream(config, stream, pipewire_thread.as_ref(), auto_alsa))
+            .collect()
+    };
+    let mut vms = HashMap::new();
+    for (name, vm) in &config.vms {
+        if !vm.has_own_backends() {
+            continue;
+        }
+        // Validated at load: every key is a VM name.
+        if let Ok(vm_name) = VmName::new(name) {
+            vms.insert(name.clone(), layout(&config.for_vm(&vm_name)));
+        }
+    }
+    Ok(LayoutBackends {
+        default: layout(config),
+        vms,
+    })
 }
 
 fn for_stream(

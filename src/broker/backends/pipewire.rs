@@ -53,6 +53,7 @@ use super::{
 };
 use virtio_snd::control::{PcmCaps, PcmParams};
 use virtio_snd::protocol::{chmap, format, D_OUTPUT};
+use vsound_config::VmName;
 use vsound_shared::ratelimit::LogLimiter;
 use vsound_shared::ring::RingError;
 
@@ -1217,6 +1218,17 @@ fn supervise(
     }
 }
 
+/// A node's name and description: the config's (with `{vm}` replaced), else
+/// `vsound.VM.STREAM` and `vsound VM STREAM`. Named after the VM, not the broker's connection
+/// number, so that they survive worker restarts (a session manager's routing rules match them).
+fn node_names(props: &NodeProps, vm: VmName) -> (String, String) {
+    let fill = |text: &Option<String>| text.as_ref().map(|t| t.replace("{vm}", vm.as_str()));
+    (
+        fill(&props.node_name).unwrap_or_else(|| format!("vsound.{vm}.{}", props.stream_name)),
+        fill(&props.description).unwrap_or_else(|| format!("vsound {vm} {}", props.stream_name)),
+    )
+}
+
 fn open_stream(
     core: &pw::core::CoreRc,
     props: &NodeProps,
@@ -1225,20 +1237,16 @@ fn open_stream(
 ) -> Result<LiveStream, String> {
     let params = &spec.params;
     let output = spec.direction == D_OUTPUT;
-    let node_name = props
-        .node_name
-        .clone()
-        .unwrap_or_else(|| format!("vsound.vm{}.{}", spec.client_id, props.stream_name));
-    let description = props
-        .description
-        .clone()
-        .unwrap_or_else(|| format!("vsound VM {} {}", spec.client_id, props.stream_name));
+    let (node_name, description) = node_names(props, spec.vm);
     let mut properties = pw::properties::properties! {
         *pw::keys::MEDIA_TYPE => "Audio",
         *pw::keys::MEDIA_CATEGORY => if output { "Playback" } else { "Capture" },
         *pw::keys::NODE_NAME => node_name.as_str(),
         *pw::keys::NODE_DESCRIPTION => description.as_str(),
         *pw::keys::APP_NAME => "vsound",
+        // For the session manager's rules: which VM, whatever the node is called.
+        "vsound.vm" => spec.vm.as_str(),
+        "vsound.stream" => props.stream_name.as_str(),
         // The graph's quantum follows the guest's period.
         *pw::keys::NODE_LATENCY => format!("{}/{}", params.period_frames(), params.rate_hz()).as_str(),
     };
@@ -1495,6 +1503,30 @@ mod tests {
             format: format::S16,
             rate: rate::R48000,
         }
+    }
+
+    #[test]
+    fn node_names_come_from_the_vm_name() {
+        let vm = VmName::new("navi").unwrap();
+        let mut props = NodeProps {
+            stream_name: "media".into(),
+            ..NodeProps::default()
+        };
+        assert_eq!(
+            node_names(&props, vm),
+            (
+                "vsound.navi.media".to_string(),
+                "vsound navi media".to_string()
+            )
+        );
+        props.node_name = Some("{vm}-bus0".into());
+        props.description = Some("Media of {vm}".into());
+        assert_eq!(
+            node_names(&props, vm),
+            ("navi-bus0".to_string(), "Media of navi".to_string())
+        );
+        props.node_name = Some("fixed".into());
+        assert_eq!(node_names(&props, vm).0, "fixed");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter};
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use hound::{SampleFormat, WavReader, WavSpec, WavWriter};
 
@@ -130,15 +130,39 @@ const WAV_FORMATS: u64 = (1 << format::U8)
     | (1 << format::FLOAT);
 
 pub struct WavBackend {
-    /// May contain `{client}`, replaced by the broker's client number.
+    /// Its file name may contain `{vm}` (the VM's name) and `{client}` (the broker's number for
+    /// the connection), replaced at each open.
     pub path_template: PathBuf,
 }
 
 impl WavBackend {
-    fn path_for(&self, client_id: u32) -> PathBuf {
-        let text = self.path_template.to_string_lossy();
-        PathBuf::from(text.replace("{client}", &client_id.to_string()))
+    fn path_for(&self, spec: &StreamSpec) -> Result<PathBuf, BackendError> {
+        expand(&self.path_template, spec.vm.as_str(), spec.client_id)
     }
+}
+
+/// `template` with its file name's placeholders replaced, in the template's directory: only the
+/// file name changes, and the result must still be one plain file name there. A VM name
+/// cannot contain '/' or '.' (`VmName`), so this never refuses one; it is checked anyway,
+/// because a wrong file here would be written with the broker's rights.
+fn expand(template: &Path, vm: &str, client: u32) -> Result<PathBuf, BackendError> {
+    let name = template
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default()
+        .replace("{vm}", vm)
+        .replace("{client}", &client.to_string());
+    let plain = matches!(
+        Path::new(&name).components().collect::<Vec<_>>()[..],
+        [Component::Normal(_)]
+    ) && !name.contains('/');
+    if !plain {
+        return Err(BackendError::Unsupported(format!(
+            "wav backend: {name:?} is not a file name in {}",
+            template.parent().unwrap_or(Path::new("")).display()
+        )));
+    }
+    Ok(template.with_file_name(name))
 }
 
 fn wav_spec(spec: &StreamSpec) -> Result<(WavSpec, Codec), BackendError> {
@@ -181,7 +205,7 @@ impl Backend for WavBackend {
 impl WavBackend {
     fn open_io(&self, spec: &StreamSpec) -> Result<Box<dyn ClockedIo>, BackendError> {
         let (wav, codec) = wav_spec(spec)?;
-        let path = self.path_for(spec.client_id);
+        let path = self.path_for(spec)?;
         if spec.direction == D_OUTPUT {
             let writer = WavWriter::create(&path, wav).map_err(to_io)?;
             log::info!("wav: writing playback to {}", path.display());
@@ -270,6 +294,7 @@ mod tests {
     fn spec(direction: u8, format: u8) -> StreamSpec {
         StreamSpec {
             client_id: 7,
+            vm: vsound_config::VmName::new("navi").unwrap(),
             direction,
             params: PcmParams {
                 buffer_bytes: 4096,
@@ -326,6 +351,34 @@ mod tests {
                 got[data.len()..].iter().all(|&b| b == silence),
                 "silence after the end"
             );
+        }
+    }
+
+    #[test]
+    fn placeholders_fill_the_file_name_only() {
+        let template = Path::new("/var/lib/vsound/{vm}-{client}.wav");
+        let backend = WavBackend {
+            path_template: template.to_path_buf(),
+        };
+        assert_eq!(
+            backend.path_for(&spec(D_OUTPUT, format::S16)).unwrap(),
+            PathBuf::from("/var/lib/vsound/navi-7.wav")
+        );
+        assert_eq!(
+            expand(Path::new("out.wav"), "navi", 1).unwrap(),
+            PathBuf::from("out.wav")
+        );
+        // Every name a VM may have stays a file name in the template's directory.
+        for vm in ["a", "A-_9", "0", "z".repeat(32).as_str()] {
+            vsound_config::VmName::new(vm).unwrap();
+            let path = expand(Path::new("/srv/{vm}"), vm, 1).unwrap();
+            assert_eq!(path.parent(), Some(Path::new("/srv")));
+            assert_eq!(path.file_name().unwrap(), vm);
+        }
+        // Were a name ever a path, it would be refused, not followed.
+        for vm in ["..", ".", "", "a/b", "/etc/passwd"] {
+            assert!(vsound_config::VmName::new(vm).is_err(), "{vm:?}");
+            assert!(expand(Path::new("/srv/{vm}"), vm, 1).is_err(), "{vm:?}");
         }
     }
 
