@@ -354,15 +354,16 @@ positions = ["MONO"]
     let mut b = GuestVm::connect(&socket_b, FrontendOptions::default()).unwrap();
     let mut c = GuestVm::connect(&socket_c, FrontendOptions::default()).unwrap();
 
-    // {jacks, streams, chmaps}: a's own streams with the default jack and maps; b's own all
-    // through; c, without a table, the default.
+    // {jacks, streams, chmaps}: a's own stream with the default jack and the standard maps of
+    // its own device (mono to 7.1 output); b's own all through; c, without a table, the
+    // default.
     let words = |config: Vec<u8>| -> Vec<u32> {
         config
             .chunks(4)
             .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
             .collect()
     };
-    assert_eq!(words(a.get_config(0, 12).unwrap()), [1, 1, 12]);
+    assert_eq!(words(a.get_config(0, 12).unwrap()), [1, 1, 6]);
     assert_eq!(words(b.get_config(0, 12).unwrap()), [2, 3, 3]);
     assert_eq!(words(c.get_config(0, 12).unwrap()), [1, 2, 12]);
 

@@ -16,8 +16,9 @@ use virtio_snd::protocol::{self, chmap, format};
 /// Upper bounds that keep every table and allocation small, whatever the config says.
 pub const MAX_STREAMS: usize = 32;
 pub const MAX_JACKS: usize = 32;
-/// Enough for 8 buses and a mic with every standard layout up to 7.1 on each (9 x 6).
-pub const MAX_CHMAPS: usize = 64;
+/// Enough for every stream on a device of its own with every standard layout (mono to 7.1),
+/// so the generated maps always fit.
+pub const MAX_CHMAPS: usize = MAX_STREAMS * STANDARD_LAYOUTS.len();
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest VM name (`--vm`, `[vms.NAME]`).
 pub const MAX_VM_NAME_LEN: usize = 32;
