@@ -142,7 +142,7 @@ impl Host {
             "host called with another stream than {stream_id}"
         );
         assert!(
-            stream.state().allows(code),
+            spec_allows(stream.state(), code),
             "host called for {code:#x} in {:?}",
             stream.state()
         );
@@ -183,6 +183,21 @@ impl PcmHost<PcmStream> for Host {
     fn release(&mut self, id: u32, s: &mut PcmStream) -> Result<(), Status> {
         self.call(p::R_PCM_RELEASE, id, s, None)
     }
+}
+
+/// Whether the spec's PCM command lifecycle (VIRTIO 1.2, 5.14.6.6.1) allows `code` in `state`,
+/// written out independently of `PcmState::allows`, which must agree with it.
+fn spec_allows(state: PcmState, code: u32) -> bool {
+    use PcmState::*;
+    let from: &[PcmState] = match code {
+        p::R_PCM_SET_PARAMS => &[Initial, ParamsSet, Prepared, Released],
+        p::R_PCM_PREPARE => &[ParamsSet, Prepared, Released],
+        p::R_PCM_START => &[Prepared, Stopped],
+        p::R_PCM_STOP => &[Running],
+        p::R_PCM_RELEASE => &[Prepared, Stopped],
+        _ => &[],
+    };
+    from.contains(&state)
 }
 
 /// The state a successful request of the lifecycle leads to (VIRTIO sound, PCM command
@@ -291,6 +306,15 @@ impl Model {
         // What the request should have done: `Some(expected status)` for requests about a
         // stream, with the stream and the host call it implies.
         let code = p::request_code(req);
+        if let Some(code) = code {
+            for (state, _) in &before {
+                assert_eq!(
+                    state.allows(code),
+                    spec_allows(*state, code),
+                    "PcmState::allows({state:?}, {code:#x}) is not the spec's"
+                );
+            }
+        }
         let mut target: Option<usize> = None;
         match code {
             Some(code @ (p::R_JACK_INFO | p::R_PCM_INFO | p::R_CHMAP_INFO)) => {
@@ -308,7 +332,7 @@ impl Model {
                 let id = msg.map(|m| m.hdr.stream_id.get() as usize);
                 let prior = id.and_then(|id| before.get(id).map(|b| (id, b.0)));
                 let expected = match (msg, prior) {
-                    (Some(msg), Some((id, state))) if state.allows(p::R_PCM_SET_PARAMS) => {
+                    (Some(msg), Some((id, state))) if spec_allows(state, p::R_PCM_SET_PARAMS) => {
                         let params = PcmParams {
                             buffer_bytes: msg.buffer_bytes.get(),
                             period_bytes: msg.period_bytes.get(),
@@ -342,7 +366,7 @@ impl Model {
                 let id = p::read_prefix::<p::PcmHdr>(req).map(|h| h.stream_id.get());
                 let prior = id.and_then(|id| before.get(id as usize));
                 match prior {
-                    Some((state, params)) if state.allows(code) => {
+                    Some((state, params)) if spec_allows(*state, code) => {
                         // Every state that allows PREPARE is reached through SET_PARAMS.
                         assert!(
                             code != p::R_PCM_PREPARE || params.is_some(),
@@ -388,7 +412,7 @@ impl Model {
             if ok && target == Some(id) {
                 let code = code.unwrap();
                 assert!(
-                    was.0.allows(code),
+                    spec_allows(was.0, code),
                     "{:?} does not allow {code:#x}: {ctx}",
                     was.0
                 );

@@ -15,6 +15,7 @@ pub mod control;
 pub mod input;
 pub mod ipc;
 pub mod ring;
+pub mod seeds;
 
 /// A target's body.
 pub type Body = fn(&[u8]);
