@@ -365,51 +365,83 @@ impl Shadow {
         }
     }
 
-    fn slot(&mut self, addr: u64) -> Option<&mut u8> {
-        self.regions.iter_mut().find_map(|(base, bytes)| {
-            let off = addr.checked_sub(*base)?;
-            bytes.get_mut(usize::try_from(off).ok()?)
-        })
+    /// The parts of `[addr, addr + len)` in each region: (region, offset in it, length), in
+    /// address order (the regions are).
+    fn spans(&self, addr: u64, len: usize) -> Vec<(usize, usize, usize)> {
+        let end = addr.saturating_add(len as u64);
+        let mut spans = Vec::new();
+        for (r, (base, bytes)) in self.regions.iter().enumerate() {
+            let from = addr.max(*base);
+            let to = end.min(base + bytes.len() as u64);
+            if from < to {
+                spans.push((r, (from - base) as usize, (to - from) as usize));
+            }
+        }
+        spans
     }
 
-    fn get(&mut self, addr: u64) -> Option<u8> {
-        self.slot(addr).copied()
+    /// The bytes at `[addr, addr + len)`, if every one is in guest memory.
+    fn read(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
+        let spans = self.spans(addr, len);
+        if spans.iter().map(|s| s.2).sum::<usize>() != len {
+            return None;
+        }
+        let mut out = Vec::with_capacity(len);
+        for (r, at, n) in spans {
+            out.extend_from_slice(&self.regions[r].1[at..at + n]);
+        }
+        Some(out)
+    }
+
+    /// Writes `data` at `addr`, which must be in guest memory.
+    fn write(&mut self, addr: u64, data: &[u8]) {
+        let mut done = 0;
+        for (r, at, n) in self.spans(addr, data.len()) {
+            self.regions[r].1[at..at + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+        assert_eq!(done, data.len());
     }
 }
 
-/// The guest address of each byte of `[offset, offset + len)` of a buffer made of these
-/// descriptors (`None` for a byte whose address overflows); `None` if the range is past the
-/// buffer's end.
-fn byte_addrs(segments: &[(u64, u32)], offset: u64, len: usize) -> Option<Vec<Option<u64>>> {
+/// The pieces of guest memory that `[offset, offset + len)` of a buffer made of these
+/// descriptors covers, in order: (address, length), the address `None` where the piece's end
+/// would overflow. `None` if the range is past the buffer's end.
+fn pieces(segments: &[(u64, u32)], offset: u64, len: usize) -> Option<Vec<(Option<u64>, usize)>> {
     let total: u64 = segments.iter().map(|&(_, l)| u64::from(l)).sum();
     let end = offset.checked_add(len as u64).filter(|&e| e <= total)?;
-    let mut addrs = Vec::with_capacity(len);
+    let mut pieces = Vec::new();
     let mut seg_start = 0u64;
     for &(addr, seg_len) in segments {
         let seg_end = seg_start + u64::from(seg_len);
         let from = offset.max(seg_start);
         let to = end.min(seg_end);
-        for flat in from..to.max(from) {
-            addrs.push(addr.checked_add(flat - seg_start));
+        if from < to {
+            let n = to - from;
+            let at = addr
+                .checked_add(from - seg_start)
+                .filter(|a| a.checked_add(n - 1).is_some());
+            pieces.push((at, n as usize));
         }
         seg_start = seg_end;
     }
-    assert_eq!(addrs.len(), len);
-    Some(addrs)
+    assert_eq!(pieces.iter().map(|p| p.1).sum::<usize>(), len);
+    Some(pieces)
 }
 
 /// What a read of `len` bytes at `offset` must give: `Some(bytes)` if every byte is in the
 /// buffer and in guest memory.
 fn expected_read(
-    shadow: &mut Shadow,
+    shadow: &Shadow,
     segments: &[(u64, u32)],
     offset: u64,
     len: usize,
 ) -> Option<Vec<u8>> {
-    byte_addrs(segments, offset, len)?
-        .into_iter()
-        .map(|a| a.and_then(|a| shadow.get(a)))
-        .collect()
+    let mut out = Vec::with_capacity(len);
+    for (addr, n) in pieces(segments, offset, len)? {
+        out.extend(shadow.read(addr?, n)?);
+    }
+    Some(out)
 }
 
 /// A chain taken off the queue, with the descriptors virtio-queue walked for it.
@@ -435,14 +467,11 @@ pub fn chain(data: &[u8]) {
         layout.iter().map(|&(b, l)| (GuestAddress(b), l)).collect();
     let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
     for (r, &(base, len)) in layout.iter().enumerate() {
-        let fill: Vec<u8> = (0..len)
-            .map(|i| {
-                (i as u8)
-                    .wrapping_mul(31)
-                    .wrapping_add(seed)
-                    .wrapping_add(r as u8)
-            })
+        // A pattern of 256 bytes repeated: a misplaced read reads other bytes.
+        let pattern: Vec<u8> = (0..=255u8)
+            .map(|i| i.wrapping_mul(31).wrapping_add(seed).wrapping_add(r as u8))
             .collect();
+        let fill = pattern.repeat(len / pattern.len());
         mem.write_slice(&fill, GuestAddress(base)).unwrap();
     }
 
@@ -503,7 +532,7 @@ pub fn chain(data: &[u8]) {
         }
     };
     for t in &taken {
-        check_xfer(&mem, &mut shadow, t);
+        check_xfer(&mem, &shadow, t);
     }
 
     let mut counter = 0u8;
@@ -590,7 +619,7 @@ fn check_parse(
 }
 
 /// `Xfer::parse` in both directions against the chain's part lengths and its header bytes.
-fn check_xfer(mem: &GuestMemoryMmap<()>, shadow: &mut Shadow, t: &Taken) {
+fn check_xfer(mem: &GuestMemoryMmap<()>, shadow: &Shadow, t: &Taken) {
     let readable = t.chain.readable.len();
     let writable = t.chain.writable.len();
     let header = expected_read(shadow, &t.readable, 0, 4);
@@ -645,7 +674,7 @@ fn check_access(
     // A zero-length access touches no memory: inside the buffer, whether it fails where its
     // (empty) piece would lie outside guest memory is vm-memory's choice; past the buffer's
     // end it must fail.
-    let in_range = byte_addrs(segments, access.offset, len).is_some();
+    let in_range = pieces(segments, access.offset, len).is_some();
     let check_outcome = |ok: bool| {
         if len == 0 {
             assert!(
@@ -688,29 +717,41 @@ fn check_access(
                 .collect();
             let ok = buf.write(mem, access.offset, &data).is_ok();
             check_outcome(ok);
-            let addrs = byte_addrs(segments, access.offset, len).unwrap_or_default();
+            let pieces = pieces(segments, access.offset, len).unwrap_or_default();
             let actual = Shadow::of(mem, layout);
-            if ok {
-                // In order: a later descriptor aliasing an earlier one wins, as in memory.
-                for (a, &b) in addrs.iter().zip(&data) {
-                    *shadow.slot(a.unwrap()).unwrap() = b;
+            // Which bytes the write may change: all of its range if it succeeded (then exactly
+            // as the shadow says), else what of its range lies in memory (a failed write may
+            // have written a prefix).
+            let mut covered: Vec<Vec<bool>> = shadow
+                .regions
+                .iter()
+                .map(|(_, b)| vec![false; b.len()])
+                .collect();
+            let mut done = 0;
+            for &(addr, n) in &pieces {
+                if let Some(addr) = addr {
+                    if ok {
+                        // In order: a later descriptor aliasing an earlier one wins, as in memory.
+                        shadow.write(addr, &data[done..done + n]);
+                    } else {
+                        for (r, at, n) in shadow.spans(addr, n) {
+                            covered[r][at..at + n].fill(true);
+                        }
+                    }
                 }
+                done += n;
             }
-            // A failed write may have written a prefix, but only inside its range.
-            let covered: std::collections::HashSet<u64> = if ok {
-                Default::default()
-            } else {
-                addrs.iter().flatten().copied().collect()
-            };
-            for ((base, want), (_, got)) in shadow.regions.iter().zip(&actual.regions) {
+            for (r, ((base, want), (_, got))) in
+                shadow.regions.iter().zip(&actual.regions).enumerate()
+            {
                 if want == got {
                     continue;
                 }
                 for (i, (w, g)) in want.iter().zip(got).enumerate() {
-                    let addr = base + i as u64;
                     assert!(
-                        w == g || covered.contains(&addr),
-                        "byte {addr:#x} changed from {w:#x} to {g:#x}: {ctx}"
+                        w == g || covered[r][i],
+                        "byte {:#x} changed from {w:#x} to {g:#x}: {ctx}",
+                        base + i as u64
                     );
                 }
             }
