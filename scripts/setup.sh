@@ -84,3 +84,11 @@ for component in fmt clippy; do
     exit 1
   fi
 done
+
+# scripts/fuzz.sh needs cargo-fuzz, on a nightly toolchain: installed (quietly) only where
+# nightly is there, and never a reason for setup to fail.
+if cargo +nightly --version >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --quiet >/dev/null 2>&1 \
+    || echo "setup: could not install cargo-fuzz (only scripts/fuzz.sh needs it)" >&2
+fi
