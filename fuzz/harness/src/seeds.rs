@@ -681,6 +681,7 @@ fn ipc() -> Vec<Seed> {
             "hello",
             WorkerMsg::Hello {
                 version: PROTOCOL_VERSION,
+                vm: "navi".into(),
                 streams: caps.clone(),
             },
         ),
@@ -688,6 +689,7 @@ fn ipc() -> Vec<Seed> {
             "hello-empty",
             WorkerMsg::Hello {
                 version: PROTOCOL_VERSION,
+                vm: "vm".into(),
                 streams: vec![],
             },
         ),
@@ -695,13 +697,15 @@ fn ipc() -> Vec<Seed> {
             "hello-max",
             WorkerMsg::Hello {
                 version: PROTOCOL_VERSION,
+                vm: "a".repeat(32),
                 streams: vec![caps[0]; vsound_config::MAX_STREAMS],
             },
         ),
         (
             "hello-too-many",
             WorkerMsg::Hello {
-                version: 2,
+                version: PROTOCOL_VERSION,
+                vm: "../escape".into(),
                 streams: vec![caps[1]; vsound_config::MAX_STREAMS + 1],
             },
         ),
