@@ -19,8 +19,12 @@ const RATE: f64 = 48_000.0;
 const PERIOD_FRAMES: u32 = 264;
 const FRAME_BYTES: u32 = 4;
 
-const CONFIG: &str = "[[streams]]\nname = \"media\"\ndirection = \"output\"\nbackend = \"null\"\n\
-                      formats = [\"S16\"]\nrates = [48000]\nchannels_min = 2\nchannels_max = 2\n";
+/// One stereo S16 48 kHz bus on the null backend, buffers up to 16 periods.
+fn config() -> String {
+    "[[streams]]\nname = \"media\"\ndirection = \"output\"\nbackend = \"null\"\n\
+     formats = [\"S16\"]\nrates = [48000]\nchannels_min = 2\nchannels_max = 2\n"
+        .to_string()
+}
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
@@ -31,9 +35,13 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let mut rig = Rig::start(Some(CONFIG), FrontendOptions::default());
+    let mut rig = Rig::start(Some(&config()), FrontendOptions::default());
+    // 16 periods in flight (the most Linux uses): a guest that is late to queue (this
+    // process, at normal priority) must not underrun the stream, or the drift measured would
+    // be the guest's lateness, not the device's clock.
     let params = Params {
         period_bytes: PERIOD_FRAMES * FRAME_BYTES,
+        periods: 16,
         ..Params::s16_48k(0)
     };
     prepare(&mut rig.vm, &params);
