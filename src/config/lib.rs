@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use virtio_snd::control::{DeviceLayout, PcmCaps};
+use virtio_snd::ctl::{self, ControlSpec};
 use virtio_snd::protocol::{self, chmap, format};
 
 /// Upper bounds that keep every table and allocation small, whatever the config says.
@@ -118,6 +119,9 @@ pub struct StreamConfig {
     /// ALSA: the PCM name (default `default`).
     #[serde(default)]
     pub alsa_device: Option<String>,
+    /// Whether the guest gets this stream's volume and switch controls (VIRTIO_SND_F_CTLS).
+    #[serde(default = "yes")]
+    pub controls: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +165,9 @@ pub struct Config {
     pub chmaps: Vec<ChmapConfig>,
     #[serde(default)]
     pub limits: Limits,
+    /// Whether the device offers control elements at all (`false`: no VIRTIO_SND_F_CTLS).
+    #[serde(default = "yes")]
+    pub controls: bool,
 }
 
 impl Default for Config {
@@ -170,6 +177,7 @@ impl Default for Config {
             streams: default_streams(),
             chmaps: default_chmaps(),
             limits: Limits::default(),
+            controls: true,
         }
     }
 }
@@ -241,6 +249,7 @@ fn default_streams() -> Vec<StreamConfig> {
         target_object: None,
         capture_sink: false,
         alsa_device: None,
+        controls: true,
     };
     vec![
         stream("playback", Direction::Output),
@@ -267,6 +276,15 @@ fn default_chmaps() -> Vec<ChmapConfig> {
             })
         })
         .collect()
+}
+
+/// A stream's name as its controls show it: ALSA's mixer names start with a capital.
+pub fn bus_name(stream_name: &str) -> String {
+    let mut chars = stream_name.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }
 
 /// Format name (as in the spec, without the VIRTIO_SND_PCM_FMT_ prefix) to its wire value.
@@ -404,7 +422,41 @@ impl Config {
             jacks,
             chmaps,
             max_buffer_bytes: self.limits.max_buffer_bytes,
+            controls: self.control_specs(),
         }
+    }
+
+    /// Whether stream `stream_id` has volume and switch controls.
+    pub fn stream_has_controls(&self, stream_id: usize) -> bool {
+        self.controls && self.streams.get(stream_id).is_some_and(|s| s.controls)
+    }
+
+    /// The control elements: a volume and a switch per stream that has controls, named after
+    /// the stream as ALSA names a mixer's ("media" -> "Media Playback Volume").
+    pub fn control_specs(&self) -> Vec<ControlSpec> {
+        let buses: Vec<(u32, String, bool, u32)> = self
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.stream_has_controls(*i))
+            .map(|(i, s)| {
+                (
+                    i as u32,
+                    bus_name(&s.name),
+                    s.direction == Direction::Output,
+                    s.hda_fn_nid,
+                )
+            })
+            .collect();
+        ctl::build_controls(&buses)
+    }
+
+    /// The stream whose control elements a host names it by: its configured name, or the bus
+    /// name its controls show ("media" or "Media").
+    pub fn stream_by_bus(&self, bus: &str) -> Option<usize> {
+        self.streams
+            .iter()
+            .position(|s| s.name == bus || bus_name(&s.name) == bus)
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -559,6 +611,51 @@ mod tests {
         ] {
             assert!(Config::parse(text).is_err(), "accepted: {text}");
         }
+    }
+
+    #[test]
+    fn controls_follow_the_streams_and_can_be_turned_off() {
+        let text = r#"
+            [[streams]]
+            name = "media"
+            direction = "output"
+            hda_fn_nid = 2
+            [[streams]]
+            name = "navigation"
+            direction = "output"
+            controls = false
+            [[streams]]
+            name = "mic"
+            direction = "input"
+        "#;
+        let c = Config::parse(text).unwrap();
+        let names: Vec<(u32, String)> = c
+            .control_specs()
+            .iter()
+            .map(|s| {
+                let name = String::from_utf8(ctl::name_of(&s.info).to_vec()).unwrap();
+                (s.stream_id, name)
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (0, "Media Playback Volume".to_string()),
+                (0, "Media Playback Switch".to_string()),
+                (2, "Mic Capture Volume".to_string()),
+                (2, "Mic Capture Switch".to_string()),
+            ]
+        );
+        assert_eq!(c.control_specs()[0].info.hdr.hda_fn_nid.get(), 2);
+        assert!(!c.stream_has_controls(1));
+        assert_eq!(c.stream_by_bus("Mic"), Some(2));
+        assert_eq!(c.stream_by_bus("navigation"), Some(1));
+        assert_eq!(c.stream_by_bus("radio"), None);
+        let off = Config::parse(&format!("controls = false\n{text}")).unwrap();
+        assert!(off.control_specs().is_empty());
+        assert!(off.device_layout().controls.is_empty());
+        // The default: both default streams have them.
+        assert_eq!(Config::default().control_specs().len(), 4);
     }
 
     #[test]
