@@ -736,6 +736,46 @@ struct BoundNode {
 
 type NodeSlot = Rc<RefCell<Option<BoundNode>>>;
 
+/// Binds our streams' nodes on the connection's registry. PipeWire refuses to bind a global
+/// the client's registry has not announced yet (a stale id), and a stream learns its node's id
+/// on its own: a node is bound when both happened, whichever came last.
+#[derive(Default)]
+struct NodeBinder {
+    registry: Option<pw::registry::RegistryWeak>,
+    /// Node globals the registry announced (and did not remove).
+    seen: std::collections::HashSet<u32>,
+    /// Streams whose node id is known but not announced yet.
+    waiting: HashMap<u32, (NodeSlot, Arc<Shared>)>,
+}
+
+type Binder = Rc<RefCell<NodeBinder>>;
+
+impl NodeBinder {
+    /// A stream knows its node's id: bound now if announced, else once it is.
+    fn request(&mut self, node_id: u32, slot: &NodeSlot, shared: &Arc<Shared>) {
+        if !self.seen.contains(&node_id) {
+            self.waiting.insert(node_id, (slot.clone(), shared.clone()));
+            return;
+        }
+        if let Some(registry) = self.registry.as_ref().and_then(|r| r.upgrade()) {
+            bind_node(&registry, node_id, slot, shared);
+        }
+    }
+
+    /// The registry announced a node.
+    fn announced(&mut self, registry: &pw::registry::RegistryRc, node_id: u32) {
+        self.seen.insert(node_id);
+        if let Some((slot, shared)) = self.waiting.remove(&node_id) {
+            bind_node(registry, node_id, &slot, &shared);
+        }
+    }
+
+    fn removed(&mut self, node_id: u32) {
+        self.seen.remove(&node_id);
+        self.waiting.remove(&node_id);
+    }
+}
+
 /// Binds a proxy of our stream's node `node_id`, follows its props and sets them to the
 /// stream's gain.
 fn bind_node(
@@ -774,7 +814,11 @@ fn bind_node(
         node,
         _listener: listener,
     });
-    set_node_gain(slot, shared);
+    // A new node is at 0 dB: one that stays there is left alone (setting its props, even to
+    // the same values, changed the samples PipeWire played mid-stream in tests).
+    if !shared.gain.load().is_unity() {
+        set_node_gain(slot, shared);
+    }
 }
 
 /// Sets the node's props to the stream's gain cell (nothing until its proxy is bound, which
@@ -889,6 +933,9 @@ struct Session {
     settings: Arc<GraphSettings>,
     registry: Option<(pw::registry::RegistryRc, pw::registry::Listener)>,
     settings_metadata: SettingsMetadata,
+    /// Binds the streams' nodes (for their volume) through `control`.
+    binder: Binder,
+    control: Option<ControlConnection>,
 }
 
 type SettingsMetadata =
@@ -939,6 +986,47 @@ fn follow_settings(
     Ok((registry, listener))
 }
 
+/// The connection that binds the streams' nodes for their volume: a client of its own, as
+/// `wpctl` is (a proxy bound through the connection that exports the node makes the daemon
+/// stop answering param requests), with a registry that announces the nodes to `binder`.
+struct ControlConnection {
+    _core: pw::core::CoreRc,
+    _registry: pw::registry::RegistryRc,
+    _listener: pw::registry::Listener,
+}
+
+fn control_connection(
+    context: &pw::context::ContextRc,
+    binder: &Binder,
+) -> Result<ControlConnection, pw::Error> {
+    let core = context.connect_rc(None)?;
+    let registry = core.get_registry_rc()?;
+    let weak = registry.downgrade();
+    binder.borrow_mut().registry = Some(registry.downgrade());
+    let (announced, removed) = (binder.clone(), binder.clone());
+    let listener = registry
+        .add_listener_local()
+        .global(move |global| {
+            if global.type_ != pw::types::ObjectType::Node {
+                return;
+            }
+            if let (Some(registry), Ok(mut binder)) = (weak.upgrade(), announced.try_borrow_mut()) {
+                binder.announced(&registry, global.id);
+            }
+        })
+        .global_remove(move |id| {
+            if let Ok(mut binder) = removed.try_borrow_mut() {
+                binder.removed(id);
+            }
+        })
+        .register();
+    Ok(ControlConnection {
+        _core: core,
+        _registry: registry,
+        _listener: listener,
+    })
+}
+
 impl Session {
     fn connect(
         session: &Rc<RefCell<Session>>,
@@ -968,15 +1056,20 @@ impl Session {
             })
             .register();
         let mut this = session.borrow_mut();
+        *this.binder.borrow_mut() = NodeBinder::default();
+        match control_connection(context, &this.binder) {
+            Ok(control) => this.control = Some(control),
+            Err(e) => log::warn!("pipewire: no control connection, volumes stay as they are: {e}"),
+        }
         match follow_settings(&core, &this.settings, &this.settings_metadata) {
             Ok(registry) => this.registry = Some(registry),
             Err(e) => log::warn!("pipewire: cannot follow the graph's settings: {e}"),
         }
-        let registry = this.registry.as_ref().map(|(r, _)| r.clone());
+        let binder = this.binder.clone();
         for (key, entry) in this.entries.iter_mut() {
             let opened = open_stream(
                 &core,
-                registry.as_ref(),
+                &binder,
                 &entry.props,
                 &entry.spec,
                 entry.rt.clone(),
@@ -1016,6 +1109,8 @@ impl Session {
             }
         }
         *self.settings_metadata.borrow_mut() = None;
+        *self.binder.borrow_mut() = NodeBinder::default();
+        self.control = None;
         self.registry = None;
         self.core = None;
     }
@@ -1112,10 +1207,9 @@ fn run_loop(
             let shared = rt.shared.clone();
             let rt = Arc::new(Mutex::new(rt));
             let mut session = table.borrow_mut();
-            let registry = session.registry.as_ref().map(|(r, _)| r);
             let result = match &session.core {
                 Some((core, _)) if !session.lost.get() => {
-                    open_stream(core, registry, &props, &spec, rt.clone(), &shared)
+                    open_stream(core, &session.binder, &props, &spec, rt.clone(), &shared)
                 }
                 _ => Err("PipeWire is not connected".to_string()),
             };
@@ -1411,7 +1505,7 @@ fn supervise(
 
 fn open_stream(
     core: &pw::core::CoreRc,
-    registry: Option<&pw::registry::RegistryRc>,
+    binder: &Binder,
     props: &NodeProps,
     spec: &StreamSpec,
     rt: Arc<Mutex<RtState>>,
@@ -1439,6 +1533,10 @@ fn open_stream(
     if let Some(role) = &props.media_role {
         properties.insert(*pw::keys::MEDIA_ROLE, role.as_str());
     }
+    // The volume is the guest's controls and the host's changes to this node: a session
+    // manager's restored one would be a single saved value for every vsound node (its key is
+    // the application name, the same for every VM and bus), and it would save each guest's.
+    properties.insert("state.restore-props", "false");
     if let Some(target) = &props.target {
         properties.insert(*pw::keys::TARGET_OBJECT, target.as_str());
     }
@@ -1452,7 +1550,7 @@ fn open_stream(
     let name = node_name.clone();
     let node: NodeSlot = Rc::default();
     let node_slot = node.clone();
-    let registry = registry.map(|r| r.downgrade());
+    let binder = binder.clone();
     let shared = shared.clone();
     let listener = stream
         .add_local_listener_with_user_data(rt)
@@ -1464,8 +1562,8 @@ fn open_stream(
                 pw::stream::StreamState::Paused | pw::stream::StreamState::Streaming
             );
             if !bound && paused && stream.node_id() != spa::sys::SPA_ID_INVALID {
-                if let Some(registry) = registry.as_ref().and_then(|r| r.upgrade()) {
-                    bind_node(&registry, stream.node_id(), &node_slot, &shared);
+                if let Ok(mut binder) = binder.try_borrow_mut() {
+                    binder.request(stream.node_id(), &node_slot, &shared);
                 }
             }
             // Emitted on the PipeWire thread's loop, never in the real-time callback.
