@@ -1518,3 +1518,152 @@ mod budget_tests {
         assert_eq!(served, REQUEST_BURST as usize);
     }
 }
+
+#[cfg(test)]
+mod gain_tests {
+    use super::*;
+    use rustix::net::{
+        bind, listen, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType,
+    };
+
+    /// A broker on a fresh socket with a worker that said Hello for `streams` streams.
+    fn broker_with_worker(config: &str, streams: usize) -> (Broker, Channel, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        let fd = socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(&fd, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+        listen(&fd, 8).unwrap();
+        let config = Config::parse(config).unwrap();
+        let wanted = config.pcm_caps();
+        let mut broker = Broker::new(config, Listener::from_fd(fd)).unwrap();
+        let worker = Channel::connect(&path).unwrap();
+        worker
+            .send(
+                &WorkerMsg::Hello {
+                    version: ipc::PROTOCOL_VERSION,
+                    streams: wanted[..streams].to_vec(),
+                },
+                &[],
+            )
+            .unwrap();
+        broker.accept_clients();
+        let (welcome, _) = worker.recv::<BrokerMsg>().unwrap();
+        assert!(matches!(welcome, BrokerMsg::Welcome { client_id: 1, .. }));
+        (broker, worker, dir)
+    }
+
+    const CONFIG: &str = r#"
+        [[streams]]
+        name = "media"
+        direction = "output"
+        backend = "null"
+        [[streams]]
+        name = "chime"
+        direction = "output"
+        backend = "null"
+        controls = false
+    "#;
+
+    #[test]
+    fn a_host_sets_a_bus_gain_per_vm_and_its_worker_hears_of_it() {
+        let (mut broker, worker, _dir) = broker_with_worker(CONFIG, 2);
+        let half = Gain {
+            volume: 88,
+            mute: false,
+        };
+        assert_eq!(broker.bus_gain(1, 0), Some(Gain::UNITY));
+        // By the stream's name or its controls' bus name.
+        broker.set_bus_gain(1, "media", half).unwrap();
+        assert_eq!(broker.bus_gain(1, 0), Some(half));
+        let (news, _) = worker.recv::<BrokerMsg>().unwrap();
+        assert_eq!(
+            news,
+            BrokerMsg::GainChanged {
+                stream_id: 0,
+                gain: half
+            }
+        );
+        let muted = Gain { mute: true, ..half };
+        broker.set_bus_gain(1, "Media", muted).unwrap();
+        assert_eq!(broker.bus_gain(1, 0), Some(muted));
+        for (client, bus, gain) in [
+            (1, "radio", half), // no such bus
+            (1, "chime", half), // no controls there
+            (
+                1,
+                "media",
+                Gain {
+                    volume: 101,
+                    ..half
+                },
+            ), // off the scale
+            (2, "media", half), // no such VM
+        ] {
+            assert!(broker.set_bus_gain(client, bus, gain).is_err(), "{bus}");
+        }
+        assert_eq!(broker.bus_gain(1, 0), Some(muted));
+        assert_eq!(broker.bus_gain(1, 1), Some(Gain::UNITY));
+    }
+
+    #[test]
+    fn a_workers_gain_is_checked_kept_and_answered() {
+        let (mut broker, worker, _dir) = broker_with_worker(CONFIG, 2);
+        let gain = Gain {
+            volume: 10,
+            mute: true,
+        };
+        worker
+            .send(&WorkerMsg::SetGain { stream_id: 0, gain }, &[])
+            .unwrap();
+        broker.serve_client(1);
+        let (reply, _) = worker.recv::<BrokerMsg>().unwrap();
+        assert_eq!(reply, BrokerMsg::Done { stream_id: 0 });
+        assert_eq!(broker.bus_gain(1, 0), Some(gain));
+        // A stream the config gives no controls: refused, nothing kept.
+        worker
+            .send(&WorkerMsg::SetGain { stream_id: 1, gain }, &[])
+            .unwrap();
+        broker.serve_client(1);
+        let (reply, _) = worker.recv::<BrokerMsg>().unwrap();
+        assert!(matches!(reply, BrokerMsg::Failed { stream_id: 1, .. }));
+        assert_eq!(broker.bus_gain(1, 1), Some(Gain::UNITY));
+        // Off the scale: a broken worker, dropped.
+        let wild = Gain {
+            volume: 1000,
+            mute: false,
+        };
+        worker
+            .send(
+                &WorkerMsg::SetGain {
+                    stream_id: 0,
+                    gain: wild,
+                },
+                &[],
+            )
+            .unwrap();
+        broker.serve_client(1);
+        assert!(broker.clients.get(&1).is_none());
+    }
+
+    #[test]
+    fn a_gain_for_a_stream_it_was_not_granted_drops_the_worker() {
+        let (mut broker, worker, _dir) = broker_with_worker(CONFIG, 1);
+        worker
+            .send(
+                &WorkerMsg::SetGain {
+                    stream_id: 1,
+                    gain: Gain::UNITY,
+                },
+                &[],
+            )
+            .unwrap();
+        broker.serve_client(1);
+        assert!(broker.clients.get(&1).is_none());
+    }
+}
