@@ -1648,7 +1648,7 @@ mod gain_tests {
             )
             .unwrap();
         broker.serve_client(1);
-        assert!(broker.clients.get(&1).is_none());
+        assert!(!broker.clients.contains_key(&1));
     }
 
     #[test]
@@ -1664,6 +1664,6 @@ mod gain_tests {
             )
             .unwrap();
         broker.serve_client(1);
-        assert!(broker.clients.get(&1).is_none());
+        assert!(!broker.clients.contains_key(&1));
     }
 }
