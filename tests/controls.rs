@@ -176,8 +176,9 @@ fn without_f_ctls_there_are_no_controls() {
         ctl_write(0, 10),
         ctl(p::R_CTL_TLV_READ, 0),
     ] {
+        // As any code the device does not know.
         let resp = rig.vm.request(p::CONTROL_QUEUE, &req, 1024);
-        assert_eq!(resp, 0x8002u32.to_le_bytes());
+        assert_eq!(resp, 0x8001u32.to_le_bytes());
     }
     // And the audio is untouched.
     let data = pattern(1920 * 8, 3);

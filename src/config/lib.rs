@@ -422,7 +422,6 @@ impl Config {
             jacks,
             chmaps,
             max_buffer_bytes: self.limits.max_buffer_bytes,
-            controls: self.control_specs(),
         }
     }
 
@@ -431,7 +430,8 @@ impl Config {
         self.controls && self.streams.get(stream_id).is_some_and(|s| s.controls)
     }
 
-    /// The control elements: a volume and a switch per stream that has controls, named after
+    /// The control elements (`ControlState::with_controls`): a volume and a switch per stream
+    /// that has controls, named after
     /// the stream as ALSA names a mixer's ("media" -> "Media Playback Volume").
     pub fn control_specs(&self) -> Vec<ControlSpec> {
         let buses: Vec<(u32, String, bool, u32)> = self
@@ -653,7 +653,6 @@ mod tests {
         assert_eq!(c.stream_by_bus("radio"), None);
         let off = Config::parse(&format!("controls = false\n{text}")).unwrap();
         assert!(off.control_specs().is_empty());
-        assert!(off.device_layout().controls.is_empty());
         // The default: both default streams have them.
         assert_eq!(Config::default().control_specs().len(), 4);
     }

@@ -220,9 +220,6 @@ pub struct DeviceLayout {
     pub jacks: Vec<p::JackInfo>,
     pub chmaps: Vec<p::ChmapInfo>,
     pub max_buffer_bytes: u32,
-    /// The control elements it offers with VIRTIO_SND_F_CTLS (none: the feature is not
-    /// offered).
-    pub controls: Vec<ControlSpec>,
 }
 
 /// Control-plane state of the device besides its streams (each stream's is its
@@ -251,14 +248,17 @@ impl ControlState {
             jacks,
             chmaps: layout.chmaps,
             max_buffer_bytes: layout.max_buffer_bytes,
-            // Event ids are 16 bits: the config never makes more (two per stream).
-            controls: layout
-                .controls
-                .into_iter()
-                .take(usize::from(u16::MAX))
-                .collect(),
+            controls: Vec::new(),
             controls_negotiated: false,
         }
+    }
+
+    /// The control elements it offers with VIRTIO_SND_F_CTLS (none: the feature is not
+    /// offered).
+    pub fn with_controls(mut self, controls: Vec<ControlSpec>) -> ControlState {
+        // Event ids are 16 bits: the config never makes more (two per stream).
+        self.controls = controls.into_iter().take(usize::from(u16::MAX)).collect();
+        self
     }
 
     /// Whether the device offers VIRTIO_SND_F_CTLS: it has controls to offer.
@@ -332,9 +332,10 @@ impl ControlState {
             return p::status_bytes(Status::BadMsg).to_vec();
         };
         let response = match code {
+            // Without the feature these codes are as unknown as before it existed.
             p::R_CTL_INFO..=p::R_CTL_TLV_COMMAND if !self.controls_negotiated => {
                 log::debug!("control element request {code:#x} without VIRTIO_SND_F_CTLS");
-                p::status_bytes(Status::NotSupp).to_vec()
+                p::status_bytes(Status::BadMsg).to_vec()
             }
             p::R_JACK_INFO | p::R_PCM_INFO | p::R_CHMAP_INFO | p::R_CTL_INFO => {
                 self.query_info(code, req, resp_capacity, streams)
@@ -718,10 +719,6 @@ mod tests {
             }],
             chmaps,
             max_buffer_bytes: 4 << 20,
-            controls: crate::ctl::build_controls(&[
-                (0, "Media".into(), true, 0),
-                (1, "Mic".into(), false, 0),
-            ]),
         }
     }
 
@@ -734,7 +731,10 @@ mod tests {
     impl TestDevice {
         fn new(layout: DeviceLayout) -> TestDevice {
             TestDevice {
-                control: ControlState::new(layout),
+                control: ControlState::new(layout).with_controls(crate::ctl::build_controls(&[
+                    (0, "Media".into(), true, 0),
+                    (1, "Mic".into(), false, 0),
+                ])),
                 streams: test_caps().into_iter().map(PcmStream::new).collect(),
             }
         }
@@ -1077,21 +1077,23 @@ mod tests {
             ctl(p::R_CTL_TLV_READ, 0),
             ctl(p::R_CTL_ENUM_ITEMS, 0),
         ] {
-            assert_eq!(dev.handle(&req, 1024, &mut host), 0x8002u32.to_le_bytes());
+            // As any code the device does not know.
+            assert_eq!(dev.handle(&req, 1024, &mut host), 0x8001u32.to_le_bytes());
         }
         assert!(host.calls.is_empty());
         // A driver that did not acknowledge it, or a device without controls, gets none.
         dev.control.set_features(1 << 1);
         assert!(!dev.control.controls_negotiated());
-        let mut layout = test_layout();
-        layout.controls.clear();
-        let mut bare = TestDevice::new(layout);
+        let mut bare = TestDevice {
+            control: ControlState::new(test_layout()),
+            streams: test_caps().into_iter().map(PcmStream::new).collect(),
+        };
         bare.control.set_features(1 << p::F_CTLS);
         assert!(!bare.control.offers_controls());
         assert!(!bare.control.controls_negotiated());
         assert_eq!(
             bare.handle(&ctl(p::R_CTL_READ, 0), 516, &mut host),
-            0x8002u32.to_le_bytes()
+            0x8001u32.to_le_bytes()
         );
     }
 

@@ -119,7 +119,8 @@ impl SoundDevice {
             )
             .map_err(io::Error::from)?;
         Ok(SoundDevice {
-            control: ControlState::new(config.device_layout()),
+            control: ControlState::new(config.device_layout())
+                .with_controls(config.control_specs()),
             streams: granted
                 .into_iter()
                 .map(|caps| Stream::new(PcmStream::new(caps)))
