@@ -1,6 +1,7 @@
 //! Control elements (VIRTIO_SND_F_CTLS) through the real worker and broker: what a guest that
 //! negotiated them sees (names, ranges, the dB TLV), what its writes do to the audio the wav
-//! backend writes (bit-exact at 0 dB, silence when muted, -6 dB within a code), that bad
+//! backend writes and what the guest records from it (bit-exact at 0 dB, silence when muted,
+//! -6 dB within half a code), that bad
 //! values are refused while another stream plays on, and that a restarted broker gets the
 //! values back.
 
@@ -323,4 +324,79 @@ fn a_restarted_broker_gets_the_guests_gain_back() {
     for (&g, &w) in half.iter().zip(&samples(&data)) {
         assert!((f32::from(g) - f32::from(w) * factor).abs() <= 0.5);
     }
+}
+
+const CAPTURE_CONFIG: &str = r#"
+[[streams]]
+name = "media"
+direction = "output"
+backend = "null"
+formats = ["S16"]
+rates = [48000]
+[[streams]]
+name = "mic"
+direction = "input"
+backend = "wav"
+wav_path = "$DIR/source.wav"
+formats = ["S16"]
+rates = [48000]
+"#;
+
+/// Records `periods` periods of the source on stream 1.
+fn record_mic(rig: &mut Rig, periods: usize) -> Vec<u8> {
+    let params = Params::s16_48k(1);
+    prepare(&mut rig.vm, &params);
+    let (_, done) = record(&mut rig.vm, &params, periods);
+    assert!(done.iter().all(|c| c.status == 0x8000), "{done:?}");
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
+    done.iter().flat_map(|c| c.data.iter().copied()).collect()
+}
+
+#[test]
+fn capture_controls_scale_and_mute_what_the_guest_records() {
+    let mut rig = Rig::start(Some(CAPTURE_CONFIG), with_controls());
+    let resp = rig.vm.request(
+        p::CONTROL_QUEUE,
+        &query(p::R_CTL_INFO, 2, 2, 96),
+        4 + 2 * 96,
+    );
+    let names: Vec<String> = resp[4..]
+        .chunks(96)
+        .map(|c| {
+            let info: p::CtlInfo = p::read_prefix(c).unwrap();
+            String::from_utf8(virtio_snd::ctl::name_of(&info).to_vec()).unwrap()
+        })
+        .collect();
+    assert_eq!(names, ["Mic Capture Volume", "Mic Capture Switch"]);
+    let source = known_signal(1920 * 10, 8);
+    write_wav_s16(&rig.path("source.wav"), 2, 48000, &source);
+    assert!(
+        record_mic(&mut rig, 10) == source,
+        "unity capture is not bit-exact"
+    );
+    assert_eq!(write(&mut rig, 2, 88), 0x8000);
+    let half = samples(&record_mic(&mut rig, 10));
+    let factor = Gain {
+        volume: 88,
+        mute: false,
+    }
+    .amplitude();
+    assert_eq!(half.len(), source.len() / 2);
+    for (&g, &w) in half.iter().zip(&samples(&source)) {
+        assert!(
+            (f32::from(g) - f32::from(w) * factor).abs() <= 0.5,
+            "{w} -> {g}"
+        );
+    }
+    assert_eq!(write(&mut rig, 3, 0), 0x8000);
+    let muted = record_mic(&mut rig, 10);
+    assert_eq!(muted.len(), source.len());
+    assert!(
+        muted.iter().all(|&b| b == 0),
+        "a muted capture is not silence"
+    );
+    // The output bus is another stream: its controls are untouched.
+    assert_eq!(read(&mut rig, MEDIA_VOLUME), 100);
+    assert_eq!(read(&mut rig, MEDIA_SWITCH), 1);
 }
