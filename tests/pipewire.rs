@@ -846,3 +846,29 @@ fn a_volume_change_on_pipewires_side_reaches_the_guest() {
     );
     assert_eq!(ctl_read(&mut rig.vm, 0), 20);
 }
+
+#[test]
+fn back_at_0_db_after_a_change_the_sink_gets_every_sample_again() {
+    let mut rig = start_with(with_controls());
+    let params = Params::s16_48k(0);
+    assert_eq!(ctl_write(&mut rig.vm, 0, 88), 0x8000);
+    prepare(&mut rig.vm, &params);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_START, 0)), 0x8000);
+    wait_node_volume(&rig.pw, "vsound-test-media", |v, _| {
+        v.iter().all(|x| (x - 0.501_187).abs() < 1e-4)
+    });
+    assert_eq!(ctl_write(&mut rig.vm, 0, 100), 0x8000);
+    wait_node_volume(&rig.pw, "vsound-test-media", |v, m| {
+        !m && v.iter().all(|&x| x == 1.0)
+    });
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    let recording = rig.dir.path().join("sink.raw");
+    let recorder = rig.pw.record_sink(&recording);
+    std::thread::sleep(Duration::from_millis(500));
+    let data = known_signal(params.period_bytes as usize * 100, 12);
+    let (_, done) = play(&mut rig.vm, &params, &data);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    assert_arrived_intact(&std::fs::read(&recording).unwrap(), &data);
+}
