@@ -1,6 +1,7 @@
 //! The ALSA backend through a real ALSA PCM defined in a test asoundrc: the PipeWire ALSA
 //! plugin, routed to a private PipeWire daemon's null sink, where the played samples are checked
-//! and from whose monitor the capture stream records a known signal.
+//! and from whose monitor the capture stream records a known signal; the broker's gain on the
+//! samples it writes to the PCM (-6 dB exactly as computed, silence when muted).
 
 mod common;
 
@@ -45,6 +46,10 @@ struct AlsaRig {
 }
 
 fn start() -> AlsaRig {
+    start_with(FrontendOptions::default())
+}
+
+fn start_with(opts: FrontendOptions) -> AlsaRig {
     let dir = tempfile::tempdir().unwrap();
     let pw = PipeWire::start(dir.path());
     std::fs::write(dir.path().join(".asoundrc"), ASOUNDRC).unwrap();
@@ -54,7 +59,7 @@ fn start() -> AlsaRig {
     env.push(("HOME", dir.path().to_path_buf()));
     let (broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &env);
     let (worker, socket) = spawn_worker(dir.path(), "vm", &broker_socket, Some(&config));
-    let vm = GuestVm::connect(&socket, FrontendOptions::default()).unwrap();
+    let vm = GuestVm::connect(&socket, opts).unwrap();
     AlsaRig {
         pw,
         _broker: broker,
@@ -105,4 +110,65 @@ fn capture_through_an_alsa_pcm_receives_the_known_signal() {
     assert_carries_signal(&source, &captured);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
+}
+
+/// Plays `data` on stream 0 and returns what reached the sink.
+fn play_to_sink(rig: &mut AlsaRig, data: &[u8]) -> Vec<u8> {
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    let recording = rig.dir.path().join("sink.raw");
+    let recorder = rig.pw.record_sink(&recording);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, done) = play(&mut rig.vm, &params, data);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    std::fs::read(&recording).unwrap()
+}
+
+fn ctl_write(vm: &mut GuestVm, id: u32, value: u32) -> u32 {
+    let mut req = p::R_CTL_WRITE.to_le_bytes().to_vec();
+    req.extend_from_slice(&id.to_le_bytes());
+    let mut members = [0u8; p::ctl::VALUE_SIZE];
+    members[..4].copy_from_slice(&value.to_le_bytes());
+    req.extend_from_slice(&members);
+    control(vm, &req)
+}
+
+#[test]
+fn the_brokers_gain_reaches_an_alsa_pcm() {
+    let mut rig = start_with(FrontendOptions {
+        extra_features: 1 << p::F_CTLS,
+        ..FrontendOptions::default()
+    });
+    // -6 dB: each sample rounded to the nearest code of x0.501, which PipeWire's plugin then
+    // passes on unchanged.
+    assert_eq!(ctl_write(&mut rig.vm, 0, 88), 0x8000);
+    let factor = f64::from(
+        virtio_snd::ctl::Gain {
+            volume: 88,
+            mute: false,
+        }
+        .amplitude(),
+    );
+    let data = known_signal(1920 * 60, 41);
+    let want: Vec<u8> = data
+        .chunks_exact(2)
+        .flat_map(|s| {
+            let v = f64::from(i16::from_le_bytes([s[0], s[1]]));
+            ((v * factor).round() as i16).to_le_bytes()
+        })
+        .collect();
+    let recorded = play_to_sink(&mut rig, &data);
+    assert_arrived_intact(&recorded, &want);
+    // Muted: the sink hears nothing at all.
+    assert_eq!(ctl_write(&mut rig.vm, 1, 0), 0x8000);
+    let recorded = play_to_sink(&mut rig, &data);
+    assert!(recorded.len() > data.len());
+    assert!(
+        recorded.iter().all(|&b| b == 0),
+        "a muted bus reached the sink"
+    );
 }

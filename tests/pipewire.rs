@@ -4,7 +4,9 @@
 //! linked, unlinked mid-stream) plays into silence at the real-time pace and plays again once
 //! linked; a ring is sized from a pinned graph quantum, not only from the guest's period; one
 //! VM's worker killed mid-play leaves another VM's playback intact; a 5.1 stream's node carries
-//! the 5.1 channel positions; nodes are named after their VM, across worker restarts.
+//! the 5.1 channel positions; nodes are named after their VM, across worker restarts. The
+//! guest's volume and mute controls set the node's channelVolumes and mute, and a change of
+//! those on PipeWire's side reaches the guest as a CTL_NOTIFY and its next CTL_READ.
 
 mod common;
 
@@ -18,6 +20,7 @@ use common::vsound::*;
 use virtio_snd::protocol as p;
 
 const CONFIG: &str = r#"
+controls = true
 [[streams]]
 name = "media"
 direction = "output"
@@ -47,13 +50,17 @@ struct PwRig {
 }
 
 fn start() -> PwRig {
+    start_with(FrontendOptions::default())
+}
+
+fn start_with(opts: FrontendOptions) -> PwRig {
     let dir = tempfile::tempdir().unwrap();
     let pw = PipeWire::start(dir.path());
     let config = dir.path().join("vsound.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let (broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &pw.env());
     let (worker, socket) = spawn_worker(dir.path(), "vm", &broker_socket, Some(&config));
-    let vm = GuestVm::connect(&socket, FrontendOptions::default()).unwrap();
+    let vm = GuestVm::connect(&socket, opts).unwrap();
     PwRig {
         pw,
         _broker: broker,
@@ -768,4 +775,177 @@ fn the_sample_check_lets_one_lost_quantum_through_and_nothing_more() {
     let mut wrong = data.clone();
     wrong[20_000 * frame] ^= 1;
     assert!(check(wrong), "a wrong sample let through");
+}
+
+fn ctl_request(code: u32, id: u32) -> Vec<u8> {
+    let mut req = code.to_le_bytes().to_vec();
+    req.extend_from_slice(&id.to_le_bytes());
+    req
+}
+
+fn ctl_write(vm: &mut GuestVm, id: u32, value: u32) -> u32 {
+    let mut req = ctl_request(p::R_CTL_WRITE, id);
+    let mut members = [0u8; p::ctl::VALUE_SIZE];
+    members[..4].copy_from_slice(&value.to_le_bytes());
+    req.extend_from_slice(&members);
+    control(vm, &req)
+}
+
+fn ctl_read(vm: &mut GuestVm, id: u32) -> u32 {
+    let resp = vm.request(p::CONTROL_QUEUE, &ctl_request(p::R_CTL_READ, id), 516);
+    assert_eq!(status_of(&resp), 0x8000);
+    u32::from_le_bytes(resp[4..8].try_into().unwrap())
+}
+
+/// Polls the node's volume props until `want` holds (5 s at most).
+fn wait_node_volume(
+    pw: &PipeWire,
+    name: &str,
+    want: impl Fn(&[f32], bool) -> bool,
+) -> (Vec<f32>, bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = pw.node_volume(name);
+        if let Some((volumes, mute)) = &now {
+            if want(volumes, *mute) {
+                return (volumes.clone(), *mute);
+            }
+        }
+        assert!(Instant::now() < deadline, "node {name} props: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn with_controls() -> FrontendOptions {
+    FrontendOptions {
+        extra_features: 1 << p::F_CTLS,
+        ..FrontendOptions::default()
+    }
+}
+
+#[test]
+fn the_guests_volume_and_mute_become_the_nodes_channel_volumes_and_mute() {
+    let mut rig = start_with(with_controls());
+    let params = Params::s16_48k(0);
+    // Set before the stream exists: its node starts with it.
+    assert_eq!(ctl_write(&mut rig.vm, 0, 50), 0x8000);
+    prepare(&mut rig.vm, &params);
+    // Running (silence: no buffers queued), as a node's props show while it plays.
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_START, 0)), 0x8000);
+    let at_50 = virtio_snd::ctl::Gain {
+        volume: 50,
+        mute: false,
+    }
+    .volume_amplitude();
+    let (volumes, mute) = wait_node_volume(&rig.pw, "vsound-test-media", |v, m| {
+        !m && v.len() == 2 && v.iter().all(|x| (x - at_50).abs() < 1e-4)
+    });
+    println!("volume 50 (-25 dB): channelVolumes {volumes:?}, mute {mute}");
+    // While it plays: -6 dB, then the switch off.
+    assert_eq!(ctl_write(&mut rig.vm, 0, 88), 0x8000);
+    wait_node_volume(&rig.pw, "vsound-test-media", |v, _| {
+        v.iter().all(|x| (x - 0.501_187).abs() < 1e-4)
+    });
+    assert_eq!(ctl_write(&mut rig.vm, 1, 0), 0x8000);
+    wait_node_volume(&rig.pw, "vsound-test-media", |_, m| m);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    // Muted, a known signal leaves nothing at the sink but silence.
+    let recording = rig.dir.path().join("sink.raw");
+    let recorder = rig.pw.record_sink(&recording);
+    std::thread::sleep(Duration::from_millis(300));
+    let data = known_signal(params.period_bytes as usize * 50, 21);
+    let (_, done) = play(&mut rig.vm, &params, &data);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    let recorded = std::fs::read(&recording).unwrap();
+    assert!(
+        recorded.len() > data.len(),
+        "recorded {} bytes",
+        recorded.len()
+    );
+    assert!(
+        recorded.iter().all(|&b| b == 0),
+        "a muted bus reached the sink"
+    );
+    // The guest reads back what it set; the switch on again unmutes the node.
+    assert_eq!(ctl_read(&mut rig.vm, 0), 88);
+    assert_eq!(ctl_write(&mut rig.vm, 1, 1), 0x8000);
+    wait_node_volume(&rig.pw, "vsound-test-media", |_, m| !m);
+}
+
+#[test]
+fn a_volume_change_on_pipewires_side_reaches_the_guest() {
+    let mut rig = start_with(with_controls());
+    for _ in 0..8 {
+        rig.vm.submit_no_kick(p::EVENT_QUEUE, &[], &[8]);
+    }
+    rig.vm.kick(p::EVENT_QUEUE);
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_START, 0)), 0x8000);
+    wait_node_volume(&rig.pw, "vsound-test-media", |v, m| {
+        !m && v.iter().all(|&x| x == 1.0)
+    });
+    // Let the broker's proxy see the node's props first.
+    std::thread::sleep(Duration::from_millis(300));
+    rig.pw
+        .set_node_props("vsound-test-media", "{ channelVolumes: [ 0.5, 0.5 ] }");
+    let event = rig
+        .vm
+        .wait_used(p::EVENT_QUEUE, WAIT)
+        .expect("a CTL_NOTIFY event");
+    let notify: p::CtlEvent = p::read_prefix(&event.written).unwrap();
+    assert_eq!(notify.hdr.code.get(), p::EVT_CTL_NOTIFY);
+    assert_eq!(notify.control_id.get(), 0, "Media Playback Volume");
+    assert_eq!(notify.mask.get(), 1 << p::ctl::EVT_MASK_VALUE);
+    // 0.5 linear is -6.02 dB: the nearest step is 88 (-6.0 dB).
+    assert_eq!(ctl_read(&mut rig.vm, 0), 88);
+    assert_eq!(ctl_read(&mut rig.vm, 1), 1);
+    rig.pw.set_node_props("vsound-test-media", "{ mute: true }");
+    let event = rig
+        .vm
+        .wait_used(p::EVENT_QUEUE, WAIT)
+        .expect("a CTL_NOTIFY event for the switch");
+    let notify: p::CtlEvent = p::read_prefix(&event.written).unwrap();
+    assert_eq!(notify.control_id.get(), 1, "Media Playback Switch");
+    assert_eq!(ctl_read(&mut rig.vm, 1), 0);
+    assert_eq!(ctl_read(&mut rig.vm, 0), 88);
+    // The guest's own write is no news to itself: no event comes back for it.
+    assert_eq!(ctl_write(&mut rig.vm, 0, 20), 0x8000);
+    wait_node_volume(&rig.pw, "vsound-test-media", |v, _| {
+        (v[0] - 0.01).abs() < 1e-4
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        rig.vm.try_used(p::EVENT_QUEUE).is_none(),
+        "an echo of the guest's write"
+    );
+    assert_eq!(ctl_read(&mut rig.vm, 0), 20);
+}
+
+#[test]
+fn back_at_0_db_after_a_change_the_sink_gets_every_sample_again() {
+    let mut rig = start_with(with_controls());
+    let params = Params::s16_48k(0);
+    assert_eq!(ctl_write(&mut rig.vm, 0, 88), 0x8000);
+    prepare(&mut rig.vm, &params);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_START, 0)), 0x8000);
+    wait_node_volume(&rig.pw, "vsound-test-media", |v, _| {
+        v.iter().all(|x| (x - 0.501_187).abs() < 1e-4)
+    });
+    assert_eq!(ctl_write(&mut rig.vm, 0, 100), 0x8000);
+    wait_node_volume(&rig.pw, "vsound-test-media", |v, m| {
+        !m && v.iter().all(|&x| x == 1.0)
+    });
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    let recording = rig.dir.path().join("sink.raw");
+    let recorder = rig.pw.record_sink(&recording);
+    std::thread::sleep(Duration::from_millis(500));
+    let data = known_signal(params.period_bytes as usize * 100, 12);
+    let (_, done) = play(&mut rig.vm, &params, &data);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    assert_arrived_intact(&std::fs::read(&recording).unwrap(), &data);
 }

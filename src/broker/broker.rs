@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::backends::clocked::{Returned, TimerCommand, TimerThread, TIMER_SLOTS};
+use crate::backends::gain::GainCell;
 use crate::backends::{self, BackendStream, Backends, RingPort, StreamRing, StreamSpec};
 use crate::opener::{Opened, Opener, Outcome, Pending, OPEN_DEADLINE};
 use virtio_snd::control::{PcmCaps, PcmParams};
+use virtio_snd::ctl::Gain;
 use virtio_snd::protocol::D_OUTPUT;
 use vsound_config::{Config, StreamConfig, VmName};
 use vsound_shared::ipc::{self, BrokerMsg, Channel, IpcError, Listener, WorkerMsg};
@@ -134,6 +136,8 @@ struct BrokerStream {
     timer_slot: Option<usize>,
     running: bool,
     xruns: u64,
+    /// Its volume and mute, read by whichever thread moves its frames.
+    gain: Arc<GainCell>,
 }
 
 /// Who a timer thread slot belongs to.
@@ -208,6 +212,7 @@ struct Opening {
     worker_notify: OwnedFd,
     backend_name: &'static str,
     deadline: Instant,
+    gain: Arc<GainCell>,
 }
 
 /// What the broker serves one VM: its layout's streams and their backends, by stream id.
@@ -271,6 +276,9 @@ struct Client {
     layout: Option<Arc<VmLayout>>,
     /// Set by Hello: what each of its streams may use.
     caps: Option<Vec<PcmCaps>>,
+    /// Each stream's volume and mute (set by Hello to unity), prepared or not: a stream
+    /// opened later starts with it.
+    gains: Vec<Gain>,
     streams: HashMap<u32, BrokerStream>,
     /// A reply with fds went out and may still be unread: its fds count against the broker's
     /// RLIMIT_NOFILE until the peer reads them, so no request is served until it has.
@@ -649,6 +657,7 @@ impl Broker {
                 vm: None,
                 layout: None,
                 caps: None,
+                gains: Vec::new(),
                 streams: HashMap::new(),
                 fds_maybe_unread: false,
                 stalled_since: None,
@@ -804,8 +813,14 @@ impl Broker {
             };
             return self.hello(id, version, &vm, streams);
         };
+        if let WorkerMsg::SetGain { stream_id, gain } = msg {
+            // Cheap (an atomic store, or one coalesced command to the PipeWire thread) and
+            // never waits for a stream on the timer thread: not a costly request.
+            return self.set_gain_from_worker(id, stream_id, gain);
+        }
         let stream_id = match &msg {
             WorkerMsg::Hello { .. } => return Err(Violation::Protocol("second Hello".into())),
+            WorkerMsg::SetGain { .. } => unreachable!("handled above"),
             WorkerMsg::Prepare { stream_id, .. }
             | WorkerMsg::Start { stream_id }
             | WorkerMsg::Stop { stream_id }
@@ -1070,6 +1085,7 @@ impl Broker {
         // its streams after a broker restart).
         let usable = granted.iter().filter(|c| c.formats != 0 && c.rates != 0);
         client.budget = RequestBudget::new(REQUEST_BURST.max(2 * usable.count() as u32));
+        client.gains = vec![Gain::UNITY; granted.len()];
         client.caps = Some(granted.clone());
         client.vm = Some(vm);
         client.layout = Some(layout);
@@ -1209,9 +1225,17 @@ impl Broker {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let backend_name = backend.name();
+        let gain = Arc::new(GainCell::new(
+            client
+                .gains
+                .get(stream_id as usize)
+                .copied()
+                .unwrap_or(Gain::UNITY),
+        ));
+        let port = RingPort::new(ring, notify).with_gain(gain.clone());
         let pending = self
             .opener
-            .open(ticket, backend, spec, RingPort::new(ring, notify))
+            .open(ticket, backend, spec, port)
             .map_err(|e| format!("cannot start an open: {e}"))?;
         let deadline = Instant::now() + OPEN_DEADLINE;
         let client = self.clients.get_mut(&id).ok_or("client vanished")?;
@@ -1225,6 +1249,7 @@ impl Broker {
             worker_notify,
             backend_name,
             deadline,
+            gain,
         });
         // Nothing more is read from it until the open is answered.
         if let Err(e) = watch_input(&self.epoll, &client.channel, id, false) {
@@ -1342,6 +1367,7 @@ impl Broker {
                 timer_slot: None,
                 running: false,
                 xruns: 0,
+                gain: opening.gain,
             },
         );
         let params = opening.params;
@@ -1512,6 +1538,119 @@ impl Broker {
         }
     }
 
+    /// A worker's SetGain: a stream it was granted, a volume on the scale (else it broke the
+    /// protocol), controls the config gives that stream (else `Failed`). Applied at once to a
+    /// prepared stream, kept for a later one, and answered.
+    fn set_gain_from_worker(
+        &mut self,
+        id: u32,
+        stream_id: u32,
+        gain: Gain,
+    ) -> Result<(), Violation> {
+        let granted = self
+            .clients
+            .get(&id)
+            .is_some_and(|c| (stream_id as usize) < c.gains.len());
+        if !granted {
+            return Err(Violation::Protocol(format!(
+                "gain for stream id {stream_id} out of range"
+            )));
+        }
+        if !gain.is_valid() {
+            return Err(Violation::Protocol(format!(
+                "gain {gain:?} for stream {stream_id} is off the scale"
+            )));
+        }
+        let reply = if self.config.stream_has_controls(stream_id as usize) {
+            self.apply_gain(id, stream_id, gain);
+            Ok(())
+        } else {
+            Err("the config gives this stream no controls".to_string())
+        };
+        self.answer(id, stream_id, reply)
+    }
+
+    /// Keeps a stream's gain and applies it to its backend stream, if one is open.
+    fn apply_gain(&mut self, id: u32, stream_id: u32, gain: Gain) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if let Some(slot) = client.gains.get_mut(stream_id as usize) {
+            *slot = gain;
+        }
+        if let Some(stream) = client.streams.get_mut(&stream_id) {
+            stream.gain.store(gain);
+            // A stream on the timer thread reads the cell; one here may have a mixer to tell.
+            if let Some(backend_stream) = stream.stream.as_mut() {
+                backend_stream.gain_changed();
+            }
+        }
+    }
+
+    /// The host changed a stream's gain in its backend (PipeWire's node): kept, and told to
+    /// the worker, whose guest sees it as a control change.
+    fn host_gain_changed(&mut self, id: u32, stream_id: u32, gain: Gain) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        match client.gains.get_mut(stream_id as usize) {
+            Some(slot) if *slot != gain => *slot = gain,
+            _ => return,
+        }
+        log::info!("broker: worker {id} stream {stream_id}: the host set {gain:?}");
+        if let Err(e) = client
+            .channel
+            .send(&BrokerMsg::GainChanged { stream_id, gain }, &[])
+        {
+            log::debug!("broker: cannot report a gain change: {e}");
+        }
+    }
+
+    /// Sets a bus's volume and mute for one VM, as a host command would (`vsound ctl
+    /// set-volume`): `client_id` is the broker's number for the VM's worker, `bus` the
+    /// stream's configured name or its controls' bus name. The stream plays with it at once
+    /// (or from its next PREPARE), and the guest's controls show it (a CTL_NOTIFY).
+    pub fn set_bus_gain(&mut self, client_id: u32, bus: &str, gain: Gain) -> Result<(), String> {
+        let stream_id = self
+            .config
+            .stream_by_bus(bus)
+            .ok_or_else(|| format!("no bus {bus:?}"))? as u32;
+        if !self.config.stream_has_controls(stream_id as usize) {
+            return Err(format!("bus {bus:?} has no controls"));
+        }
+        if !gain.is_valid() {
+            return Err(format!(
+                "volume {} is off the scale (0..={})",
+                gain.volume,
+                virtio_snd::ctl::VOLUME_MAX
+            ));
+        }
+        let client = self
+            .clients
+            .get(&client_id)
+            .filter(|c| c.caps.is_some())
+            .ok_or_else(|| format!("no VM with client id {client_id}"))?;
+        if stream_id as usize >= client.gains.len() {
+            return Err(format!("VM {client_id} has no bus {bus:?}"));
+        }
+        self.apply_gain(client_id, stream_id, gain);
+        if let Some(client) = self.clients.get(&client_id) {
+            client
+                .channel
+                .send(&BrokerMsg::GainChanged { stream_id, gain }, &[])
+                .map_err(|e| format!("cannot tell the VM's worker: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The gain the broker keeps for a VM's stream (its worker's, or the host's last).
+    pub fn bus_gain(&self, client_id: u32, stream_id: u32) -> Option<Gain> {
+        self.clients
+            .get(&client_id)
+            .and_then(|c| c.gains.get(stream_id as usize))
+            .copied()
+    }
+
     fn stop(&mut self, id: u32, stream_id: u32) -> Result<(), String> {
         let stream = self.stream_mut(id, stream_id)?;
         if !stream.running {
@@ -1577,6 +1716,9 @@ impl Broker {
                 if wake.xrun {
                     self.report_xrun(id, stream_id);
                 }
+                if let Some(gain) = wake.gain {
+                    self.host_gain_changed(id, stream_id, gain);
+                }
             }
             Err(e) => self.drop_client(id, &Violation::Ring(e)),
         }
@@ -1614,5 +1756,155 @@ mod budget_tests {
         let later = start + Duration::from_secs(60);
         let served = (0..100).filter(|_| budget.take(later)).count();
         assert_eq!(served, REQUEST_BURST as usize);
+    }
+}
+
+#[cfg(test)]
+mod gain_tests {
+    use super::*;
+    use rustix::net::{
+        bind, listen, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType,
+    };
+
+    /// A broker on a fresh socket with a worker that said Hello for `streams` streams.
+    fn broker_with_worker(config: &str, streams: usize) -> (Broker, Channel, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        let fd = socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(&fd, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+        listen(&fd, 8).unwrap();
+        let config = Config::parse(config).unwrap();
+        let wanted = config.pcm_caps();
+        let mut broker = Broker::new(config, HashMap::new(), Listener::from_fd(fd)).unwrap();
+        let worker = Channel::connect(&path).unwrap();
+        worker
+            .send(
+                &WorkerMsg::Hello {
+                    version: ipc::PROTOCOL_VERSION,
+                    vm: "vm".into(),
+                    streams: wanted[..streams].to_vec(),
+                },
+                &[],
+            )
+            .unwrap();
+        broker.accept_clients();
+        let (welcome, _) = worker.recv::<BrokerMsg>().unwrap();
+        assert!(matches!(welcome, BrokerMsg::Welcome { client_id: 1, .. }));
+        (broker, worker, dir)
+    }
+
+    const CONFIG: &str = r#"
+        [[streams]]
+        name = "media"
+        direction = "output"
+        backend = "null"
+        [[streams]]
+        name = "chime"
+        direction = "output"
+        backend = "null"
+        controls = false
+    "#;
+
+    #[test]
+    fn a_host_sets_a_bus_gain_per_vm_and_its_worker_hears_of_it() {
+        let (mut broker, worker, _dir) = broker_with_worker(CONFIG, 2);
+        let half = Gain {
+            volume: 88,
+            mute: false,
+        };
+        assert_eq!(broker.bus_gain(1, 0), Some(Gain::UNITY));
+        // By the stream's name or its controls' bus name.
+        broker.set_bus_gain(1, "media", half).unwrap();
+        assert_eq!(broker.bus_gain(1, 0), Some(half));
+        let (news, _) = worker.recv::<BrokerMsg>().unwrap();
+        assert_eq!(
+            news,
+            BrokerMsg::GainChanged {
+                stream_id: 0,
+                gain: half
+            }
+        );
+        let muted = Gain { mute: true, ..half };
+        broker.set_bus_gain(1, "Media", muted).unwrap();
+        assert_eq!(broker.bus_gain(1, 0), Some(muted));
+        for (client, bus, gain) in [
+            (1, "radio", half), // no such bus
+            (1, "chime", half), // no controls there
+            (
+                1,
+                "media",
+                Gain {
+                    volume: 101,
+                    ..half
+                },
+            ), // off the scale
+            (2, "media", half), // no such VM
+        ] {
+            assert!(broker.set_bus_gain(client, bus, gain).is_err(), "{bus}");
+        }
+        assert_eq!(broker.bus_gain(1, 0), Some(muted));
+        assert_eq!(broker.bus_gain(1, 1), Some(Gain::UNITY));
+    }
+
+    #[test]
+    fn a_workers_gain_is_checked_kept_and_answered() {
+        let (mut broker, worker, _dir) = broker_with_worker(CONFIG, 2);
+        let gain = Gain {
+            volume: 10,
+            mute: true,
+        };
+        worker
+            .send(&WorkerMsg::SetGain { stream_id: 0, gain }, &[])
+            .unwrap();
+        broker.serve_client(1);
+        let (reply, _) = worker.recv::<BrokerMsg>().unwrap();
+        assert_eq!(reply, BrokerMsg::Done { stream_id: 0 });
+        assert_eq!(broker.bus_gain(1, 0), Some(gain));
+        // A stream the config gives no controls: refused, nothing kept.
+        worker
+            .send(&WorkerMsg::SetGain { stream_id: 1, gain }, &[])
+            .unwrap();
+        broker.serve_client(1);
+        let (reply, _) = worker.recv::<BrokerMsg>().unwrap();
+        assert!(matches!(reply, BrokerMsg::Failed { stream_id: 1, .. }));
+        assert_eq!(broker.bus_gain(1, 1), Some(Gain::UNITY));
+        // Off the scale: a broken worker, dropped.
+        let wild = Gain {
+            volume: 1000,
+            mute: false,
+        };
+        worker
+            .send(
+                &WorkerMsg::SetGain {
+                    stream_id: 0,
+                    gain: wild,
+                },
+                &[],
+            )
+            .unwrap();
+        broker.serve_client(1);
+        assert!(!broker.clients.contains_key(&1));
+    }
+
+    #[test]
+    fn a_gain_for_a_stream_it_was_not_granted_drops_the_worker() {
+        let (mut broker, worker, _dir) = broker_with_worker(CONFIG, 2);
+        worker
+            .send(
+                &WorkerMsg::SetGain {
+                    stream_id: 2,
+                    gain: Gain::UNITY,
+                },
+                &[],
+            )
+            .unwrap();
+        broker.serve_client(1);
+        assert!(!broker.clients.contains_key(&1));
     }
 }

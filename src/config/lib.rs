@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use virtio_snd::control::{DeviceLayout, PcmCaps};
+use virtio_snd::ctl::{self, ControlSpec};
 use virtio_snd::protocol::{self, chmap, format};
 
 /// Upper bounds that keep every table and allocation small, whatever the config says.
@@ -201,6 +202,9 @@ pub struct StreamConfig {
     /// ALSA: the PCM name (default `default`).
     #[serde(default)]
     pub alsa_device: Option<String>,
+    /// Whether the guest gets this stream's volume and switch controls (VIRTIO_SND_F_CTLS).
+    #[serde(default = "yes")]
+    pub controls: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -284,6 +288,12 @@ pub struct Config {
     /// Per-VM tables by VM name; a VM without one gets the default (top-level) layout.
     #[serde(default)]
     pub vms: BTreeMap<String, VmConfig>,
+    /// Whether the device offers control elements (VIRTIO_SND_F_CTLS). Off by default: QEMU
+    /// passes the feature to the guest whatever its `controls` property says but sizes the
+    /// config space for it only with `controls=on`, and a guest that negotiated it then fails
+    /// to probe the card (measured: error -12, no sound at all).
+    #[serde(default)]
+    pub controls: bool,
 }
 
 impl Default for Config {
@@ -294,6 +304,7 @@ impl Default for Config {
             chmaps: Vec::new(),
             limits: Limits::default(),
             vms: BTreeMap::new(),
+            controls: false,
         };
         config.complete_chmaps();
         config
@@ -367,6 +378,7 @@ fn default_streams() -> Vec<StreamConfig> {
         target_object: None,
         capture_sink: false,
         alsa_device: None,
+        controls: true,
     };
     vec![
         stream("playback", Direction::Output),
@@ -383,6 +395,15 @@ const STANDARD_LAYOUTS: [&[&str]; 6] = [
     &["FL", "FR", "RL", "RR", "FC", "LFE"],
     &["FL", "FR", "RL", "RR", "FC", "LFE", "SL", "SR"],
 ];
+
+/// A stream's name as its controls show it: ALSA's mixer names start with a capital.
+pub fn bus_name(stream_name: &str) -> String {
+    let mut chars = stream_name.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
 
 /// Format name (as in the spec, without the VIRTIO_SND_PCM_FMT_ prefix) to its wire value.
 pub fn format_by_name(name: &str) -> Option<u8> {
@@ -522,6 +543,40 @@ impl Config {
         }
     }
 
+    /// Whether stream `stream_id` has volume and switch controls.
+    pub fn stream_has_controls(&self, stream_id: usize) -> bool {
+        self.controls && self.streams.get(stream_id).is_some_and(|s| s.controls)
+    }
+
+    /// The control elements (`ControlState::with_controls`): a volume and a switch per stream
+    /// that has controls, named after
+    /// the stream as ALSA names a mixer's ("media" -> "Media Playback Volume").
+    pub fn control_specs(&self) -> Vec<ControlSpec> {
+        let buses: Vec<(u32, String, bool, u32)> = self
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.stream_has_controls(*i))
+            .map(|(i, s)| {
+                (
+                    i as u32,
+                    bus_name(&s.name),
+                    s.direction == Direction::Output,
+                    s.hda_fn_nid,
+                )
+            })
+            .collect();
+        ctl::build_controls(&buses)
+    }
+
+    /// The stream whose control elements a host names it by: its configured name, or the bus
+    /// name its controls show ("media" or "Media").
+    pub fn stream_by_bus(&self, bus: &str) -> Option<usize> {
+        self.streams
+            .iter()
+            .position(|s| s.name == bus || bus_name(&s.name) == bus)
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
@@ -598,6 +653,7 @@ impl Config {
             chmaps: pick(own.map(|v| &v.chmaps), default_chmaps),
             limits: self.limits.clone(),
             vms: BTreeMap::new(),
+            controls: self.controls,
         };
         layout.complete_chmaps();
         layout
@@ -863,6 +919,54 @@ mod tests {
         ] {
             assert!(Config::parse(text).is_err(), "accepted: {text}");
         }
+    }
+
+    #[test]
+    fn controls_follow_the_streams_and_can_be_turned_off() {
+        let text = r#"
+            controls = true
+            [[streams]]
+            name = "media"
+            direction = "output"
+            hda_fn_nid = 2
+            [[streams]]
+            name = "navigation"
+            direction = "output"
+            controls = false
+            [[streams]]
+            name = "mic"
+            direction = "input"
+        "#;
+        let c = Config::parse(text).unwrap();
+        let names: Vec<(u32, String)> = c
+            .control_specs()
+            .iter()
+            .map(|s| {
+                let name = String::from_utf8(ctl::name_of(&s.info).to_vec()).unwrap();
+                (s.stream_id, name)
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (0, "Media Playback Volume".to_string()),
+                (0, "Media Playback Switch".to_string()),
+                (2, "Mic Capture Volume".to_string()),
+                (2, "Mic Capture Switch".to_string()),
+            ]
+        );
+        assert_eq!(c.control_specs()[0].info.hdr.hda_fn_nid.get(), 2);
+        assert!(!c.stream_has_controls(1));
+        assert_eq!(c.stream_by_bus("Mic"), Some(2));
+        assert_eq!(c.stream_by_bus("navigation"), Some(1));
+        assert_eq!(c.stream_by_bus("radio"), None);
+        let off = Config::parse(&text.replace("controls = true", "controls = false")).unwrap();
+        assert!(off.control_specs().is_empty());
+        // The default: none (the VMM must be told, QEMU's controls=on); on, both default
+        // streams have them.
+        assert!(Config::default().control_specs().is_empty());
+        let on = Config::parse("controls = true").unwrap();
+        assert_eq!(on.control_specs().len(), 4);
     }
 
     #[test]

@@ -331,9 +331,12 @@ fn supervise(
         socket.display(),
         broker_socket.display()
     );
+    // `controls=on` sizes QEMU's config space for the control elements: QEMU passes the
+    // worker's VIRTIO_SND_F_CTLS to the guest either way, and without it the guest reads its
+    // `controls` count past a 12-byte space (as 0xffffffff) and fails its probe.
     println!("Attach a VM with these QEMU arguments:");
     println!(
-        "  -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \\\n  -chardev socket,id=vsound,path={} -device vhost-user-snd-pci,chardev=vsound",
+        "  -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \\\n  -chardev socket,id=vsound,path={} -device vhost-user-snd-pci,chardev=vsound,controls=on",
         socket.display()
     );
     println!("Press Ctrl-C to stop.");

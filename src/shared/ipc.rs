@@ -23,6 +23,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub const BROKER_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 
 use virtio_snd::control::{PcmCaps, PcmParams};
+use virtio_snd::ctl::Gain;
 
 /// 2: Hello carries the VM's name.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -58,6 +59,12 @@ pub enum WorkerMsg {
     Release {
         stream_id: u32,
     },
+    /// The guest set the stream's volume or mute (CTL_WRITE), or the worker restores it to a
+    /// new broker; whether or not the stream is prepared. Answered by `Done` or `Failed`.
+    SetGain {
+        stream_id: u32,
+        gain: Gain,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +97,12 @@ pub enum BrokerMsg {
     /// The backend under- or overran.
     Xrun {
         stream_id: u32,
+    },
+    /// The host changed the stream's volume or mute (PipeWire's node, or a host command):
+    /// unsolicited, like `Xrun`.
+    GainChanged {
+        stream_id: u32,
+        gain: Gain,
     },
 }
 
@@ -469,6 +482,24 @@ mod tests {
         assert!(a.unread_by_peer().unwrap() > 0);
         drop(b);
         assert_eq!(a.unread_by_peer().unwrap(), 0);
+    }
+
+    #[test]
+    fn gain_messages_round_trip() {
+        let (a, b) = Channel::pair().unwrap();
+        let gain = Gain {
+            volume: 37,
+            mute: true,
+        };
+        a.send(&WorkerMsg::SetGain { stream_id: 3, gain }, &[])
+            .unwrap();
+        let (msg, fds) = b.recv::<WorkerMsg>().unwrap();
+        assert_eq!(msg, WorkerMsg::SetGain { stream_id: 3, gain });
+        assert!(fds.is_empty());
+        let news = BrokerMsg::GainChanged { stream_id: 1, gain };
+        assert_eq!(news.fd_count(), 0);
+        b.send(&news, &[]).unwrap();
+        assert_eq!(a.recv::<BrokerMsg>().unwrap().0, news);
     }
 
     #[test]

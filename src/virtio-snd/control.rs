@@ -5,6 +5,7 @@
 
 use zerocopy::IntoBytes;
 
+use crate::ctl::{self, ControlSpec, CtlKind, Gain};
 use crate::protocol::{self as p, Status};
 
 /// Largest `size` a driver may ask per item of an INFO query; bounds the response allocation.
@@ -128,6 +129,12 @@ pub trait PcmHost<S> {
     fn stop(&mut self, stream_id: u32, stream: &mut S) -> Result<(), Status>;
     /// Frees the transport; must complete every pending buffer of the stream before returning.
     fn release(&mut self, stream_id: u32, stream: &mut S) -> Result<(), Status>;
+    /// Applies a stream's new volume and mute (a CTL_WRITE); the stream keeps the new value
+    /// only if this succeeds. A host with nothing to apply them to accepts them.
+    fn set_gain(&mut self, stream_id: u32, stream: &mut S, gain: Gain) -> Result<(), Status> {
+        let _ = (stream_id, stream, gain);
+        Ok(())
+    }
 }
 
 /// One PCM stream as the spec's command lifecycle sees it: what the device offers, where the
@@ -138,6 +145,8 @@ pub struct PcmStream {
     caps: PcmCaps,
     state: PcmState,
     params: Option<PcmParams>,
+    /// What its control elements hold (unity when it has none).
+    gain: Gain,
 }
 
 impl PcmStream {
@@ -146,7 +155,19 @@ impl PcmStream {
             caps,
             state: PcmState::Initial,
             params: None,
+            gain: Gain::UNITY,
         }
+    }
+
+    /// The stream's volume and mute, as its controls read.
+    pub fn gain(&self) -> Gain {
+        self.gain
+    }
+
+    /// A change made on the host's side (the broker's news); a CTL_WRITE goes through
+    /// [`ControlState::handle`].
+    pub fn set_gain(&mut self, gain: Gain) {
+        self.gain = gain;
     }
 
     pub fn caps(&self) -> &PcmCaps {
@@ -166,7 +187,8 @@ impl PcmStream {
         self.caps.direction == p::D_OUTPUT
     }
 
-    /// Forgets the stream's state, as after a device reset. The caller frees its transport.
+    /// Forgets the stream's state, as after a device reset (its gain stays: it is the host's
+    /// setting as much as the guest's). The caller frees its transport.
     pub fn reset(&mut self) {
         self.state = PcmState::Initial;
         self.params = None;
@@ -207,6 +229,9 @@ pub struct ControlState {
     jacks: Vec<JackState>,
     chmaps: Vec<p::ChmapInfo>,
     max_buffer_bytes: u32,
+    controls: Vec<ControlSpec>,
+    /// Whether the driver acknowledged VIRTIO_SND_F_CTLS: only then are CTL requests served.
+    controls_negotiated: bool,
 }
 
 impl ControlState {
@@ -223,15 +248,70 @@ impl ControlState {
             jacks,
             chmaps: layout.chmaps,
             max_buffer_bytes: layout.max_buffer_bytes,
+            controls: Vec::new(),
+            controls_negotiated: false,
         }
     }
 
-    /// The device's configuration space for a device with `streams` streams.
-    pub fn config_space(&self, streams: usize) -> p::VirtioSndConfig {
-        p::VirtioSndConfig {
+    /// The control elements it offers with VIRTIO_SND_F_CTLS (none: the feature is not
+    /// offered).
+    pub fn with_controls(mut self, controls: Vec<ControlSpec>) -> ControlState {
+        // Event ids are 16 bits: the config never makes more (two per stream).
+        self.controls = controls.into_iter().take(usize::from(u16::MAX)).collect();
+        self
+    }
+
+    /// Whether the device offers VIRTIO_SND_F_CTLS: it has controls to offer.
+    pub fn offers_controls(&self) -> bool {
+        !self.controls.is_empty()
+    }
+
+    /// The driver's features were acknowledged: CTL requests are served only with F_CTLS.
+    pub fn set_features(&mut self, features: u64) {
+        self.controls_negotiated = self.offers_controls() && features & (1u64 << p::F_CTLS) != 0;
+    }
+
+    pub fn controls_negotiated(&self) -> bool {
+        self.controls_negotiated
+    }
+
+    /// Whether `stream_id` has control elements (a host-side gain change is only news for a
+    /// stream that has).
+    pub fn stream_has_controls(&self, stream_id: u32) -> bool {
+        self.controls.iter().any(|c| c.stream_id == stream_id)
+    }
+
+    /// The CTL_NOTIFY events for a host-side change of a stream's gain from `old` to `new`:
+    /// one per control whose value changed, none without F_CTLS.
+    pub fn gain_events(&self, stream_id: u32, old: Gain, new: Gain) -> Vec<p::Event> {
+        if !self.controls_negotiated {
+            return Vec::new();
+        }
+        self.controls
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                c.stream_id == stream_id
+                    && ctl::read_member(c.kind, &old) != ctl::read_member(c.kind, &new)
+            })
+            .map(|(id, _)| ctl::value_changed_event(id as u16))
+            .collect()
+    }
+
+    /// The device's configuration space for a device with `streams` streams: 16 bytes, whose
+    /// `controls` is non-zero only once F_CTLS is negotiated (12 bytes are the whole space
+    /// without it).
+    pub fn config_space(&self, streams: usize) -> p::VirtioSndConfigCtls {
+        let controls = if self.controls_negotiated {
+            self.controls.len() as u32
+        } else {
+            0
+        };
+        p::VirtioSndConfigCtls {
             jacks: (self.jacks.len() as u32).into(),
             streams: (streams as u32).into(),
             chmaps: (self.chmaps.len() as u32).into(),
+            controls: controls.into(),
         }
     }
 
@@ -252,9 +332,19 @@ impl ControlState {
             return p::status_bytes(Status::BadMsg).to_vec();
         };
         let response = match code {
-            p::R_JACK_INFO | p::R_PCM_INFO | p::R_CHMAP_INFO => {
+            // Without the feature these codes are as unknown as before it existed.
+            p::R_CTL_INFO..=p::R_CTL_TLV_COMMAND if !self.controls_negotiated => {
+                log::debug!("control element request {code:#x} without VIRTIO_SND_F_CTLS");
+                p::status_bytes(Status::BadMsg).to_vec()
+            }
+            p::R_JACK_INFO | p::R_PCM_INFO | p::R_CHMAP_INFO | p::R_CTL_INFO => {
                 self.query_info(code, req, resp_capacity, streams)
             }
+            p::R_CTL_ENUM_ITEMS => self.ctl_enum_items(req).to_vec(),
+            p::R_CTL_READ => self.ctl_read(req, resp_capacity, streams),
+            p::R_CTL_WRITE => self.ctl_write(req, streams, host).to_vec(),
+            p::R_CTL_TLV_READ => self.ctl_tlv_read(req, resp_capacity),
+            p::R_CTL_TLV_WRITE | p::R_CTL_TLV_COMMAND => self.ctl_tlv_other(req).to_vec(),
             p::R_JACK_REMAP => self.jack_remap(req).to_vec(),
             p::R_PCM_SET_PARAMS => self.set_params(req, streams).to_vec(),
             p::R_PCM_PREPARE | p::R_PCM_START | p::R_PCM_STOP | p::R_PCM_RELEASE => {
@@ -284,9 +374,107 @@ impl ControlState {
         let items: Vec<&[u8]> = match code {
             p::R_JACK_INFO => self.jacks.iter().map(|j| j.info.as_bytes()).collect(),
             p::R_PCM_INFO => return pcm_info(streams, start, count, size, resp_capacity),
+            p::R_CTL_INFO => self.controls.iter().map(|c| c.info.as_bytes()).collect(),
             _ => self.chmaps.iter().map(|c| c.as_bytes()).collect(),
         };
         encode_items(&items, start, count, size, resp_capacity).unwrap_or_else(bad)
+    }
+
+    /// The control a CTL request names, `None` for a short request or an unknown id.
+    fn control_of(&self, req: &[u8]) -> Option<(u32, &ControlSpec)> {
+        let hdr = p::read_prefix::<p::CtlHdr>(req)?;
+        let id = hdr.control_id.get();
+        self.controls.get(id as usize).map(|c| (id, c))
+    }
+
+    /// None of ours is ENUMERATED: every id, known or not, is a bad request.
+    fn ctl_enum_items(&self, req: &[u8]) -> [u8; 4] {
+        if let Some((id, _)) = self.control_of(req) {
+            log::debug!("CTL_ENUM_ITEMS for control {id}, which is not ENUMERATED");
+        }
+        p::status_bytes(Status::BadMsg)
+    }
+
+    /// Status and the whole `virtio_snd_ctl_value`, the control's members first.
+    fn ctl_read<S: AsRef<PcmStream>>(
+        &self,
+        req: &[u8],
+        resp_capacity: usize,
+        streams: &[S],
+    ) -> Vec<u8> {
+        let bad = || p::status_bytes(Status::BadMsg).to_vec();
+        let Some((_, spec)) = self.control_of(req) else {
+            return bad();
+        };
+        let Some(stream) = streams.get(spec.stream_id as usize) else {
+            return bad();
+        };
+        let total = p::Hdr::SIZE as usize + p::ctl::VALUE_SIZE;
+        if resp_capacity < total {
+            return bad();
+        }
+        let mut out = vec![0u8; total];
+        out[..4].copy_from_slice(&p::status_bytes(Status::Ok));
+        let member = ctl::read_member(spec.kind, &stream.as_ref().gain);
+        out[4..8].copy_from_slice(&member.to_le_bytes());
+        out
+    }
+
+    /// Validates the value, has the host apply it, and keeps it.
+    fn ctl_write<S: AsMut<PcmStream>>(
+        &self,
+        req: &[u8],
+        streams: &mut [S],
+        host: &mut dyn PcmHost<S>,
+    ) -> [u8; 4] {
+        let Some((id, spec)) = self.control_of(req) else {
+            return p::status_bytes(Status::BadMsg);
+        };
+        let Some(value) = req.get(p::CtlHdr::SIZE as usize..) else {
+            return p::status_bytes(Status::BadMsg);
+        };
+        let stream_id = spec.stream_id;
+        let Some(stream) = streams.get_mut(stream_id as usize) else {
+            return p::status_bytes(Status::BadMsg);
+        };
+        let current = stream.as_mut().gain;
+        let gain = match ctl::written_gain(spec, value, current) {
+            Ok(gain) => gain,
+            Err(status) => {
+                log::debug!("CTL_WRITE of control {id}: value refused");
+                return p::status_bytes(status);
+            }
+        };
+        if gain != current {
+            if let Err(status) = host.set_gain(stream_id, stream, gain) {
+                return p::status_bytes(status);
+            }
+            stream.as_mut().gain = gain;
+        }
+        p::status_bytes(Status::Ok)
+    }
+
+    /// Status and the volume's DB_SCALE TLV; a control without TLV_READ access has none.
+    fn ctl_tlv_read(&self, req: &[u8], resp_capacity: usize) -> Vec<u8> {
+        let bad = || p::status_bytes(Status::BadMsg).to_vec();
+        let Some((_, spec)) = self.control_of(req) else {
+            return bad();
+        };
+        let tlv = ctl::volume_tlv();
+        if spec.kind != CtlKind::Volume || resp_capacity < 4 + tlv.len() {
+            return bad();
+        }
+        let mut out = p::status_bytes(Status::Ok).to_vec();
+        out.extend_from_slice(&tlv);
+        out
+    }
+
+    /// TLV_WRITE and TLV_COMMAND: our TLVs are read-only.
+    fn ctl_tlv_other(&self, req: &[u8]) -> [u8; 4] {
+        match self.control_of(req) {
+            Some(_) => p::status_bytes(Status::NotSupp),
+            None => p::status_bytes(Status::BadMsg),
+        }
     }
 
     fn jack_remap(&mut self, req: &[u8]) -> [u8; 4] {
@@ -444,6 +632,7 @@ mod tests {
     #[derive(Default)]
     struct RecordingHost {
         calls: Vec<(&'static str, u32)>,
+        gains: Vec<Gain>,
         fail_with: Option<Status>,
     }
 
@@ -466,6 +655,10 @@ mod tests {
         }
         fn release(&mut self, id: u32, _: &mut PcmStream) -> Result<(), Status> {
             self.result("release", id)
+        }
+        fn set_gain(&mut self, id: u32, _: &mut PcmStream, gain: Gain) -> Result<(), Status> {
+            self.gains.push(gain);
+            self.result("set_gain", id)
         }
     }
 
@@ -538,7 +731,10 @@ mod tests {
     impl TestDevice {
         fn new(layout: DeviceLayout) -> TestDevice {
             TestDevice {
-                control: ControlState::new(layout),
+                control: ControlState::new(layout).with_controls(crate::ctl::build_controls(&[
+                    (0, "Media".into(), true, 0),
+                    (1, "Mic".into(), false, 0),
+                ])),
                 streams: test_caps().into_iter().map(PcmStream::new).collect(),
             }
         }
@@ -824,5 +1020,394 @@ mod tests {
         };
         let resp = dev.handle(req.as_bytes(), 4, &mut RecordingHost::default());
         assert_eq!(status(&resp), 0x8002);
+    }
+
+    /// A device whose driver acknowledged VIRTIO_SND_F_CTLS.
+    fn ctl_device() -> TestDevice {
+        let mut dev = device();
+        dev.control.set_features(1 << p::F_CTLS);
+        dev
+    }
+
+    fn ctl(code: u32, id: u32) -> Vec<u8> {
+        p::CtlHdr {
+            hdr: p::Hdr { code: code.into() },
+            control_id: id.into(),
+        }
+        .as_bytes()
+        .to_vec()
+    }
+
+    /// A CTL_WRITE as Linux sends it: the header and the whole 512-byte value.
+    fn ctl_write(id: u32, members: &[u32]) -> Vec<u8> {
+        let mut req = ctl(p::R_CTL_WRITE, id);
+        let mut value = [0u8; p::ctl::VALUE_SIZE];
+        for (i, m) in members.iter().enumerate() {
+            value[4 * i..4 * i + 4].copy_from_slice(&m.to_le_bytes());
+        }
+        req.extend_from_slice(&value);
+        req
+    }
+
+    /// CTL_READ's first member.
+    fn ctl_read(dev: &mut TestDevice, id: u32) -> u32 {
+        let resp = dev.handle(
+            &ctl(p::R_CTL_READ, id),
+            4 + 512,
+            &mut RecordingHost::default(),
+        );
+        assert_eq!(status(&resp), 0x8000);
+        assert_eq!(resp.len(), 516);
+        u32::from_le_bytes(resp[4..8].try_into().unwrap())
+    }
+
+    fn name(info: &p::CtlInfo) -> String {
+        String::from_utf8(crate::ctl::name_of(info).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn controls_need_the_feature() {
+        let mut dev = device();
+        let mut host = RecordingHost::default();
+        assert_eq!(dev.control.config_space(2).controls.get(), 0);
+        for req in [
+            query(p::R_CTL_INFO, 0, 4, 96),
+            ctl(p::R_CTL_READ, 0),
+            ctl_write(0, &[50]),
+            ctl(p::R_CTL_TLV_READ, 0),
+            ctl(p::R_CTL_ENUM_ITEMS, 0),
+        ] {
+            // As any code the device does not know.
+            assert_eq!(dev.handle(&req, 1024, &mut host), 0x8001u32.to_le_bytes());
+        }
+        assert!(host.calls.is_empty());
+        // A driver that did not acknowledge it, or a device without controls, gets none.
+        dev.control.set_features(1 << 1);
+        assert!(!dev.control.controls_negotiated());
+        let mut bare = TestDevice {
+            control: ControlState::new(test_layout()),
+            streams: test_caps().into_iter().map(PcmStream::new).collect(),
+        };
+        bare.control.set_features(1 << p::F_CTLS);
+        assert!(!bare.control.offers_controls());
+        assert!(!bare.control.controls_negotiated());
+        assert_eq!(
+            bare.handle(&ctl(p::R_CTL_READ, 0), 516, &mut host),
+            0x8001u32.to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn ctl_info_lists_every_control_with_linux_s_layout() {
+        let mut dev = ctl_device();
+        assert_eq!(dev.control.config_space(2).controls.get(), 4);
+        assert_eq!(dev.control.config_space(2).as_bytes().len(), 16);
+        let resp = dev.handle(
+            &query(p::R_CTL_INFO, 0, 4, 96),
+            4 + 4 * 96,
+            &mut Default::default(),
+        );
+        assert_eq!(status(&resp), 0x8000);
+        assert_eq!(resp.len(), 4 + 4 * 96);
+        let infos: Vec<p::CtlInfo> = (0..4)
+            .map(|i| p::read_prefix(&resp[4 + 96 * i..]).unwrap())
+            .collect();
+        let names: Vec<String> = infos.iter().map(name).collect();
+        assert_eq!(
+            names,
+            [
+                "Media Playback Volume",
+                "Media Playback Switch",
+                "Mic Capture Volume",
+                "Mic Capture Switch"
+            ]
+        );
+        let volume = &infos[0];
+        assert_eq!(volume.r#type.get(), p::ctl::TYPE_INTEGER);
+        assert_eq!(volume.role.get(), p::ctl::ROLE_VOLUME);
+        assert_eq!(volume.count.get(), 1);
+        assert_eq!(
+            (volume.min.get(), volume.max.get(), volume.step.get()),
+            (0, 100, 1)
+        );
+        assert_eq!(volume.access.get(), 0b1_0011); // READ, WRITE, TLV_READ
+        assert_eq!(volume.index.get(), 0);
+        // The name is NUL-terminated within its field; the union's integer at offset 72.
+        assert_eq!(resp[4 + 24 + 21], 0);
+        assert_eq!(&resp[4 + 76..4 + 80], &100u32.to_le_bytes());
+        let switch = &infos[1];
+        assert_eq!(switch.r#type.get(), p::ctl::TYPE_BOOLEAN);
+        assert_eq!(switch.role.get(), p::ctl::ROLE_MUTE);
+        assert_eq!(switch.access.get(), 0b11);
+        // What Linux 6.12's validation checks: a known type, a count within its value.
+        for info in &infos {
+            assert!(info.r#type.get() <= p::ctl::TYPE_IEC958);
+            assert!((1..=128).contains(&info.count.get()));
+        }
+        // One at a time, from an offset, as any INFO query.
+        let resp = dev.handle(
+            &query(p::R_CTL_INFO, 3, 1, 96),
+            100,
+            &mut Default::default(),
+        );
+        assert_eq!(
+            name(&p::read_prefix(&resp[4..]).unwrap()),
+            "Mic Capture Switch"
+        );
+    }
+
+    #[test]
+    fn bad_ctl_info_queries_get_bad_msg() {
+        let mut dev = ctl_device();
+        for (req, cap) in [
+            (query(p::R_CTL_INFO, 0, 5, 96), 4096), // past the last control
+            (query(p::R_CTL_INFO, 4, 1, 96), 4096), // no such control
+            (query(p::R_CTL_INFO, 1, u32::MAX, 96), 4096), // start + count overflows
+            (query(p::R_CTL_INFO, 0, 1, 95), 4096), // item smaller than the struct
+            (query(p::R_CTL_INFO, 0, 4, 96), 4 + 3 * 96), // response does not fit
+            (query(p::R_CTL_INFO, 0, 1, 96)[..15].to_vec(), 4096), // short request
+        ] {
+            let resp = dev.handle(&req, cap, &mut RecordingHost::default());
+            assert_eq!(resp, 0x8001u32.to_le_bytes(), "request {req:?}");
+        }
+    }
+
+    #[test]
+    fn read_write_and_read_back() {
+        let mut dev = ctl_device();
+        let mut host = RecordingHost::default();
+        // Unity at first: full volume, switch on.
+        assert_eq!(ctl_read(&mut dev, 0), 100);
+        assert_eq!(ctl_read(&mut dev, 1), 1);
+        assert_eq!(
+            status(&dev.handle(&ctl_write(0, &[50]), 4, &mut host)),
+            0x8000
+        );
+        assert_eq!(ctl_read(&mut dev, 0), 50);
+        assert_eq!(
+            status(&dev.handle(&ctl_write(1, &[0]), 4, &mut host)),
+            0x8000
+        );
+        assert_eq!(ctl_read(&mut dev, 1), 0);
+        // The other stream's controls are its own.
+        assert_eq!(ctl_read(&mut dev, 2), 100);
+        assert_eq!(
+            status(&dev.handle(&ctl_write(2, &[0]), 4, &mut host)),
+            0x8000
+        );
+        assert_eq!(ctl_read(&mut dev, 2), 0);
+        assert_eq!(ctl_read(&mut dev, 3), 1);
+        assert_eq!(
+            host.calls,
+            vec![("set_gain", 0), ("set_gain", 0), ("set_gain", 1)]
+        );
+        assert_eq!(
+            host.gains,
+            vec![
+                Gain {
+                    volume: 50,
+                    mute: false
+                },
+                Gain {
+                    volume: 50,
+                    mute: true
+                },
+                Gain {
+                    volume: 0,
+                    mute: false
+                },
+            ]
+        );
+        assert_eq!(
+            dev.streams[0].gain(),
+            Gain {
+                volume: 50,
+                mute: true
+            }
+        );
+        // Writing the value it has is OK and costs the host nothing.
+        assert_eq!(
+            status(&dev.handle(&ctl_write(0, &[50]), 4, &mut host)),
+            0x8000
+        );
+        assert_eq!(host.calls.len(), 3);
+    }
+
+    #[test]
+    fn bad_writes_get_bad_msg_and_change_nothing() {
+        let mut dev = ctl_device();
+        let mut host = RecordingHost::default();
+        let mut member_past_count = ctl_write(0, &[50]);
+        member_past_count[8 + 4] = 1;
+        let mut stray_byte = ctl_write(1, &[0]);
+        stray_byte[8 + 511] = 7;
+        for req in [
+            ctl_write(0, &[101]),      // above the maximum
+            ctl_write(0, &[u32::MAX]), // -1: below the minimum
+            ctl_write(0, &[0x8000_0000]),
+            ctl_write(1, &[2]),        // a switch is 0 or 1
+            ctl_write(4, &[1]),        // no such control
+            ctl_write(u32::MAX, &[1]), // no such control
+            ctl_write(0, &[50, 50]),   // two members for a one-member control
+            member_past_count,
+            stray_byte,
+            ctl_write(0, &[50])[..8 + 511].to_vec(), // value cut short
+            ctl_write(0, &[50])[..8].to_vec(),       // no value at all
+            ctl_write(0, &[50])[..7].to_vec(),       // short header
+        ] {
+            assert_eq!(
+                dev.handle(&req, 4, &mut host),
+                0x8001u32.to_le_bytes(),
+                "{:?}",
+                &req[..8.min(req.len())]
+            );
+        }
+        assert!(host.calls.is_empty());
+        assert_eq!(dev.streams[0].gain(), Gain::UNITY);
+        assert_eq!(ctl_read(&mut dev, 0), 100);
+    }
+
+    #[test]
+    fn a_write_the_host_refuses_keeps_the_old_value() {
+        let mut dev = ctl_device();
+        let mut host = RecordingHost {
+            fail_with: Some(Status::IoErr),
+            ..Default::default()
+        };
+        assert_eq!(
+            status(&dev.handle(&ctl_write(0, &[10]), 4, &mut host)),
+            0x8003
+        );
+        assert_eq!(host.calls, vec![("set_gain", 0)]);
+        assert_eq!(ctl_read(&mut dev, 0), 100);
+    }
+
+    #[test]
+    fn bad_reads_get_bad_msg() {
+        let mut dev = ctl_device();
+        let mut host = RecordingHost::default();
+        for (req, cap) in [
+            (ctl(p::R_CTL_READ, 4), 516),               // no such control
+            (ctl(p::R_CTL_READ, u32::MAX), 516),        // no such control
+            (ctl(p::R_CTL_READ, 0)[..6].to_vec(), 516), // short request
+            (ctl(p::R_CTL_READ, 0), 515),               // no room for the whole value
+            (ctl(p::R_CTL_READ, 0), 8),
+        ] {
+            let resp = dev.handle(&req, cap, &mut host);
+            assert_eq!(resp, 0x8001u32.to_le_bytes(), "{req:?} into {cap}");
+        }
+        // No room for a status: nothing written at all.
+        assert!(dev.handle(&ctl(p::R_CTL_READ, 0), 3, &mut host).is_empty());
+    }
+
+    #[test]
+    fn tlv_read_gives_a_db_scale_with_mute() {
+        let mut dev = ctl_device();
+        let mut host = RecordingHost::default();
+        // What ALSA's dB helpers read: DB_SCALE (1), 8 bytes, -50.00 dB, 0.50 dB per step,
+        // lowest step muted.
+        let resp = dev.handle(&ctl(p::R_CTL_TLV_READ, 0), 4 + 1024, &mut host);
+        assert_eq!(status(&resp), 0x8000);
+        let words: Vec<u32> = resp[4..]
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
+            .collect();
+        assert_eq!(words, [1, 8, (-5000i32) as u32, 0x1_0032]);
+        assert_eq!(
+            status(&dev.handle(&ctl(p::R_CTL_TLV_READ, 2), 20, &mut host)),
+            0x8000
+        );
+        for (req, cap) in [
+            (ctl(p::R_CTL_TLV_READ, 1), 1024), // a switch has no TLV
+            (ctl(p::R_CTL_TLV_READ, 9), 1024), // no such control
+            (ctl(p::R_CTL_TLV_READ, 0), 19),   // the TLV does not fit
+            (ctl(p::R_CTL_TLV_READ, 0)[..4].to_vec(), 1024),
+        ] {
+            assert_eq!(dev.handle(&req, cap, &mut host), 0x8001u32.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn tlv_write_command_and_enum_items() {
+        let mut dev = ctl_device();
+        let mut host = RecordingHost::default();
+        for code in [p::R_CTL_TLV_WRITE, p::R_CTL_TLV_COMMAND] {
+            let mut req = ctl(code, 0);
+            req.extend_from_slice(&crate::ctl::volume_tlv());
+            assert_eq!(dev.handle(&req, 4, &mut host), 0x8002u32.to_le_bytes());
+            assert_eq!(
+                dev.handle(&ctl(code, 7), 4, &mut host),
+                0x8001u32.to_le_bytes()
+            );
+            assert_eq!(
+                dev.handle(&ctl(code, 0)[..5], 4, &mut host),
+                0x8001u32.to_le_bytes()
+            );
+        }
+        // None of ours is ENUMERATED.
+        for id in [0, 1, 4, u32::MAX] {
+            let resp = dev.handle(&ctl(p::R_CTL_ENUM_ITEMS, id), 4 + 64, &mut host);
+            assert_eq!(resp, 0x8001u32.to_le_bytes());
+        }
+        assert_eq!(ctl_read(&mut dev, 0), 100);
+    }
+
+    #[test]
+    fn host_changes_make_notify_events_for_the_controls_that_changed() {
+        let mut dev = ctl_device();
+        let old = Gain::UNITY;
+        let events = dev.control.gain_events(
+            1,
+            old,
+            Gain {
+                volume: 40,
+                mute: false,
+            },
+        );
+        assert_eq!(events.len(), 1);
+        let event: p::CtlEvent = p::read_prefix(events[0].as_bytes()).unwrap();
+        assert_eq!(event.hdr.code.get(), p::EVT_CTL_NOTIFY);
+        assert_eq!(event.control_id.get(), 2); // Mic Capture Volume
+        assert_eq!(event.mask.get(), 1 << p::ctl::EVT_MASK_VALUE);
+        let both = dev.control.gain_events(
+            0,
+            old,
+            Gain {
+                volume: 0,
+                mute: true,
+            },
+        );
+        let ids: Vec<u16> = both
+            .iter()
+            .map(|e| {
+                p::read_prefix::<p::CtlEvent>(e.as_bytes())
+                    .unwrap()
+                    .control_id
+                    .get()
+            })
+            .collect();
+        assert_eq!(ids, [0, 1]);
+        assert!(dev.control.gain_events(0, old, old).is_empty());
+        assert!(dev.control.stream_has_controls(1));
+        assert!(!dev.control.stream_has_controls(2));
+        // The new value is what CTL_READ shows.
+        dev.streams[1].set_gain(Gain {
+            volume: 40,
+            mute: false,
+        });
+        assert_eq!(ctl_read(&mut dev, 2), 40);
+        // Without the feature there is nobody to tell.
+        dev.control.set_features(0);
+        assert!(dev
+            .control
+            .gain_events(
+                0,
+                old,
+                Gain {
+                    volume: 1,
+                    mute: true
+                }
+            )
+            .is_empty());
     }
 }

@@ -4,7 +4,7 @@
 //! types, so parsing guest bytes is a bounds-checked copy with no `unsafe` and no alignment
 //! assumptions. Parsing helpers are pure functions over byte slices (fuzzable).
 
-use zerocopy::little_endian::{U32, U64};
+use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub const VIRTIO_ID_SOUND: u32 = 25;
@@ -26,12 +26,24 @@ pub const R_PCM_RELEASE: u32 = 0x0103;
 pub const R_PCM_START: u32 = 0x0104;
 pub const R_PCM_STOP: u32 = 0x0105;
 pub const R_CHMAP_INFO: u32 = 0x0200;
+/// Control element requests (VIRTIO 1.3, only with [`F_CTLS`]).
+pub const R_CTL_INFO: u32 = 0x0300;
+pub const R_CTL_ENUM_ITEMS: u32 = 0x0301;
+pub const R_CTL_READ: u32 = 0x0302;
+pub const R_CTL_WRITE: u32 = 0x0303;
+pub const R_CTL_TLV_READ: u32 = 0x0304;
+pub const R_CTL_TLV_WRITE: u32 = 0x0305;
+pub const R_CTL_TLV_COMMAND: u32 = 0x0306;
 
 // Event codes.
 pub const EVT_JACK_CONNECTED: u32 = 0x1000;
 pub const EVT_JACK_DISCONNECTED: u32 = 0x1001;
 pub const EVT_PCM_PERIOD_ELAPSED: u32 = 0x1100;
 pub const EVT_PCM_XRUN: u32 = 0x1101;
+pub const EVT_CTL_NOTIFY: u32 = 0x1200;
+
+/// Device feature bit: control elements (adds `controls` to the configuration space).
+pub const F_CTLS: u32 = 0;
 
 /// Status codes written back to the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +171,49 @@ pub mod chmap {
     pub const MAX_SIZE: usize = 18;
 }
 
+/// Control element roles, value types, access bits and event mask bits (VIRTIO 1.3 5.14.6.10,
+/// `include/uapi/linux/virtio_snd.h`).
+pub mod ctl {
+    pub const ROLE_UNDEFINED: u32 = 0;
+    pub const ROLE_VOLUME: u32 = 1;
+    pub const ROLE_MUTE: u32 = 2;
+    pub const ROLE_GAIN: u32 = 3;
+
+    pub const TYPE_BOOLEAN: u32 = 0;
+    pub const TYPE_INTEGER: u32 = 1;
+    pub const TYPE_INTEGER64: u32 = 2;
+    pub const TYPE_ENUMERATED: u32 = 3;
+    pub const TYPE_BYTES: u32 = 4;
+    pub const TYPE_IEC958: u32 = 5;
+
+    /// Bit positions in `CtlInfo::access`.
+    pub const ACCESS_READ: u32 = 0;
+    pub const ACCESS_WRITE: u32 = 1;
+    pub const ACCESS_VOLATILE: u32 = 2;
+    pub const ACCESS_INACTIVE: u32 = 3;
+    pub const ACCESS_TLV_READ: u32 = 4;
+    pub const ACCESS_TLV_WRITE: u32 = 5;
+    pub const ACCESS_TLV_COMMAND: u32 = 6;
+
+    /// Bit positions in `CtlEvent::mask`.
+    pub const EVT_MASK_VALUE: u16 = 0;
+    pub const EVT_MASK_INFO: u16 = 1;
+    pub const EVT_MASK_TLV: u16 = 2;
+
+    /// Bytes of `virtio_snd_ctl_info::name`, its NUL included.
+    pub const NAME_SIZE: usize = 44;
+    /// Bytes of `struct virtio_snd_ctl_value` (a union of 128 le32, 64 le64, 512 bytes, IEC958).
+    pub const VALUE_SIZE: usize = 512;
+    /// Members of `virtio_snd_ctl_value::integer`.
+    pub const MAX_INTEGER_MEMBERS: usize = VALUE_SIZE / 4;
+
+    /// ALSA's TLV type of a dB scale (`SNDRV_CTL_TLVT_DB_SCALE`, `sound/tlv.h`): the words are
+    /// {type, 8, min in 0.01 dB, step in 0.01 dB | MUTE}; the driver hands them to ALSA as read.
+    pub const TLVT_DB_SCALE: u32 = 1;
+    /// In a DB_SCALE's last word: the lowest value is silence (`TLV_DB_SCALE_MUTE`).
+    pub const TLV_DB_SCALE_MUTE: u32 = 0x10000;
+}
+
 /// Bytes of one sample of `format`, for the formats this device can stream as linear PCM.
 /// `None` for compressed/DSD formats whose frame size is not a sample multiple we support.
 pub fn sample_bytes(fmt: u8) -> Option<u32> {
@@ -176,15 +231,22 @@ pub fn sample_bytes(fmt: u8) -> Option<u32> {
 /// One sample of silence, little-endian: unsigned formats are centred, companded ones are
 /// their code for zero, not zero.
 pub fn silence_sample(fmt: u8) -> Vec<u8> {
+    let (pattern, width) = silence_pattern(fmt);
+    pattern[..width].to_vec()
+}
+
+/// [`silence_sample`] without an allocation (for real-time paths): the sample's bytes in the
+/// first `width` bytes of the array.
+pub fn silence_pattern(fmt: u8) -> ([u8; 8], usize) {
     use format::*;
     // Companded zero: G.711's codes for the smallest positive level.
     match fmt {
-        MU_LAW => return vec![0xff],
-        A_LAW => return vec![0xd5],
+        MU_LAW => return ([0xff, 0, 0, 0, 0, 0, 0, 0], 1),
+        A_LAW => return ([0xd5, 0, 0, 0, 0, 0, 0, 0], 1),
         _ => {}
     }
     let width = sample_bytes(fmt).unwrap_or(1) as usize;
-    let mut sample = vec![0u8; width];
+    let mut sample = [0u8; 8];
     let centre_bit = match fmt {
         U8 => 7,
         U16 => 15,
@@ -192,10 +254,10 @@ pub fn silence_sample(fmt: u8) -> Vec<u8> {
         U20_3 | U20 => 19,
         U24_3 | U24 => 23,
         U32 => 31,
-        _ => return sample,
+        _ => return (sample, width),
     };
     sample[centre_bit / 8] = 1 << (centre_bit % 8);
-    sample
+    (sample, width)
 }
 
 /// Frames per second of a rate index, `None` if out of range.
@@ -219,12 +281,19 @@ macro_rules! wire {
     ($(#[$meta:meta])* pub struct $name:ident { $($(#[$field_meta:meta])* pub $field:ident: $ty:ty,)* }) => {
         $(#[$meta])*
         #[derive(
-            Debug, Clone, Copy, Default, PartialEq, Eq,
+            Debug, Clone, Copy, PartialEq, Eq,
             FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
         )]
         #[repr(C)]
         pub struct $name {
             $($(#[$field_meta])* pub $field: $ty,)*
+        }
+
+        // All zeros (std derives Default only for arrays of up to 32 elements).
+        impl Default for $name {
+            fn default() -> Self {
+                <$name as zerocopy::FromZeros>::new_zeroed()
+            }
         }
 
         impl $name {
@@ -238,6 +307,16 @@ wire! {
         pub jacks: U32,
         pub streams: U32,
         pub chmaps: U32,
+    }
+}
+
+wire! {
+    /// The configuration space when [`F_CTLS`] is negotiated.
+    pub struct VirtioSndConfigCtls {
+        pub jacks: U32,
+        pub streams: U32,
+        pub chmaps: U32,
+        pub controls: U32,
     }
 }
 
@@ -352,6 +431,48 @@ wire! {
     }
 }
 
+wire! {
+    /// Header of every control element request (CTL_READ, CTL_TLV_READ, ... take only this).
+    pub struct CtlHdr {
+        pub hdr: Hdr,
+        pub control_id: U32,
+    }
+}
+
+wire! {
+    /// `struct virtio_snd_ctl_info`. Its value union is 8-aligned in C (it holds le64s), so 4
+    /// bytes of padding follow `name`; the union is laid out as its integer member, then the
+    /// rest of the integer64 member's room.
+    pub struct CtlInfo {
+        pub hdr: Info,
+        pub role: U32,
+        pub r#type: U32,
+        /// 1 << ctl::ACCESS_*.
+        pub access: U32,
+        pub count: U32,
+        /// Tells apart elements of the same name.
+        pub index: U32,
+        /// NUL-terminated.
+        pub name: [u8; ctl::NAME_SIZE],
+        pub padding: [u8; 4],
+        pub min: U32,
+        pub max: U32,
+        pub step: U32,
+        pub value_padding: [u8; 12],
+    }
+}
+
+wire! {
+    /// `struct virtio_snd_ctl_event`: the same 8 bytes as [`Event`], with a 16-bit control id
+    /// and reason mask where `Event::data` is.
+    pub struct CtlEvent {
+        pub hdr: Hdr,
+        pub control_id: U16,
+        /// 1 << ctl::EVT_MASK_*.
+        pub mask: U16,
+    }
+}
+
 /// Reads a `T` from the start of `bytes`; `None` if there are too few bytes.
 /// Extra trailing bytes are ignored, as the spec allows drivers to send larger requests.
 pub fn read_prefix<T: FromBytes + KnownLayout + Immutable>(bytes: &[u8]) -> Option<T> {
@@ -401,6 +522,36 @@ mod tests {
         assert_eq!(size_of::<PcmXfer>(), 4);
         assert_eq!(size_of::<PcmStatus>(), 8);
         assert_eq!(size_of::<ChmapInfo>(), 24);
+        assert_eq!(size_of::<VirtioSndConfigCtls>(), 16);
+        assert_eq!(size_of::<CtlHdr>(), 8);
+        // Linux's struct virtio_snd_ctl_info: 68 bytes of fields, padding to the 8-aligned
+        // union, a 24-byte union.
+        assert_eq!(size_of::<CtlInfo>(), 96);
+        assert_eq!(size_of::<CtlEvent>(), 8);
+        assert_eq!(size_of::<CtlEvent>(), size_of::<Event>());
+    }
+
+    #[test]
+    fn control_offsets_match_linux() {
+        assert_eq!(offset_of!(VirtioSndConfigCtls, controls), 12);
+        assert_eq!(offset_of!(CtlHdr, control_id), 4);
+        assert_eq!(offset_of!(CtlInfo, role), 4);
+        assert_eq!(offset_of!(CtlInfo, r#type), 8);
+        assert_eq!(offset_of!(CtlInfo, access), 12);
+        assert_eq!(offset_of!(CtlInfo, count), 16);
+        assert_eq!(offset_of!(CtlInfo, index), 20);
+        assert_eq!(offset_of!(CtlInfo, name), 24);
+        assert_eq!(offset_of!(CtlInfo, min), 72);
+        assert_eq!(offset_of!(CtlInfo, max), 76);
+        assert_eq!(offset_of!(CtlInfo, step), 80);
+        assert_eq!(offset_of!(CtlEvent, control_id), 4);
+        assert_eq!(offset_of!(CtlEvent, mask), 6);
+        assert_eq!(R_CTL_INFO, 0x300);
+        assert_eq!(R_CTL_TLV_COMMAND, 0x306);
+        assert_eq!(EVT_CTL_NOTIFY, 0x1200);
+        assert_eq!(ctl::TYPE_IEC958, 5);
+        assert_eq!(ctl::ACCESS_TLV_COMMAND, 6);
+        assert_eq!(ctl::ROLE_GAIN, 3);
     }
 
     #[test]

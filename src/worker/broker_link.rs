@@ -24,6 +24,8 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(2);
 const FIRST_RETRY: Duration = Duration::from_millis(10);
 /// Attempts cost a socket and a connect: keep trying often, the guest is waiting.
 const MAX_RETRY: Duration = Duration::from_millis(200);
+/// Broker events held for the device at most (it takes them after every wake-up).
+const MAX_QUEUED_EVENTS: usize = 256;
 /// A failing reconnection is logged at most this often.
 const RETRY_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -88,7 +90,8 @@ pub struct BrokerLink {
     granted: Vec<PcmCaps>,
     state: State,
     outage: Option<Outage>,
-    /// Xruns that arrived while a reply was awaited.
+    /// Xruns and gain news not yet handed to the device (also those that arrived while a
+    /// reply was awaited).
     events: VecDeque<BrokerMsg>,
     /// Next reconnection attempt, or the Welcome deadline.
     timer: WakeTimer,
@@ -342,8 +345,8 @@ impl BrokerLink {
                 return Err(self.down(&e));
             }
             match channel.recv::<BrokerMsg>() {
-                Ok((BrokerMsg::Xrun { stream_id }, _)) => {
-                    self.events.push_back(BrokerMsg::Xrun { stream_id });
+                Ok((msg @ (BrokerMsg::Xrun { .. } | BrokerMsg::GainChanged { .. }), _)) => {
+                    self.push_event(msg);
                 }
                 Ok((BrokerMsg::Refused { reason }, _)) => {
                     self.superseded(&reason);
@@ -391,10 +394,21 @@ impl BrokerLink {
         std::mem::take(&mut self.events)
     }
 
+    /// Queues an event; a broker sending faster than the device takes them loses the oldest
+    /// (the device takes them after every wake-up, so only a hostile broker gets here).
+    fn push_event(&mut self, msg: BrokerMsg) {
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(msg);
+    }
+
     fn read_events(&mut self) {
         while let State::Up(channel) = &self.state {
             match channel.recv::<BrokerMsg>() {
-                Ok((msg @ BrokerMsg::Xrun { .. }, _)) => self.events.push_back(msg),
+                Ok((msg @ (BrokerMsg::Xrun { .. } | BrokerMsg::GainChanged { .. }), _)) => {
+                    self.push_event(msg)
+                }
                 Ok((BrokerMsg::Refused { reason }, _)) => self.superseded(&reason),
                 Ok((other, _)) => self.fail(&format!("unsolicited message {other:?}")),
                 Err(IpcError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use log::Level;
@@ -39,6 +40,7 @@ use crate::local_clock::WakeTimer;
 use crate::pcm_host::Host;
 use crate::stream::{open_ring, RxBuf, Stream, TxBuf};
 use virtio_snd::control::{ControlState, PcmStream};
+use virtio_snd::ctl::Gain;
 use virtio_snd::guest::{Chain, GuestBuffer};
 use virtio_snd::protocol::{self as p, Status};
 use virtio_snd::xfer::{Xfer, XferError};
@@ -85,6 +87,8 @@ pub struct SoundDevice {
     /// Tells the vring thread to exit when the VMM has gone, so the worker can end. Handed
     /// over once (one vring thread), so no fd is duplicated under the seccomp policy.
     exit: std::sync::Mutex<Option<(EventConsumer, EventNotifier)>>,
+    /// Whether the VMM's too small config space was reported.
+    config_warned: AtomicBool,
 }
 
 impl SoundDevice {
@@ -120,7 +124,8 @@ impl SoundDevice {
             )
             .map_err(io::Error::from)?;
         Ok(SoundDevice {
-            control: ControlState::new(config.device_layout()),
+            control: ControlState::new(config.device_layout())
+                .with_controls(config.control_specs()),
             streams: granted
                 .into_iter()
                 .map(|caps| Stream::new(PcmStream::new(caps)))
@@ -136,6 +141,7 @@ impl SoundDevice {
             exit: std::sync::Mutex::new(Some(new_event_consumer_and_notifier(
                 EventFlag::NONBLOCK | EventFlag::CLOEXEC,
             )?)),
+            config_warned: AtomicBool::new(false),
         })
     }
 
@@ -513,6 +519,10 @@ impl SoundDevice {
 
     fn handle_broker_messages(&mut self, done: &mut Completer) {
         for msg in self.link.take_events() {
+            if let BrokerMsg::GainChanged { stream_id, gain } = msg {
+                self.host_gain_changed(stream_id, gain, done);
+                continue;
+            }
             if let BrokerMsg::Xrun { stream_id } = msg {
                 let wants_xruns = self
                     .streams
@@ -534,9 +544,54 @@ impl SoundDevice {
         }
     }
 
+    /// The host changed a stream's volume or mute: the stream keeps the new value (the
+    /// guest's next CTL_READ shows it) and the driver is told which controls changed. A
+    /// broker's news about a stream without controls, or off the scale, is dropped.
+    fn host_gain_changed(&mut self, stream_id: u32, gain: Gain, done: &mut Completer) {
+        let Some(stream) = self.streams.get_mut(stream_id as usize) else {
+            guest_log!(
+                done.log(),
+                Level::Warn,
+                "broker: gain news for no stream {stream_id}"
+            );
+            return;
+        };
+        if !gain.is_valid() || !self.control.stream_has_controls(stream_id) {
+            guest_log!(
+                done.log(),
+                Level::Warn,
+                "broker: gain news for stream {stream_id} ignored: {gain:?}"
+            );
+            return;
+        }
+        let old = stream.pcm.gain();
+        stream.pcm.set_gain(gain);
+        log::debug!("stream {stream_id}: the host set {gain:?}");
+        for event in self.control.gain_events(stream_id, old, gain) {
+            self.queue_event(event, done);
+        }
+    }
+
     /// A new broker welcomed us: it gets back every stream the local clock kept going, with
-    /// the guest's params and running state, and the buffers still pending.
+    /// the guest's params and running state, and the buffers still pending; and every
+    /// stream's volume and mute that is not the default, prepared or not.
     fn restore_streams(&mut self, mem: Option<&GuestMemory>, done: &mut Completer) {
+        for stream_id in 0..self.streams.len() as u32 {
+            let gain = self.streams[stream_id as usize].pcm.gain();
+            if gain.is_unity() {
+                continue;
+            }
+            match self
+                .link
+                .simple(WorkerMsg::SetGain { stream_id, gain }, stream_id)
+            {
+                Ok(()) => {}
+                Err(Fault::Refused(reason)) => {
+                    log::warn!("stream {stream_id}: the new broker refused its gain: {reason}")
+                }
+                Err(Fault::Down) => return,
+            }
+        }
         let mut restored = 0;
         for stream_id in 0..self.streams.len() as u32 {
             let stream = &mut self.streams[stream_id as usize];
@@ -629,10 +684,20 @@ impl VhostUserBackendMut for SoundDevice {
     }
 
     fn features(&self) -> u64 {
+        let controls = if self.control.offers_controls() {
+            1 << p::F_CTLS
+        } else {
+            0
+        };
         (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | controls
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.control.set_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -658,10 +723,25 @@ impl VhostUserBackendMut for SoundDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // 12 bytes of config, zero-extended (a VMM built with VIRTIO 1.3 headers reads 16).
+        // 16 bytes: `controls` is 0 unless F_CTLS was negotiated, so a VMM that reads 16
+        // without it sees the 12 of VIRTIO 1.2, zero-extended.
         let config = self.control.config_space(self.streams.len());
         let mut space = [0u8; 16];
-        space[..12].copy_from_slice(config.as_bytes());
+        space.copy_from_slice(config.as_bytes());
+        // QEMU sizes the space by its own `controls` property, not by the features it passes
+        // through: without `controls=on` the guest reads `controls` beyond the 12 bytes as
+        // 0xffffffff and its probe fails. Say so once.
+        if self.control.controls_negotiated()
+            && offset == 0
+            && size < p::VirtioSndConfigCtls::SIZE as u32
+            && !self.config_warned.swap(true, Ordering::Relaxed)
+        {
+            log::error!(
+                "the VMM reads a {size}-byte config space but the guest negotiated control \
+                 elements: start QEMU with -device vhost-user-snd-pci,...,controls=on (or set \
+                 `controls = false` in the config)"
+            );
+        }
         let start = (offset as usize).min(space.len());
         let end = start.saturating_add(size as usize).min(space.len());
         let mut out = space[start..end].to_vec();

@@ -11,6 +11,7 @@ use crate::broker_link::{BrokerLink, Fault};
 use crate::completion::{Completer, GuestMemory};
 use crate::stream::{open_ring, Stream};
 use virtio_snd::control::{PcmHost, PcmParams};
+use virtio_snd::ctl::Gain;
 use virtio_snd::protocol::Status;
 use vsound_shared::guest_log;
 use vsound_shared::ipc::WorkerMsg;
@@ -106,6 +107,19 @@ impl PcmHost<Stream> for Host<'_, '_> {
             .simple(WorkerMsg::Release { stream_id }, stream_id)
         {
             // A broker that went away holds nothing of ours any more.
+            Ok(()) | Err(Fault::Down) => Ok(()),
+            Err(Fault::Refused(_)) => Err(Status::IoErr),
+        }
+    }
+
+    /// Waits for the broker's answer, as PREPARE does (it validates the value and applies it
+    /// before answering: a CTL_WRITE answered OK has taken effect). A broker that is away gets
+    /// the value with the streams when it is back (`restore_streams`), so the write succeeds.
+    fn set_gain(&mut self, stream_id: u32, _stream: &mut Stream, gain: Gain) -> Result<(), Status> {
+        match self
+            .link
+            .simple(WorkerMsg::SetGain { stream_id, gain }, stream_id)
+        {
             Ok(()) | Err(Fault::Down) => Ok(()),
             Err(Fault::Refused(_)) => Err(Status::IoErr),
         }

@@ -101,6 +101,9 @@ impl PipeWire {
         self.session = Some(Proc {
             child: Command::new("wireplumber")
                 .envs(env(&self.runtime))
+                // Its own state: WirePlumber saves stream volumes and restores them into later
+                // streams; a test's must not reach another test's (or a host's) streams.
+                .env("XDG_STATE_HOME", self.runtime.join("wireplumber-state"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -205,6 +208,39 @@ impl PipeWire {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// A node's volume props as `pw-dump` shows them: its channel volumes and mute (`None`
+    /// while the node or its Props are not there).
+    pub fn node_volume(&self, name: &str) -> Option<(Vec<f32>, bool)> {
+        // Bounded: pw-dump waits for every node's answer.
+        let out = Command::new("timeout")
+            .args(["5", "pw-dump", name])
+            .envs(self.env())
+            .output()
+            .ok()?;
+        let objects: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let node = objects.as_array()?.iter().find(|o| {
+            o["type"] == "PipeWire:Interface:Node" && o["info"]["props"]["node.name"] == name
+        })?;
+        let props = node["info"]["params"]["Props"].as_array()?.first()?;
+        let volumes = props["channelVolumes"]
+            .as_array()?
+            .iter()
+            .filter_map(|v| v.as_f64().map(|v| v as f32))
+            .collect();
+        Some((volumes, props["mute"].as_bool()?))
+    }
+
+    /// Sets a node's props as a host's mixer would (`pw-cli set-param NAME Props {...}`).
+    pub fn set_node_props(&self, name: &str, props: &str) {
+        let status = Command::new("pw-cli")
+            .args(["set-param", name, "Props", props])
+            .envs(self.env())
+            .stdout(Stdio::null())
+            .status()
+            .expect("pw-cli");
+        assert!(status.success(), "pw-cli set-param {name} Props {props}");
     }
 
     /// Records the sink's monitor (S16 stereo 48 kHz) to the raw file `path` until the returned

@@ -9,7 +9,7 @@
 #   BUSYBOX=/abs/path/busybox   (static, runs on the host too: play.sh uses its cpio)
 #
 # The guest: the Debian kernel that linux-image-amd64 from bookworm-backports depends on (6.12,
-# with virtio_snd as a module), busybox-static, aplay/arecord from alsa-utils with libasound2,
+# with virtio_snd as a module), busybox-static, aplay/arecord and amixer from alsa-utils with libasound2,
 # libasound2-data (alsa.conf) and libc6, in an uncompressed cpio initramfs whose /init is
 # tests/e2e/guest/init. Only the modules virtio_snd and virtio_blk need (and their dependencies,
 # read from each module's .modinfo) go in, decompressed for busybox insmod, with /modules.order
@@ -168,13 +168,15 @@ if [ ! -f "$OUT/done" ]; then
   printf '%s\n' "${ORDER[@]}" > "$R/modules.order"
   log "modules (load order): ${ORDER[*]}"
 
-  # Userspace: busybox, aplay (+ arecord), the loader, libc, libm, libasound, ALSA's config.
+  # Userspace: busybox, aplay (+ arecord), amixer, the loader, libc, libm, libasound, ALSA's
+  # config.
   mkdir -p "$R/bin" "$R/usr/bin" "$R/lib64" "$R/lib/x86_64-linux-gnu" \
            "$R/usr/lib/x86_64-linux-gnu" "$R/usr/share" "$R/etc" "$R/proc" "$R/sys" "$R/dev" \
            "$R/tmp" "$R/out" "$R/in" "$R/root"
   cp "$X/bin/busybox" "$R/bin/busybox"
   cp "$X/usr/bin/aplay" "$R/usr/bin/aplay"
   ln -s aplay "$R/usr/bin/arecord"
+  cp "$X/usr/bin/amixer" "$R/usr/bin/amixer"
   cp -L "$X/lib64/ld-linux-x86-64.so.2" "$R/lib64/ld-linux-x86-64.so.2"
   for lib in libc.so.6 libm.so.6; do
     cp -L "$X/lib/x86_64-linux-gnu/$lib" "$R/lib/x86_64-linux-gnu/$lib"
@@ -183,7 +185,7 @@ if [ ! -f "$OUT/done" ]; then
   cp -a "$X/usr/share/alsa" "$R/usr/share/alsa"
   [ -f "$R/usr/share/alsa/alsa.conf" ] || die "alsa.conf missing from libasound2-data"
   cp "$HERE/guest/init" "$R/init"
-  chmod 0755 "$R/init" "$R/bin/busybox" "$R/usr/bin/aplay"
+  chmod 0755 "$R/init" "$R/bin/busybox" "$R/usr/bin/aplay" "$R/usr/bin/amixer"
   printf '%s\n' "${PKGS[@]}" > "$R/packages"
 
   (cd "$R" && "$X/bin/busybox" find . | LC_ALL=C sort \

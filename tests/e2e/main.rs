@@ -12,7 +12,9 @@
 //!   sample for sample;
 //! - when the guest powers off, the worker exits (its VMM hung up) and the broker stays.
 //!
-//! `faults` kills the broker and another VM's worker under a playing guest; `matrix` plays and
+//! `controls` has the guest's `amixer` list its controls, set a bus's volume and mute (the
+//! PipeWire node's channelVolumes and mute follow, a muted bus is silence at the sink) and see a
+//! change made on PipeWire's side. `faults` kills the broker and another VM's worker under a playing guest; `matrix` plays and
 //! records across rates, channel counts and period sizes on the wav and null backends, then runs
 //! a long session of PREPARE / RELEASE cycles.
 //!
@@ -23,6 +25,7 @@
 mod aaos;
 #[path = "../common/mod.rs"]
 mod common;
+mod controls;
 mod faults;
 mod guest;
 mod matrix;

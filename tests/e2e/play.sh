@@ -16,6 +16,8 @@
 #   --timeout SECS     kill QEMU after SECS (default 300)
 #   --cache DIR        the guest cache (default target/e2e-cache)
 #   --append ARGS      extra kernel command-line arguments
+#   --no-controls      start QEMU without controls=on (its config space then has no room for
+#                      the control elements the worker offers)
 # Environment: QEMU (default qemu-system-x86_64), QEMU_EXTRA_ARGS (extra arguments, split on
 # spaces).
 #
@@ -30,7 +32,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 die() { echo "play.sh: ERROR: $*" >&2; exit 2; }
 
-SOCK="" OUT="" OUT_SIZE=64M CONSOLE="" TIMEOUT=300 CACHE="" APPEND="" CMD=""
+SOCK="" OUT="" OUT_SIZE=64M CONSOLE="" TIMEOUT=300 CACHE="" APPEND="" CMD="" CONTROLS=",controls=on"
 FILES=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,6 +44,7 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT=$2; shift 2 ;;
     --cache) CACHE=$2; shift 2 ;;
     --append) APPEND=$2; shift 2 ;;
+    --no-controls) CONTROLS=""; shift ;;
     --) shift; CMD="$*"; break ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option $1" ;;
@@ -84,7 +87,7 @@ set +e
 timeout --foreground -k 5 "$TIMEOUT" "$QEMU" \
   -accel tcg -cpu max -smp 1 -m 512M -nodefaults -no-reboot -nographic -monitor none \
   -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
-  -chardev "socket,id=snd,path=$SOCK" -device vhost-user-snd-pci,chardev=snd \
+  -chardev "socket,id=snd,path=$SOCK" -device "vhost-user-snd-pci,chardev=snd${CONTROLS}" \
   "${DISK[@]+"${DISK[@]}"}" \
   -serial stdio \
   -kernel "$KERNEL" -initrd "$WORK/initrd" \

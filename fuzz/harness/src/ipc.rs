@@ -75,6 +75,16 @@ pub fn worker_msg(data: &[u8]) {
                 check_validate(&params, caps, 1 << 20);
             }
         }
+        WorkerMsg::SetGain { gain, .. } => {
+            // The broker accepts exactly the gains the control elements can express; a valid
+            // one is silent exactly when muted or at the lowest step, and unity only at 0 dB.
+            let expressible = gain.volume <= virtio_snd::ctl::VOLUME_MAX;
+            assert_eq!(gain.is_valid(), expressible, "{gain:?}");
+            if gain.is_valid() {
+                assert_eq!(gain.is_silent(), gain.mute || gain.volume == 0, "{gain:?}");
+                assert!(!gain.is_unity() || (!gain.mute && gain.db_centi() == Some(0)));
+            }
+        }
         WorkerMsg::Start { .. } | WorkerMsg::Stop { .. } | WorkerMsg::Release { .. } => {}
     }
 }

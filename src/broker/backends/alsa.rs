@@ -17,7 +17,7 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 use super::{
-    Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge,
+    gain, Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge,
 };
 use virtio_snd::control::PcmCaps;
 use virtio_snd::protocol::{format, D_OUTPUT};
@@ -241,6 +241,7 @@ impl Backend for AlsaBackend {
             port,
             timer,
             frame_bytes,
+            format: spec.params.format,
             // A quarter period: the device's avail, not the timer, decides what moves.
             interval: Duration::from_nanos((period_ns / 4).max(1_000_000)),
             running: false,
@@ -255,6 +256,8 @@ struct AlsaStream {
     port: RingPort,
     timer: TimerFd,
     frame_bytes: usize,
+    /// The virtio format of the samples, for the gain.
+    format: u8,
     interval: Duration,
     running: bool,
     xrun: XrunEdge,
@@ -286,6 +289,7 @@ impl AlsaStream {
                 let have = consumer.available()? as usize / self.frame_bytes * self.frame_bytes;
                 let n = have.min(bytes);
                 let got = consumer.pop(&mut self.scratch[..n])?;
+                gain::apply(self.format, self.port.gain.load(), &mut self.scratch[..got]);
                 if got > 0 {
                     match self.pcm.io_bytes().writei(&self.scratch[..got]) {
                         Ok(frames) if frames * self.frame_bytes < got => {
@@ -311,6 +315,8 @@ impl AlsaStream {
                             let free =
                                 producer.free()? as usize / self.frame_bytes * self.frame_bytes;
                             let keep = got.min(free);
+                            let gain = self.port.gain.load();
+                            gain::apply(self.format, gain, &mut self.scratch[..keep]);
                             producer.push(&self.scratch[..keep])?;
                             short = keep < got;
                         }
@@ -373,6 +379,6 @@ impl BackendStream for AlsaStream {
         let short = self.transfer()?;
         let xrun = self.xrun.update(short);
         self.port.notify_worker();
-        Ok(Wake { xrun })
+        Ok(Wake { xrun, gain: None })
     }
 }

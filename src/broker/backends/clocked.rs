@@ -15,7 +15,7 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use rustix::event::{eventfd, EventfdFlags};
 
-use super::{BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge};
+use super::{gain, BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge};
 use virtio_snd::control::PcmParams;
 use vsound_shared::ring::RingError;
 
@@ -75,6 +75,9 @@ impl ClockedStream {
         self.frames_done = due_total;
         let frame_bytes = u64::from(self.params.frame_bytes());
         let want = due_frames * frame_bytes;
+        // Once per tick: a change made meanwhile applies from the next chunk on.
+        let gain = self.port.gain.load();
+        let format = self.params.format;
         let chunk_max = (self.scratch.len() as u64 / frame_bytes * frame_bytes).max(frame_bytes);
         let moved = match &mut self.port.ring {
             StreamRing::Playback(consumer) => {
@@ -84,6 +87,7 @@ impl ClockedStream {
                 while left > 0 {
                     let n = left.min(chunk_max) as usize;
                     let got = consumer.pop(&mut self.scratch[..n])?;
+                    gain::apply(format, gain, &mut self.scratch[..got]);
                     if let Err(e) = self.io.play(&self.scratch[..got]) {
                         log::warn!("clocked backend: playback error: {e}");
                     }
@@ -105,6 +109,7 @@ impl ClockedStream {
                         log::warn!("clocked backend: capture error: {e}");
                         self.scratch[..n].fill(0);
                     }
+                    gain::apply(format, gain, &mut self.scratch[..n]);
                     // Frames that do not fit are lost (an overrun), as on real hardware.
                     let keep = (total - stored).min(n as u64) as usize;
                     if keep > 0 {
@@ -162,7 +167,7 @@ impl BackendStream for ClockedStream {
         }
         let xrun = self.advance()?;
         self.port.notify_worker();
-        Ok(Wake { xrun })
+        Ok(Wake { xrun, gain: None })
     }
 }
 

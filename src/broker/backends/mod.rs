@@ -19,6 +19,7 @@ use vsound_shared::ring::{Consumer, Producer, RingError, SharedRing, WakeSender}
 
 pub mod alsa;
 pub mod clocked;
+pub mod gain;
 pub mod null;
 pub mod pipewire;
 pub mod wav;
@@ -59,15 +60,26 @@ impl StreamRing {
     }
 }
 
-/// Everything a backend stream needs to move frames: the ring and the worker's wake-up.
+/// Everything a backend stream needs to move frames: the ring, the worker's wake-up, and the
+/// stream's volume and mute (which the broker may change while it plays).
 pub struct RingPort {
     pub ring: StreamRing,
     notify: WakeSender,
+    pub gain: Arc<gain::GainCell>,
 }
 
 impl RingPort {
     pub fn new(ring: StreamRing, notify: WakeSender) -> RingPort {
-        RingPort { ring, notify }
+        RingPort {
+            ring,
+            notify,
+            gain: Arc::default(),
+        }
+    }
+
+    /// The gain the broker keeps for the stream (unity otherwise).
+    pub fn with_gain(self, gain: Arc<gain::GainCell>) -> RingPort {
+        RingPort { gain, ..self }
     }
 
     /// Tells the worker the ring moved: never blocks whatever the worker did to its end, and
@@ -82,6 +94,8 @@ impl RingPort {
 pub struct Wake {
     /// An under- or overrun began.
     pub xrun: bool,
+    /// The host changed the stream's volume or mute (PipeWire's node props).
+    pub gain: Option<virtio_snd::ctl::Gain>,
 }
 
 /// Turns "the ring ran short this tick" into xrun reports: one per episode, on its first tick.
@@ -152,6 +166,9 @@ pub trait BackendStream: Send {
     }
     /// Does the work that is due. A ring error means the worker broke the ring protocol.
     fn on_wake(&mut self) -> Result<Wake, RingError>;
+    /// The stream's gain cell changed: a backend with a mixer of its own (PipeWire) applies it
+    /// there; the others read the cell as they move frames, so they need not be told.
+    fn gain_changed(&mut self) {}
 }
 
 /// The backends of one layout, one per stream slot.

@@ -29,6 +29,13 @@
 //! If the daemon goes away, the thread drops the dead streams (the watchdog keeps them in
 //! silence), tries to reconnect once a second, and recreates the streams when it is back.
 //!
+//! A stream's volume and mute (the guest's controls, or a host command) are its node's
+//! `channelVolumes` (every channel the same linear factor, 10^(dB/20): PipeWire's volumes are
+//! linear, the cubic curve is only how pavucontrol and wpctl display them) and `mute` props,
+//! set through a proxy of the stream's own node as `wpctl set-volume` sets them; the master
+//! `volume` prop is set to 1 alongside. The same proxy follows the node's props, so a change
+//! made on PipeWire's side (wpctl, pw-cli, a session manager) reaches the broker and the guest.
+//!
 //! Rings are sized for the graph's quantum, which the host may pin above the guest's period
 //! (`clock.force-quantum`, `clock.min-quantum` in the daemon's `settings` metadata, which the
 //! thread follows): a cycle takes a whole quantum at once, so the ring holds a quantum and a
@@ -48,10 +55,12 @@ use pw::spa;
 use pw::spa::param::audio::{AudioFormat, AudioInfoRaw};
 use rustix::event::{eventfd, EventfdFlags};
 
+use super::gain::GainCell;
 use super::{
     Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge,
 };
 use virtio_snd::control::{PcmCaps, PcmParams};
+use virtio_snd::ctl::Gain;
 use virtio_snd::protocol::{chmap, format, D_OUTPUT};
 use vsound_config::VmName;
 use vsound_shared::ratelimit::LogLimiter;
@@ -197,8 +206,20 @@ struct Shared {
     tail_frames: u64,
     xruns: AtomicU64,
     violation: AtomicBool,
-    /// Signalled by the real-time callback on an xrun or a violation.
+    /// Signalled by the real-time callback on an xrun or a violation, and by the PipeWire
+    /// thread when the node's volume changed on PipeWire's side.
     wake: OwnedFd,
+    /// The stream's volume and mute: the broker's (the same cell as its `RingPort`'s), or
+    /// PipeWire's after a change on PipeWire's side.
+    gain: Arc<GainCell>,
+    channels: u32,
+    /// A SetGain command is on its way to the PipeWire thread (a burst of changes costs one).
+    gain_pending: AtomicBool,
+    /// The node's props have shown the gain last set: until then they are not news (they
+    /// may still be the ones from before).
+    gain_synced: AtomicBool,
+    /// PipeWire's side changed the gain; the broker's loop has not passed it on yet.
+    host_gain_changed: AtomicBool,
 }
 
 impl Shared {
@@ -446,6 +467,10 @@ impl RtState {
 
 enum Command {
     Open(Box<OpenRequest>),
+    /// Sets the node's props to the stream's gain cell.
+    SetGain {
+        key: u64,
+    },
     Start {
         key: u64,
     },
@@ -700,6 +725,198 @@ struct LiveStream {
     _listener: pw::stream::StreamListener<Arc<Mutex<RtState>>>,
     /// The stream's state as PipeWire last reported it (the watchdog's reason).
     state: Arc<Mutex<String>>,
+    /// A proxy of the stream's node, bound once PipeWire gave it an id: its props carry the
+    /// volume.
+    node: NodeSlot,
+}
+
+struct BoundNode {
+    node: pw::node::Node,
+    _listener: pw::node::NodeListener,
+}
+
+type NodeSlot = Rc<RefCell<Option<BoundNode>>>;
+
+/// Binds our streams' nodes on the connection's registry. PipeWire refuses to bind a global
+/// the client's registry has not announced yet (a stale id), and a stream learns its node's id
+/// on its own: a node is bound when both happened, whichever came last.
+#[derive(Default)]
+struct NodeBinder {
+    registry: Option<pw::registry::RegistryWeak>,
+    /// Node globals the registry announced (and did not remove).
+    seen: std::collections::HashSet<u32>,
+    /// Streams whose node id is known but not announced yet.
+    waiting: HashMap<u32, (NodeSlot, Arc<Shared>)>,
+}
+
+type Binder = Rc<RefCell<NodeBinder>>;
+
+impl NodeBinder {
+    /// A stream knows its node's id: bound now if announced, else once it is.
+    fn request(&mut self, node_id: u32, slot: &NodeSlot, shared: &Arc<Shared>) {
+        if !self.seen.contains(&node_id) {
+            self.waiting.insert(node_id, (slot.clone(), shared.clone()));
+            return;
+        }
+        if let Some(registry) = self.registry.as_ref().and_then(|r| r.upgrade()) {
+            bind_node(&registry, node_id, slot, shared);
+        }
+    }
+
+    /// The registry announced a node.
+    fn announced(&mut self, registry: &pw::registry::RegistryRc, node_id: u32) {
+        self.seen.insert(node_id);
+        if let Some((slot, shared)) = self.waiting.remove(&node_id) {
+            bind_node(registry, node_id, &slot, &shared);
+        }
+    }
+
+    fn removed(&mut self, node_id: u32) {
+        self.seen.remove(&node_id);
+        self.waiting.remove(&node_id);
+    }
+}
+
+/// Binds a proxy of our stream's node `node_id`, follows its props and sets them to the
+/// stream's gain.
+fn bind_node(
+    registry: &pw::registry::RegistryRc,
+    node_id: u32,
+    slot: &NodeSlot,
+    shared: &Arc<Shared>,
+) {
+    let global = pw::registry::GlobalObject {
+        id: node_id,
+        permissions: pw::permissions::PermissionFlags::empty(),
+        type_: pw::types::ObjectType::Node,
+        version: 0,
+        props: None::<&spa::utils::dict::DictRef>,
+    };
+    let node: pw::node::Node = match registry.bind(&global) {
+        Ok(node) => node,
+        Err(e) => {
+            log::warn!("pipewire: cannot bind node {node_id} for its volume: {e}");
+            return;
+        }
+    };
+    let follower = shared.clone();
+    let listener = node
+        .add_listener_local()
+        .param(move |_seq, id, _index, _next, pod| {
+            if id == spa::param::ParamType::Props {
+                if let Some(gain) = pod.and_then(props_gain) {
+                    node_props_changed(&follower, gain);
+                }
+            }
+        })
+        .register();
+    node.subscribe_params(&[spa::param::ParamType::Props]);
+    *slot.borrow_mut() = Some(BoundNode {
+        node,
+        _listener: listener,
+    });
+    // A new node is at 0 dB: one that stays there is left alone (setting its props, even to
+    // the same values, changed the samples PipeWire played mid-stream in tests).
+    if !shared.gain.load().is_unity() {
+        set_node_gain(slot, shared);
+    }
+}
+
+/// Sets the node's props to the stream's gain cell (nothing until its proxy is bound, which
+/// sets them then).
+fn set_node_gain(slot: &NodeSlot, shared: &Shared) {
+    let slot = slot.borrow();
+    let Some(bound) = slot.as_ref() else {
+        return;
+    };
+    let gain = shared.gain.load();
+    let pod = match gain_props_pod(gain, shared.channels) {
+        Ok(pod) => pod,
+        Err(e) => {
+            log::warn!("pipewire: {e}");
+            return;
+        }
+    };
+    let Some(pod) = spa::pod::Pod::from_bytes(&pod) else {
+        return;
+    };
+    shared.gain_synced.store(false, Ordering::Release);
+    bound.node.set_param(spa::param::ParamType::Props, 0, pod);
+}
+
+/// The Props object for a gain: every channel's volume the gain's linear factor, the master
+/// volume 1, and mute.
+fn gain_props_pod(gain: Gain, channels: u32) -> Result<Vec<u8>, String> {
+    use spa::pod::{Object, Property, PropertyFlags, Value, ValueArray};
+    let property = |key: u32, value: Value| Property {
+        key,
+        flags: PropertyFlags::empty(),
+        value,
+    };
+    let volumes = vec![gain.volume_amplitude(); channels.max(1) as usize];
+    let object = Value::Object(Object {
+        type_: spa::sys::SPA_TYPE_OBJECT_Props,
+        id: spa::sys::SPA_PARAM_Props,
+        properties: vec![
+            property(
+                spa::sys::SPA_PROP_channelVolumes,
+                Value::ValueArray(ValueArray::Float(volumes)),
+            ),
+            property(spa::sys::SPA_PROP_volume, Value::Float(1.0)),
+            property(spa::sys::SPA_PROP_mute, Value::Bool(gain.mute)),
+        ],
+    });
+    Ok(
+        spa::pod::serialize::PodSerializer::serialize(std::io::Cursor::new(Vec::new()), &object)
+            .map_err(|e| format!("cannot build the volume props: {e:?}"))?
+            .0
+            .into_inner(),
+    )
+}
+
+/// The gain a node's Props show: the loudest channel's volume times the master volume, and
+/// mute; `None` if they show neither volume nor mute.
+fn props_gain(pod: &spa::pod::Pod) -> Option<Gain> {
+    use spa::pod::{Value, ValueArray};
+    let (_, value) =
+        spa::pod::deserialize::PodDeserializer::deserialize_any_from(pod.as_bytes()).ok()?;
+    let Value::Object(object) = value else {
+        return None;
+    };
+    let (mut channels, mut master, mut mute) = (None, None, None);
+    for property in &object.properties {
+        match (property.key, &property.value) {
+            (spa::sys::SPA_PROP_channelVolumes, Value::ValueArray(ValueArray::Float(v))) => {
+                channels = v.iter().copied().reduce(f32::max);
+            }
+            (spa::sys::SPA_PROP_volume, Value::Float(v)) => master = Some(*v),
+            (spa::sys::SPA_PROP_mute, Value::Bool(m)) => mute = Some(*m),
+            _ => {}
+        }
+    }
+    if channels.is_none() && master.is_none() && mute.is_none() {
+        return None;
+    }
+    let amplitude = channels.unwrap_or(1.0) * master.unwrap_or(1.0);
+    Some(Gain::from_amplitude(amplitude, mute.unwrap_or(false)))
+}
+
+/// The node's props changed: the echo of our own setting, or a change on PipeWire's side,
+/// which becomes the stream's gain and is passed to the broker.
+fn node_props_changed(shared: &Shared, gain: Gain) {
+    let current = shared.gain.load();
+    if !shared.gain_synced.load(Ordering::Acquire) {
+        // Props from before our setting reached the node are not news.
+        if gain == current {
+            shared.gain_synced.store(true, Ordering::Release);
+        }
+        return;
+    }
+    if gain != current {
+        shared.gain.store(gain);
+        shared.host_gain_changed.store(true, Ordering::Release);
+        shared.signal();
+    }
 }
 
 /// The PipeWire thread's state: the connection (if any) and every open stream.
@@ -717,6 +934,9 @@ struct Session {
     settings: Arc<GraphSettings>,
     registry: Option<(pw::registry::RegistryRc, pw::registry::Listener)>,
     settings_metadata: SettingsMetadata,
+    /// Binds the streams' nodes (for their volume) through `control`.
+    binder: Binder,
+    control: Option<ControlConnection>,
 }
 
 type SettingsMetadata =
@@ -767,6 +987,47 @@ fn follow_settings(
     Ok((registry, listener))
 }
 
+/// The connection that binds the streams' nodes for their volume: a client of its own, as
+/// `wpctl` is (a proxy bound through the connection that exports the node makes the daemon
+/// stop answering param requests), with a registry that announces the nodes to `binder`.
+struct ControlConnection {
+    _core: pw::core::CoreRc,
+    _registry: pw::registry::RegistryRc,
+    _listener: pw::registry::Listener,
+}
+
+fn control_connection(
+    context: &pw::context::ContextRc,
+    binder: &Binder,
+) -> Result<ControlConnection, pw::Error> {
+    let core = context.connect_rc(None)?;
+    let registry = core.get_registry_rc()?;
+    let weak = registry.downgrade();
+    binder.borrow_mut().registry = Some(registry.downgrade());
+    let (announced, removed) = (binder.clone(), binder.clone());
+    let listener = registry
+        .add_listener_local()
+        .global(move |global| {
+            if global.type_ != pw::types::ObjectType::Node {
+                return;
+            }
+            if let (Some(registry), Ok(mut binder)) = (weak.upgrade(), announced.try_borrow_mut()) {
+                binder.announced(&registry, global.id);
+            }
+        })
+        .global_remove(move |id| {
+            if let Ok(mut binder) = removed.try_borrow_mut() {
+                binder.removed(id);
+            }
+        })
+        .register();
+    Ok(ControlConnection {
+        _core: core,
+        _registry: registry,
+        _listener: listener,
+    })
+}
+
 impl Session {
     fn connect(
         session: &Rc<RefCell<Session>>,
@@ -796,12 +1057,26 @@ impl Session {
             })
             .register();
         let mut this = session.borrow_mut();
+        *this.binder.borrow_mut() = NodeBinder::default();
+        match control_connection(context, &this.binder) {
+            Ok(control) => this.control = Some(control),
+            Err(e) => log::warn!("pipewire: no control connection, volumes stay as they are: {e}"),
+        }
         match follow_settings(&core, &this.settings, &this.settings_metadata) {
             Ok(registry) => this.registry = Some(registry),
             Err(e) => log::warn!("pipewire: cannot follow the graph's settings: {e}"),
         }
+        let binder = this.binder.clone();
         for (key, entry) in this.entries.iter_mut() {
-            match open_stream(&core, &entry.props, &entry.spec, entry.rt.clone()) {
+            let opened = open_stream(
+                &core,
+                &binder,
+                &entry.props,
+                &entry.spec,
+                entry.rt.clone(),
+                &entry.shared,
+            );
+            match opened {
                 Ok(live) => {
                     if entry.stopping.take().is_some() {
                         entry.active = false;
@@ -835,6 +1110,8 @@ impl Session {
             }
         }
         *self.settings_metadata.borrow_mut() = None;
+        *self.binder.borrow_mut() = NodeBinder::default();
+        self.control = None;
         self.registry = None;
         self.core = None;
     }
@@ -933,7 +1210,7 @@ fn run_loop(
             let mut session = table.borrow_mut();
             let result = match &session.core {
                 Some((core, _)) if !session.lost.get() => {
-                    open_stream(core, &props, &spec, rt.clone())
+                    open_stream(core, &session.binder, &props, &spec, rt.clone(), &shared)
                 }
                 _ => Err("PipeWire is not connected".to_string()),
             };
@@ -954,6 +1231,15 @@ fn run_loop(
                     log_limit: LogLimiter::new(4, Duration::from_secs(10)),
                 };
                 session.entries.insert(key, entry);
+            }
+        }
+        Command::SetGain { key } => {
+            let session = table.borrow();
+            if let Some(entry) = session.entries.get(&key) {
+                entry.shared.gain_pending.store(false, Ordering::Release);
+                if let Some(live) = &entry.live {
+                    set_node_gain(&live.node, &entry.shared);
+                }
             }
         }
         Command::Start { key } => {
@@ -1231,9 +1517,11 @@ fn node_names(props: &NodeProps, vm: VmName) -> (String, String) {
 
 fn open_stream(
     core: &pw::core::CoreRc,
+    binder: &Binder,
     props: &NodeProps,
     spec: &StreamSpec,
     rt: Arc<Mutex<RtState>>,
+    shared: &Arc<Shared>,
 ) -> Result<LiveStream, String> {
     let params = &spec.params;
     let output = spec.direction == D_OUTPUT;
@@ -1253,6 +1541,10 @@ fn open_stream(
     if let Some(role) = &props.media_role {
         properties.insert(*pw::keys::MEDIA_ROLE, role.as_str());
     }
+    // The volume is the guest's controls and the host's changes to this node: a session
+    // manager's restored one would be a single saved value for every vsound node (its key is
+    // the application name, the same for every VM and bus), and it would save each guest's.
+    properties.insert("state.restore-props", "false");
     if let Some(target) = &props.target {
         properties.insert(*pw::keys::TARGET_OBJECT, target.as_str());
     }
@@ -1264,9 +1556,24 @@ fn open_stream(
     let state = Arc::new(Mutex::new(String::from("connecting")));
     let state_seen = state.clone();
     let name = node_name.clone();
+    let node: NodeSlot = Rc::default();
+    let node_slot = node.clone();
+    let binder = binder.clone();
+    let shared = shared.clone();
     let listener = stream
         .add_local_listener_with_user_data(rt)
-        .state_changed(move |_stream, _rt, old, new| {
+        .state_changed(move |stream, _rt, old, new| {
+            // The node has its id once the stream is paused: its proxy carries the volume.
+            let bound = node_slot.borrow().is_some();
+            let paused = matches!(
+                new,
+                pw::stream::StreamState::Paused | pw::stream::StreamState::Streaming
+            );
+            if !bound && paused && stream.node_id() != spa::sys::SPA_ID_INVALID {
+                if let Ok(mut binder) = binder.try_borrow_mut() {
+                    binder.request(stream.node_id(), &node_slot, &shared);
+                }
+            }
             // Emitted on the PipeWire thread's loop, never in the real-time callback.
             let new = match new {
                 pw::stream::StreamState::Error(message) => format!("in error ({message})"),
@@ -1314,6 +1621,7 @@ fn open_stream(
         stream,
         _listener: listener,
         state,
+        node,
     })
 }
 
@@ -1396,6 +1704,11 @@ impl Backend for PipewireBackend {
             xruns: AtomicU64::new(0),
             violation: AtomicBool::new(false),
             wake,
+            gain: port.gain.clone(),
+            channels: u32::from(spec.params.channels),
+            gain_pending: AtomicBool::new(false),
+            gain_synced: AtomicBool::new(false),
+            host_gain_changed: AtomicBool::new(false),
         });
         let key = self.thread.next_key.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = mpsc::sync_channel(1);
@@ -1477,7 +1790,20 @@ impl BackendStream for PipewireStream {
         let xruns = self.shared.xruns.load(Ordering::Acquire);
         let xrun = xruns != self.xruns_seen;
         self.xruns_seen = xruns;
-        Ok(Wake { xrun })
+        let gain = self
+            .shared
+            .host_gain_changed
+            .swap(false, Ordering::AcqRel)
+            .then(|| self.shared.gain.load());
+        Ok(Wake { xrun, gain })
+    }
+
+    fn gain_changed(&mut self) {
+        // The broker stored the new gain in the cell; the PipeWire thread sets the node's
+        // props from it (once for a burst).
+        if !self.shared.gain_pending.swap(true, Ordering::AcqRel) {
+            let _ = self.thread.send(Command::SetGain { key: self.key });
+        }
     }
 }
 
