@@ -21,6 +21,7 @@ pcm.vsound_test {
 "#;
 
 const CONFIG: &str = r#"
+controls = true
 [[streams]]
 name = "media"
 direction = "output"

@@ -1800,6 +1800,7 @@ mod gain_tests {
     }
 
     const CONFIG: &str = r#"
+        controls = true
         [[streams]]
         name = "media"
         direction = "output"
