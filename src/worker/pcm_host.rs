@@ -31,6 +31,17 @@ pub(crate) struct Host<'a, 'v> {
 }
 
 impl Host<'_, '_> {
+    /// The broker refused `what`: the guest gets IO_ERR, and the log says why (the guest can
+    /// repeat it: rate-limited).
+    fn refused(&mut self, stream_id: u32, what: &str, reason: &str) -> Status {
+        guest_log!(
+            self.done.log(),
+            Level::Warn,
+            "stream {stream_id}: the broker refused {what}: {reason}; answering IO_ERR"
+        );
+        Status::IoErr
+    }
+
     /// START or STOP: told to the broker if it holds the stream, else done on the local clock.
     fn set_running(
         &mut self,
@@ -43,14 +54,21 @@ impl Host<'_, '_> {
         } else {
             WorkerMsg::Stop { stream_id }
         };
+        let what = if running { "START" } else { "STOP" };
         if stream.at_broker() {
             match self.link.simple(msg, stream_id) {
                 Ok(()) => return Ok(()),
-                Err(Fault::Refused(_)) => return Err(Status::IoErr),
+                Err(Fault::Refused(reason)) => return Err(self.refused(stream_id, what, &reason)),
                 Err(Fault::Down) => stream.go_local(self.epoll),
             }
         }
-        stream.set_local_running(running)
+        stream.set_local_running(running).inspect_err(|_| {
+            guest_log!(
+                self.done.log(),
+                Level::Warn,
+                "stream {stream_id}: {what} without a transport; answering IO_ERR"
+            );
+        })
     }
 }
 
@@ -108,7 +126,7 @@ impl PcmHost<Stream> for Host<'_, '_> {
         {
             // A broker that went away holds nothing of ours any more.
             Ok(()) | Err(Fault::Down) => Ok(()),
-            Err(Fault::Refused(_)) => Err(Status::IoErr),
+            Err(Fault::Refused(reason)) => Err(self.refused(stream_id, "RELEASE", &reason)),
         }
     }
 
@@ -121,7 +139,7 @@ impl PcmHost<Stream> for Host<'_, '_> {
             .simple(WorkerMsg::SetGain { stream_id, gain }, stream_id)
         {
             Ok(()) | Err(Fault::Down) => Ok(()),
-            Err(Fault::Refused(_)) => Err(Status::IoErr),
+            Err(Fault::Refused(reason)) => Err(self.refused(stream_id, "a gain", &reason)),
         }
     }
 }
