@@ -165,23 +165,5 @@ fn run(args: Args, source: Source) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    // Whoever started us (the launcher blocks the signals it reads) may have blocked some.
-    let _ = SigSet::empty().thread_set_mask();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = Args::parse();
-    let source = match listen::source(args.socket.clone(), args.fd) {
-        Ok(source) => source,
-        Err(e) => {
-            log::error!("broker: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    sandbox::close_inherited_fds(source.inherited_fd());
-    match run(args, source) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("broker: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    vsound_process::daemon::start("broker", |args: &Args| (args.socket.clone(), args.fd), run)
 }

@@ -6,5 +6,6 @@
 // `unsafe` is denied; the one exception is marked where it is (adopting an inherited fd).
 #![deny(unsafe_code)]
 
+pub mod daemon;
 pub mod listen;
 pub mod sandbox;

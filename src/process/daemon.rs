@@ -1,0 +1,40 @@
+//! The start the worker and the broker share: signals unblocked (whoever started us, e.g. the
+//! launcher, may have blocked the ones it reads), logging, arguments, the listening socket
+//! (every other inherited fd closed), then the daemon's own `run`; a failure is logged under
+//! the daemon's name and ends the process with a failure status.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use nix::sys::signal::SigSet;
+
+use crate::listen::{self, Source};
+use crate::sandbox;
+
+/// Runs daemon `name`: `socket_of` picks its `--socket`/`--fd` from the parsed arguments.
+pub fn start<A: clap::Parser>(
+    name: &str,
+    socket_of: impl FnOnce(&A) -> (Option<PathBuf>, Option<RawFd>),
+    run: impl FnOnce(A, Source) -> Result<(), String>,
+) -> ExitCode {
+    let _ = SigSet::empty().thread_set_mask();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = A::parse();
+    let (socket, fd) = socket_of(&args);
+    let source = match listen::source(socket, fd) {
+        Ok(source) => source,
+        Err(e) => {
+            log::error!("{name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    sandbox::close_inherited_fds(source.inherited_fd());
+    match run(args, source) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
