@@ -559,11 +559,12 @@ fn a_ring_is_sized_from_a_pinned_quantum_not_only_from_the_period() {
 
 /// VMs' workers killed one after another while another VM plays into the same sink: the other
 /// VM's audio arrives sample for sample (the killed VMs played zeros, which change no sample of
-/// the mix). The broker once destroyed a dead VM's stream while it was still active, which cost
-/// the other VM's stream (the same PipeWire client) a quantum at the sink in about 1 kill in 4;
-/// it now deactivates the stream first. `KILLED` kills per run; a stress run
-/// (`VSOUND_STRESS_KILLS=4`, then about 1 run in 14 still loses a quantum, at a sibling's
-/// deactivation) is left out of CI's single run.
+/// the mix), but for PipeWire's own residual at a neighbour's removal (`lost_quantum`). The
+/// broker once destroyed a dead VM's stream while it was still active, which cost the other
+/// VM's stream a quantum in about 1 kill in 4; it now deactivates the stream first. `KILLED`
+/// kills per run; a stress run (`VSOUND_STRESS_KILLS=4 VSOUND_STRICT_SAMPLES=1`: 4 of 32 runs
+/// lost a quantum, as `pw_play_killed_beside_pw_play` measures PipeWire doing for native
+/// clients) is left out of CI's single run.
 #[test]
 fn killed_workers_leave_another_vms_playback_intact() {
     let killed: usize = std::env::var("VSOUND_STRESS_KILLS")
@@ -748,8 +749,9 @@ fn a_six_channel_stream_carries_the_51_positions() {
     assert!(took >= params.period() * 45, "50 periods in {took:?}");
 }
 
-/// The sample-exact check lets exactly one lost graph quantum through (`lost_quantum`), and
-/// nothing else: not two, not a shift, not a wrong sample.
+/// The sample-exact check lets exactly one lost graph quantum through (`lost_quantum`: silence,
+/// a repeated quantum or nothing where about two quanta were lost), and nothing else: not two,
+/// not a shift, not a wrong sample, not more than a quantum repeated.
 #[test]
 fn the_sample_check_lets_one_lost_quantum_through_and_nothing_more() {
     let data = known_signal(4 * 48000, 5);
@@ -775,6 +777,15 @@ fn the_sample_check_lets_one_lost_quantum_through_and_nothing_more() {
     let mut wrong = data.clone();
     wrong[20_000 * frame] ^= 1;
     assert!(check(wrong), "a wrong sample let through");
+    // The residual's other two faces, as recorded: the quantum two ahead played twice in place
+    // of the two lost, or a quantum missing outright.
+    let q = |k: usize| (20_000 + 256 * k) * frame;
+    let repeated = [&data[..q(0)], &data[q(2)..q(3)], &data[q(2)..]].concat();
+    assert_arrived_intact(&[repeated, vec![0u8; 48000]].concat(), &data);
+    let dropped = [&data[..q(0)], &data[q(1)..]].concat();
+    assert_arrived_intact(&[dropped, vec![0u8; 48000]].concat(), &data);
+    let repeated_twice = [&data[..q(0)], &data[q(2)..q(4)], &data[q(2)..]].concat();
+    assert!(check(repeated_twice), "two repeated quanta let through");
 }
 
 fn ctl_request(code: u32, id: u32) -> Vec<u8> {
@@ -948,4 +959,52 @@ fn back_at_0_db_after_a_change_the_sink_gets_every_sample_again() {
     std::thread::sleep(Duration::from_millis(300));
     drop(recorder);
     assert_arrived_intact(&std::fs::read(&recording).unwrap(), &data);
+}
+
+/// The reference for `lost_quantum`'s residual: native `pw-play` clients playing zeros, killed
+/// one after another beside a `pw-play` of a known signal, at the same latency as the guest's
+/// period. Not in CI (PipeWire's own loss makes it fail about once in 20 runs); run it with
+/// `VSOUND_STRICT_SAMPLES=1 cargo test --test pipewire pw_play_killed -- --ignored` to
+/// compare PipeWire's rate with `killed_workers_leave_another_vms_playback_intact`'s.
+#[test]
+#[ignore = "a measurement of PipeWire itself, see its doc"]
+fn pw_play_killed_beside_pw_play() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start(dir.path());
+    let killed = 4;
+    let zeros_wav = dir.path().join("zeros.wav");
+    write_wav_s16(&zeros_wav, 2, 48000, &vec![0u8; 48000 * 4 * 10]);
+    let data = known_signal(480 * 4 * 150 * (killed + 1), 23);
+    let b_wav = dir.path().join("b.wav");
+    write_wav_s16(&b_wav, 2, 48000, &data);
+    let recording = dir.path().join("sink.raw");
+    let mut doomed: Vec<_> = (0..killed).map(|_| play_at(&pw, &zeros_wav)).collect();
+    let recorder = pw.record_sink(&recording);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut b = play_at(&pw, &b_wav);
+    for d in doomed.iter_mut() {
+        std::thread::sleep(Duration::from_millis(1100));
+        d.child.kill().unwrap();
+        d.child.wait().unwrap();
+    }
+    b.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    let recorded = std::fs::read(&recording).unwrap();
+    assert_arrived_intact(&recorded, &data);
+}
+
+/// `pw-play` of `wav` into the sink at a 10 ms latency (the guest's period).
+fn play_at(pw: &PipeWire, wav: &std::path::Path) -> Proc {
+    Proc {
+        child: common::realtime::command("pw-play")
+            .args(["--target", SINK, "--latency", "480"])
+            .arg(wav)
+            .envs(pw.env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    }
 }
