@@ -969,6 +969,8 @@ fn back_at_0_db_after_a_change_the_sink_gets_every_sample_again() {
 #[test]
 #[ignore = "a measurement of PipeWire itself, see its doc"]
 fn pw_play_killed_beside_pw_play() {
+    // The guest's period.
+    const LATENCY: &[&str] = &["--latency", "480"];
     let dir = tempfile::tempdir().unwrap();
     let pw = PipeWire::start(dir.path());
     let killed = 4;
@@ -978,10 +980,12 @@ fn pw_play_killed_beside_pw_play() {
     let b_wav = dir.path().join("b.wav");
     write_wav_s16(&b_wav, 2, 48000, &data);
     let recording = dir.path().join("sink.raw");
-    let mut doomed: Vec<_> = (0..killed).map(|_| play_at(&pw, &zeros_wav)).collect();
+    let mut doomed: Vec<_> = (0..killed)
+        .map(|_| pw.play_into_sink_with(&zeros_wav, LATENCY))
+        .collect();
     let recorder = pw.record_sink(&recording);
     std::thread::sleep(Duration::from_millis(500));
-    let mut b = play_at(&pw, &b_wav);
+    let mut b = pw.play_into_sink_with(&b_wav, LATENCY);
     for d in doomed.iter_mut() {
         std::thread::sleep(Duration::from_millis(1100));
         d.child.kill().unwrap();
@@ -992,19 +996,4 @@ fn pw_play_killed_beside_pw_play() {
     drop(recorder);
     let recorded = std::fs::read(&recording).unwrap();
     assert_arrived_intact(&recorded, &data);
-}
-
-/// `pw-play` of `wav` into the sink at a 10 ms latency (the guest's period).
-fn play_at(pw: &PipeWire, wav: &std::path::Path) -> Proc {
-    Proc {
-        child: common::realtime::command("pw-play")
-            .args(["--target", SINK, "--latency", "480"])
-            .arg(wav)
-            .envs(pw.env())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    }
 }

@@ -281,9 +281,15 @@ impl PipeWire {
 
     /// Plays a WAV file into the sink.
     pub fn play_into_sink(&self, wav: &Path) -> Proc {
+        self.play_into_sink_with(wav, &[])
+    }
+
+    /// Plays a WAV file into the sink with more `pw-play` options.
+    pub fn play_into_sink_with(&self, wav: &Path, options: &[&str]) -> Proc {
         Proc {
             child: super::realtime::command("pw-play")
                 .args(["--target", SINK])
+                .args(options)
                 .arg(wav)
                 .envs(self.env())
                 .stdin(Stdio::null())
