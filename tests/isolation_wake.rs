@@ -99,7 +99,7 @@ enum FromBroker {
     },
 }
 
-const WIRE_VERSION: u32 = 2;
+const WIRE_VERSION: u32 = 3;
 
 struct Hostile {
     socket: OwnedFd,

@@ -961,6 +961,101 @@ fn back_at_0_db_after_a_change_the_sink_gets_every_sample_again() {
     assert_arrived_intact(&std::fs::read(&recording).unwrap(), &data);
 }
 
+const JACK_CONFIG: &str = r#"
+[[streams]]
+name = "media"
+direction = "output"
+backend = "pipewire"
+formats = ["S16"]
+rates = [48000]
+target_object = "vsound-jack-sink"
+[[streams]]
+name = "navigation"
+direction = "output"
+backend = "pipewire"
+formats = ["S16"]
+rates = [48000]
+[[jacks]]
+name = "Media Out"
+hda_reg_defconf = 0x01014010
+follows = "media"
+[[jacks]]
+name = "Navigation Out"
+hda_reg_defconf = 0x01014020
+follows = "navigation"
+[[jacks]]
+name = "Fixed"
+connected = false
+"#;
+
+/// Each jack's `connected` as JACK_INFO reports it.
+fn jacks_connected(vm: &mut GuestVm, count: u32) -> Vec<u8> {
+    let resp = vm.request(
+        p::CONTROL_QUEUE,
+        &query(p::R_JACK_INFO, 0, count, 24),
+        4 + 24 * count,
+    );
+    assert_eq!(status_of(&resp), 0x8000);
+    resp[4..]
+        .chunks(24)
+        .map(|info| p::read_prefix::<p::JackInfo>(info).unwrap().connected)
+        .collect()
+}
+
+/// A jack that follows a stream is connected while the stream's PipeWire target exists: a
+/// sink plugged in and out again gives JACK_CONNECTED and JACK_DISCONNECTED events and the
+/// state in JACK_INFO; a jack following a stream without a target follows any sink (the test
+/// sink stays), and a jack that follows nothing keeps its configured state.
+#[test]
+fn jacks_follow_their_streams_pipewire_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start(dir.path());
+    let config = dir.path().join("vsound.toml");
+    std::fs::write(&config, JACK_CONFIG).unwrap();
+    let (_broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &pw.env());
+    let (_worker, socket) = spawn_worker(dir.path(), "vm", &broker_socket, Some(&config));
+    let mut vm = GuestVm::connect(&socket, FrontendOptions::default()).unwrap();
+    for _ in 0..8 {
+        vm.submit_no_kick(p::EVENT_QUEUE, &[], &[8]);
+    }
+    vm.kick(p::EVENT_QUEUE);
+    let wait_jacks = |vm: &mut GuestVm, want: [u8; 3]| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let now = jacks_connected(vm, 3);
+            if now == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "jacks {now:?}, not {want:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let jack_event = |vm: &mut GuestVm| {
+        let event = vm.wait_used(p::EVENT_QUEUE, WAIT).expect("a jack event");
+        vm.submit(p::EVENT_QUEUE, &[], &[8]);
+        let code = u32::from_le_bytes(event.written[..4].try_into().unwrap());
+        let jack = u32::from_le_bytes(event.written[4..8].try_into().unwrap());
+        (code, jack)
+    };
+    wait_jacks(&mut vm, [0, 1, 0]);
+    assert!(
+        vm.try_used(p::EVENT_QUEUE).is_none(),
+        "an event before any change"
+    );
+    pw.create_sink("vsound-jack-sink");
+    assert_eq!(jack_event(&mut vm), (p::EVT_JACK_CONNECTED, 0));
+    wait_jacks(&mut vm, [1, 1, 0]);
+    pw.destroy_node("vsound-jack-sink");
+    assert_eq!(jack_event(&mut vm), (p::EVT_JACK_DISCONNECTED, 0));
+    wait_jacks(&mut vm, [0, 1, 0]);
+    pw.create_sink("vsound-jack-sink");
+    assert_eq!(jack_event(&mut vm), (p::EVT_JACK_CONNECTED, 0));
+    assert!(
+        vm.try_used(p::EVENT_QUEUE).is_none(),
+        "one event per change"
+    );
+}
+
 /// The reference for `lost_quantum`'s residual: native `pw-play` clients playing zeros, killed
 /// one after another beside a `pw-play` of a known signal, at the same latency as the guest's
 /// period. Not in CI (PipeWire's own loss makes it fail about once in 20 runs); run it with

@@ -18,6 +18,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 
 use crate::backends::clocked::{Returned, TimerCommand, TimerThread, TIMER_SLOTS};
 use crate::backends::gain::GainCell;
+use crate::backends::host_nodes::HostNodes;
 use crate::backends::{self, BackendStream, Backends, RingPort, StreamRing, StreamSpec};
 use crate::opener::{Opened, Opener, Outcome, Pending, OPEN_DEADLINE};
 use virtio_snd::control::{PcmCaps, PcmParams};
@@ -91,6 +92,7 @@ const TOKEN_LISTENER: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TOKEN_TIMER_THREAD: u64 = 2;
 const TOKEN_OPENER: u64 = 3;
+const TOKEN_HOST_NODES: u64 = 4;
 const KIND_CLIENT: u64 = 2 << 56;
 const KIND_TIMER: u64 = 3 << 56;
 const KIND_MASK: u64 = 0xff << 56;
@@ -279,6 +281,8 @@ struct Client {
     /// Each stream's volume and mute (set by Hello to unity), prepared or not: a stream
     /// opened later starts with it.
     gains: Vec<Gain>,
+    /// Whether each stream's host end is there, as last told to the worker.
+    presence: Vec<bool>,
     streams: HashMap<u32, BrokerStream>,
     /// A reply with fds went out and may still be unread: its fds count against the broker's
     /// RLIMIT_NOFILE until the peer reads them, so no request is served until it has.
@@ -335,6 +339,8 @@ pub struct Broker {
     /// Lines about refused and dropped connections.
     connection_log: LogLimiter,
     timer: TimerThread,
+    /// PipeWire's nodes (when a stream uses PipeWire): their changes are host presence news.
+    host_nodes: Option<Arc<HostNodes>>,
     timer_slots: Vec<SlotOwner>,
     free_slots: Vec<usize>,
     next_timer_key: u64,
@@ -377,6 +383,12 @@ impl Broker {
             timer.news_fd(),
             EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_TIMER_THREAD),
         )?;
+        if let Some(nodes) = &built.host_nodes {
+            epoll.add(
+                nodes.changed_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_HOST_NODES),
+            )?;
+        }
         Ok(Broker {
             config,
             default_layout,
@@ -399,6 +411,7 @@ impl Broker {
                 CONNECTION_LOG_PERIOD,
             ),
             timer,
+            host_nodes: built.host_nodes,
             timer_slots: vec![SlotOwner::Free; TIMER_SLOTS],
             free_slots: (0..TIMER_SLOTS).rev().collect(),
             next_timer_key: 0,
@@ -433,6 +446,7 @@ impl Broker {
                     _ if token == TOKEN_LISTENER => self.accept_clients(),
                     _ if token == TOKEN_TIMER_THREAD => self.timer_news(),
                     _ if token == TOKEN_OPENER => self.opener_news(),
+                    _ if token == TOKEN_HOST_NODES => self.host_nodes_changed(),
                     KIND_CLIENT => {
                         let id = (token & 0xffff_ffff) as u32;
                         let stalled = self.clients.get(&id).is_some_and(|c| {
@@ -658,6 +672,7 @@ impl Broker {
                 layout: None,
                 caps: None,
                 gains: Vec::new(),
+                presence: Vec::new(),
                 streams: HashMap::new(),
                 fds_maybe_unread: false,
                 stalled_since: None,
@@ -1086,6 +1101,7 @@ impl Broker {
         let usable = granted.iter().filter(|c| c.formats != 0 && c.rates != 0);
         client.budget = RequestBudget::new(REQUEST_BURST.max(2 * usable.count() as u32));
         client.gains = vec![Gain::UNITY; granted.len()];
+        client.presence = vec![true; granted.len()];
         client.caps = Some(granted.clone());
         client.vm = Some(vm);
         client.layout = Some(layout);
@@ -1098,6 +1114,7 @@ impl Broker {
             &[],
         )?;
         self.names.insert(vm, id);
+        self.report_presence(id);
         // A worker can connect at will: counted with the refused and dropped ones.
         if self.connection_log.admit(Instant::now()) {
             log::info!("broker: vm {vm} connected (connection {id}, uid {uid})");
@@ -1273,7 +1290,56 @@ impl Broker {
                 .map(|(&id, _)| id);
             if let Some(id) = owner {
                 self.finish_open(id, outcome);
+                // An open tells whether an ALSA device is there.
+                self.report_presence(id);
             }
+        }
+    }
+
+    /// PipeWire's nodes changed: every VM is told where its streams' host ends changed.
+    fn host_nodes_changed(&mut self) {
+        if let Some(nodes) = &self.host_nodes {
+            nodes.take_changed();
+        }
+        let ids: Vec<u32> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.report_presence(id);
+        }
+    }
+
+    /// Tells a welcomed worker where its streams' host ends (which its jacks follow) came or
+    /// went since it was last told; a worker assumes every end is there until told otherwise,
+    /// so right after Welcome it hears only of the absent ones. A message that cannot be sent
+    /// now is sent with the next change.
+    fn report_presence(&mut self, id: u32) {
+        let who = self.who(id);
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let Some(layout) = client.layout.clone() else {
+            return;
+        };
+        for (stream_id, (cfg, backend)) in layout.streams.iter().zip(&layout.backends).enumerate() {
+            let present = backend.host_present(cfg.direction.wire());
+            let Some(told) = client.presence.get_mut(stream_id) else {
+                continue;
+            };
+            if *told == present {
+                continue;
+            }
+            let news = BrokerMsg::HostPresence {
+                stream_id: stream_id as u32,
+                present,
+            };
+            match client.channel.send(&news, &[]) {
+                Ok(()) => *told = present,
+                Err(e) => log::debug!("broker: {who}: cannot report host presence: {e}"),
+            }
+            log::info!(
+                "broker: {who} stream {stream_id} ({}): host end {}",
+                cfg.name,
+                if present { "there" } else { "gone" }
+            );
         }
     }
 

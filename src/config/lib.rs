@@ -159,6 +159,13 @@ pub struct JackConfig {
     /// Whether the guest may remap the jack (VIRTIO_SND_JACK_F_REMAP).
     #[serde(default)]
     pub remap: bool,
+    /// The stream (by name) whose host end the jack follows: connected while the stream's
+    /// backend has somewhere to play or record (its PipeWire target node exists, or any sink or
+    /// source when it names none; its ALSA device opens), with JACK_CONNECTED/DISCONNECTED
+    /// events on changes (and `connected` is not used). Without it the jack stays
+    /// `connected`.
+    #[serde(default)]
+    pub follows: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -359,6 +366,7 @@ fn default_jacks() -> Vec<JackConfig> {
         hda_reg_caps: 0,
         connected: true,
         remap: true,
+        follows: None,
     }]
 }
 fn default_streams() -> Vec<StreamConfig> {
@@ -515,7 +523,9 @@ impl Config {
                 .into(),
                 hda_reg_defconf: j.hda_reg_defconf.into(),
                 hda_reg_caps: j.hda_reg_caps.into(),
-                connected: u8::from(j.connected),
+                // A jack that follows a stream starts as the worker assumes its host end:
+                // there, until the broker says otherwise.
+                connected: u8::from(j.connected || j.follows.is_some()),
                 padding: [0; 7],
             })
             .collect();
@@ -571,6 +581,18 @@ impl Config {
 
     /// The stream whose control elements a host names it by: its configured name, or the bus
     /// name its controls show ("media" or "Media").
+    /// Which jacks follow which stream's host end: (jack index, stream index) pairs.
+    pub fn jack_followers(&self) -> Vec<(usize, usize)> {
+        self.jacks
+            .iter()
+            .enumerate()
+            .filter_map(|(jack, j)| {
+                let name = j.follows.as_ref()?;
+                Some((jack, self.streams.iter().position(|s| &s.name == name)?))
+            })
+            .collect()
+    }
+
     pub fn stream_by_bus(&self, bus: &str) -> Option<usize> {
         self.streams
             .iter()
@@ -718,6 +740,14 @@ impl Config {
         for jack in &self.jacks {
             if jack.name.len() > MAX_NAME_LEN {
                 return bad(format!("jack name too long: {}", jack.name));
+            }
+            if let Some(stream) = &jack.follows {
+                if !self.streams.iter().any(|s| &s.name == stream) {
+                    return bad(format!(
+                        "jack {}: follows {stream:?}, which is no stream of this layout",
+                        jack.name
+                    ));
+                }
             }
         }
         for s in &self.streams {
@@ -1121,5 +1151,28 @@ mod tests {
             let e = Config::parse(&stream(path)).unwrap_err().to_string();
             assert!(e.contains("file name"), "{path}: {e}");
         }
+    }
+
+    #[test]
+    fn a_jack_follows_a_stream_of_its_own_layout() {
+        let text = r#"
+[[streams]]
+name = "media"
+direction = "output"
+[[streams]]
+name = "navigation"
+direction = "output"
+[[jacks]]
+name = "Media Out"
+[[jacks]]
+name = "Navigation Out"
+follows = "navigation"
+"#;
+        let config = Config::parse(text).unwrap();
+        assert_eq!(config.jack_followers(), [(1, 1)]);
+        let e = Config::parse(&text.replace("follows = \"navigation\"", "follows = \"nav\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("follows \"nav\", which is no stream"), "{e}");
     }
 }

@@ -25,8 +25,8 @@ pub const BROKER_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 use virtio_snd::control::{PcmCaps, PcmParams};
 use virtio_snd::ctl::Gain;
 
-/// 2: Hello carries the VM's name.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 2: Hello carries the VM's name. 3: HostPresence.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest packet either side sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 8192;
 /// Largest number of fds in one packet.
@@ -104,9 +104,25 @@ pub enum BrokerMsg {
         stream_id: u32,
         gain: Gain,
     },
+    /// Whether the stream's backend has a host end to play to or record from (its PipeWire
+    /// target, its ALSA device); the jacks that follow the stream show it. A worker assumes
+    /// every end is there until told otherwise: after `Welcome` come the absent ones, then
+    /// each change.
+    HostPresence {
+        stream_id: u32,
+        present: bool,
+    },
 }
 
 impl BrokerMsg {
+    /// News the broker sends on its own, between or before the answers to requests.
+    pub fn is_unsolicited(&self) -> bool {
+        matches!(
+            self,
+            BrokerMsg::Xrun { .. } | BrokerMsg::GainChanged { .. } | BrokerMsg::HostPresence { .. }
+        )
+    }
+
     /// Fds that must accompany this message.
     pub fn fd_count(&self) -> usize {
         match self {

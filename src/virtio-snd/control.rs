@@ -281,6 +281,25 @@ impl ControlState {
         self.controls.iter().any(|c| c.stream_id == stream_id)
     }
 
+    /// The host end a jack follows appeared or went (`connected`): JACK_INFO reports it from
+    /// now on, and the event that tells the driver, if it changed (none for no such jack).
+    pub fn set_jack_connected(&mut self, jack_id: u32, connected: bool) -> Option<p::Event> {
+        let jack = self.jacks.get_mut(jack_id as usize)?;
+        if (jack.info.connected != 0) == connected {
+            return None;
+        }
+        jack.info.connected = u8::from(connected);
+        let code = if connected {
+            p::EVT_JACK_CONNECTED
+        } else {
+            p::EVT_JACK_DISCONNECTED
+        };
+        Some(p::Event {
+            hdr: p::Hdr { code: code.into() },
+            data: jack_id.into(),
+        })
+    }
+
     /// The CTL_NOTIFY events for a host-side change of a stream's gain from `old` to `new`:
     /// one per control whose value changed, none without F_CTLS.
     pub fn gain_events(&self, stream_id: u32, old: Gain, new: Gain) -> Vec<p::Event> {
@@ -1000,6 +1019,32 @@ mod tests {
         assert_eq!(
             status(&dev.handle(&remap(0, 1, 1)[..12], 4, &mut host)),
             0x8001
+        );
+    }
+
+    #[test]
+    fn a_jack_follows_its_host_end_with_one_event_per_change() {
+        let mut dev = device();
+        let mut host = RecordingHost::default();
+        let connected = |dev: &mut TestDevice, host: &mut RecordingHost| {
+            let resp = dev.handle(&query(p::R_JACK_INFO, 0, 1, 24), 28, host);
+            p::read_prefix::<p::JackInfo>(&resp[4..]).unwrap().connected
+        };
+        assert_eq!(connected(&mut dev, &mut host), 1);
+        let event = dev.control.set_jack_connected(0, false).expect("an event");
+        assert_eq!(event.hdr.code.get(), p::EVT_JACK_DISCONNECTED);
+        assert_eq!(event.data.get(), 0);
+        assert_eq!(connected(&mut dev, &mut host), 0);
+        assert!(
+            dev.control.set_jack_connected(0, false).is_none(),
+            "no change"
+        );
+        let event = dev.control.set_jack_connected(0, true).expect("an event");
+        assert_eq!(event.hdr.code.get(), p::EVT_JACK_CONNECTED);
+        assert_eq!(connected(&mut dev, &mut host), 1);
+        assert!(
+            dev.control.set_jack_connected(1, false).is_none(),
+            "no such jack"
         );
     }
 

@@ -345,9 +345,7 @@ impl BrokerLink {
                 return Err(self.down(&e));
             }
             match channel.recv::<BrokerMsg>() {
-                Ok((msg @ (BrokerMsg::Xrun { .. } | BrokerMsg::GainChanged { .. }), _)) => {
-                    self.push_event(msg);
-                }
+                Ok((msg, _)) if msg.is_unsolicited() => self.push_event(msg),
                 Ok((BrokerMsg::Refused { reason }, _)) => {
                     self.superseded(&reason);
                     return Err(Fault::Down);
@@ -388,7 +386,7 @@ impl BrokerLink {
         Fault::Down
     }
 
-    /// The xruns received so far (the channel is read when its fd is readable, not here: this
+    /// The broker's news received so far (the channel is read when its fd is readable, not here: this
     /// runs after every event of the device).
     pub fn take_events(&mut self) -> VecDeque<BrokerMsg> {
         std::mem::take(&mut self.events)
@@ -406,9 +404,7 @@ impl BrokerLink {
     fn read_events(&mut self) {
         while let State::Up(channel) = &self.state {
             match channel.recv::<BrokerMsg>() {
-                Ok((msg @ (BrokerMsg::Xrun { .. } | BrokerMsg::GainChanged { .. }), _)) => {
-                    self.push_event(msg)
-                }
+                Ok((msg, _)) if msg.is_unsolicited() => self.push_event(msg),
                 Ok((BrokerMsg::Refused { reason }, _)) => self.superseded(&reason),
                 Ok((other, _)) => self.fail(&format!("unsolicited message {other:?}")),
                 Err(IpcError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -89,6 +89,8 @@ pub struct SoundDevice {
     exit: std::sync::Mutex<Option<(EventConsumer, EventNotifier)>>,
     /// Whether the VMM's too small config space was reported.
     config_warned: AtomicBool,
+    /// (jack, stream): the jacks that follow a stream's host end (`follows` in the config).
+    jack_followers: Vec<(u32, u32)>,
 }
 
 impl SoundDevice {
@@ -126,6 +128,11 @@ impl SoundDevice {
         Ok(SoundDevice {
             control: ControlState::new(config.device_layout())
                 .with_controls(config.control_specs()),
+            jack_followers: config
+                .jack_followers()
+                .into_iter()
+                .map(|(jack, stream)| (jack as u32, stream as u32))
+                .collect(),
             streams: granted
                 .into_iter()
                 .map(|caps| Stream::new(PcmStream::new(caps)))
@@ -523,6 +530,10 @@ impl SoundDevice {
                 self.host_gain_changed(stream_id, gain, done);
                 continue;
             }
+            if let BrokerMsg::HostPresence { stream_id, present } = msg {
+                self.host_presence(stream_id, present, done);
+                continue;
+            }
             if let BrokerMsg::Xrun { stream_id } = msg {
                 let wants_xruns = self
                     .streams
@@ -539,6 +550,32 @@ impl SoundDevice {
                         },
                         done,
                     );
+                }
+            }
+        }
+    }
+
+    /// A stream's host end appeared or went: the jacks that follow it say so (JACK_INFO) and
+    /// the driver is told of each that changed. Before a driver runs (no guest memory yet:
+    /// the worker hears the broker before its VM boots) there is no one to tell: the driver
+    /// reads the state at probe.
+    fn host_presence(&mut self, stream_id: u32, present: bool, done: &mut Completer) {
+        let driver_up = self.mem.is_some();
+        let jacks: Vec<u32> = self
+            .jack_followers
+            .iter()
+            .filter(|(_, stream)| *stream == stream_id)
+            .map(|(jack, _)| *jack)
+            .collect();
+        for jack in jacks {
+            if let Some(event) = self.control.set_jack_connected(jack, present) {
+                log::info!(
+                    "jack {jack}: {} (stream {stream_id}'s host end {})",
+                    if present { "connected" } else { "disconnected" },
+                    if present { "is there" } else { "went" }
+                );
+                if driver_up {
+                    self.queue_event(event, done);
                 }
             }
         }

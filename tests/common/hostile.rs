@@ -21,7 +21,7 @@ use rustix::net::{
 };
 
 /// The version the broker speaks (`ipc::PROTOCOL_VERSION`).
-pub const PROTOCOL_VERSION: u64 = 2;
+pub const PROTOCOL_VERSION: u64 = 3;
 
 /// virtio-snd numbers (the spec's, not the crate's constants).
 pub const DIRECTION_OUTPUT: u8 = 0;

@@ -168,6 +168,40 @@ impl PipeWire {
         links.len()
     }
 
+    /// Creates a null sink named `name`, as plugging in a device would (it stays after
+    /// `pw-cli` exits).
+    pub fn create_sink(&self, name: &str) {
+        let props = format!(
+            "{{ factory.name = support.null-audio-sink node.name = {name} media.class = \
+             Audio/Sink audio.position = [ FL FR ] object.linger = true }}"
+        );
+        let status = Command::new("pw-cli")
+            .args(["create-node", "adapter", &props])
+            .envs(self.env())
+            .stdout(Stdio::null())
+            .status()
+            .expect("pw-cli");
+        assert!(status.success(), "pw-cli create-node {props}");
+    }
+
+    /// Destroys the node named `name`, as unplugging a device would.
+    pub fn destroy_node(&self, name: &str) {
+        let info = self.node_info(name);
+        let id = info
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("id: "))
+            .unwrap_or_else(|| panic!("no node {name}: {info}"))
+            .trim()
+            .to_string();
+        let status = Command::new("pw-cli")
+            .args(["destroy", &id])
+            .envs(self.env())
+            .stdout(Stdio::null())
+            .status()
+            .expect("pw-cli");
+        assert!(status.success(), "pw-cli destroy {id}");
+    }
+
     /// Sets a key of the daemon's `settings` metadata (for example `clock.force-quantum`).
     pub fn set_setting(&self, key: &str, value: &str) {
         let status = Command::new("pw-metadata")

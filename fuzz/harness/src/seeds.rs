@@ -817,6 +817,23 @@ fn ipc() -> Vec<Seed> {
             },
         ),
         ("xrun", BrokerMsg::Xrun { stream_id: 0 }),
+        (
+            "gain-changed",
+            BrokerMsg::GainChanged {
+                stream_id: 0,
+                gain: virtio_snd::ctl::Gain {
+                    volume: 88,
+                    mute: true,
+                },
+            },
+        ),
+        (
+            "host-presence",
+            BrokerMsg::HostPresence {
+                stream_id: 2,
+                present: false,
+            },
+        ),
     ];
     for (name, msg) in broker {
         out.push(seed("ipc_broker_msg", name, ipc::encode(&msg).unwrap()));

@@ -9,6 +9,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use alsa::pcm::{Access, Format, HwParams, PCM};
@@ -87,6 +88,9 @@ pub fn probe(device: &str) -> bool {
 
 pub struct AlsaBackend {
     pub device: String,
+    /// Whether the device opened (or was only busy) at start-up and at the last open: the
+    /// host end of its streams, for the jacks that follow them.
+    present: AtomicBool,
     /// What the device's hw params allow, probed once at start-up (a busy or absent device
     /// leaves the config's offer, narrowed to the formats ALSA has, and fails at open).
     limits: Option<DeviceLimits>,
@@ -118,18 +122,40 @@ impl AlsaBackend {
             ),
             None => log::info!("alsa: {device} cannot be probed now; offering the config's"),
         }
-        AlsaBackend { device, limits }
+        let present = AtomicBool::new(
+            limits.is_some()
+                || open_status(PCM::new(&device, alsa_direction(direction), true).map(drop)),
+        );
+        AlsaBackend {
+            device,
+            limits,
+            present,
+        }
+    }
+}
+
+fn alsa_direction(direction: u8) -> Direction {
+    if direction == D_OUTPUT {
+        Direction::Playback
+    } else {
+        Direction::Capture
+    }
+}
+
+/// Whether an open's outcome says the device is there: opened, or busy with another client.
+fn open_status(outcome: alsa::Result<()>) -> bool {
+    match outcome {
+        Ok(()) => true,
+        Err(e) => {
+            e.errno() == nix::errno::Errno::EBUSY as i32
+                || e.errno() == nix::errno::Errno::EAGAIN as i32
+        }
     }
 }
 
 /// Opens `device` non-blocking and reads what its hw params allow, in virtio terms.
 fn probe_limits(device: &str, direction: u8) -> Option<DeviceLimits> {
-    let direction = if direction == D_OUTPUT {
-        Direction::Playback
-    } else {
-        Direction::Capture
-    };
-    let pcm = PCM::new(device, direction, true).ok()?;
+    let pcm = PCM::new(device, alsa_direction(direction), true).ok()?;
     let hw = HwParams::any(&pcm).ok()?;
     let formats = (0..=format::MAX)
         .filter(|&f| alsa_format(f).is_some_and(|af| hw.test_format(af).is_ok()))
@@ -174,24 +200,29 @@ impl Backend for AlsaBackend {
         narrowed
     }
 
+    fn host_present(&self, _direction: u8) -> bool {
+        self.present.load(Ordering::Acquire)
+    }
+
     fn open(
         &self,
         spec: &StreamSpec,
         port: RingPort,
     ) -> Result<Box<dyn BackendStream>, BackendError> {
         let params = &spec.params;
-        let direction = if spec.direction == D_OUTPUT {
-            Direction::Playback
-        } else {
-            Direction::Capture
-        };
+        let direction = alsa_direction(spec.direction);
         let alsa_err = |what: &str, e: alsa::Error| {
             BackendError::Io(io::Error::other(format!(
                 "alsa {}: {what}: {e}",
                 self.device
             )))
         };
-        let pcm = PCM::new(&self.device, direction, true).map_err(|e| alsa_err("open", e))?;
+        let opened = PCM::new(&self.device, direction, true);
+        self.present.store(
+            open_status(opened.as_ref().map(|_| ()).map_err(|e| *e)),
+            Ordering::Release,
+        );
+        let pcm = opened.map_err(|e| alsa_err("open", e))?;
         let period = i64::from(params.period_frames());
         {
             let hw = HwParams::any(&pcm).map_err(|e| alsa_err("hw params", e))?;

@@ -20,6 +20,7 @@ use vsound_shared::ring::{Consumer, Producer, RingError, SharedRing, WakeSender}
 pub mod alsa;
 pub mod clocked;
 pub mod gain;
+pub mod host_nodes;
 pub mod null;
 pub mod pipewire;
 pub mod wav;
@@ -136,6 +137,12 @@ pub trait Backend: Send + Sync {
         spec: &StreamSpec,
         port: RingPort,
     ) -> Result<Box<dyn BackendStream>, BackendError>;
+    /// Whether a stream of `direction` has a host end to play to or record from (the jacks
+    /// that follow the stream show it). Cheap: the broker's loop asks on every change.
+    fn host_present(&self, direction: u8) -> bool {
+        let _ = direction;
+        true
+    }
 }
 
 /// The offer narrowed to the sample formats a backend carries (`supports` per virtio format).
@@ -181,6 +188,8 @@ pub struct LayoutBackends {
     /// Those of each VM whose `[vms.NAME]` table has streams or channel maps of its own (the
     /// others share the default's).
     pub vms: HashMap<String, Backends>,
+    /// PipeWire's nodes, whose changes change the PipeWire streams' host presence.
+    pub host_nodes: Option<Arc<host_nodes::HostNodes>>,
 }
 
 /// Builds the backend each configured stream of every layout asks for. `auto` streams get
@@ -231,6 +240,7 @@ pub fn build(config: &Config) -> Result<LayoutBackends, String> {
     Ok(LayoutBackends {
         default: layout(config),
         vms,
+        host_nodes: pipewire_thread.as_ref().map(|t| t.host_nodes.clone()),
     })
 }
 

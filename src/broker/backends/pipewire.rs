@@ -56,6 +56,7 @@ use pw::spa::param::audio::{AudioFormat, AudioInfoRaw};
 use rustix::event::{eventfd, EventfdFlags};
 
 use super::gain::GainCell;
+use super::host_nodes::{HostNode, HostNodes};
 use super::{
     Backend, BackendError, BackendStream, RingPort, StreamRing, StreamSpec, Wake, XrunEdge,
 };
@@ -497,6 +498,8 @@ pub struct PipewireThread {
     sender: pw::channel::Sender<Command>,
     connected: Arc<AtomicBool>,
     settings: Arc<GraphSettings>,
+    /// The daemon's nodes, for the jacks that follow a stream's host end.
+    pub host_nodes: Arc<HostNodes>,
     next_key: AtomicU64,
 }
 
@@ -507,12 +510,15 @@ impl PipewireThread {
         let (sender, receiver) = pw::channel::channel::<Command>();
         let connected = Arc::new(AtomicBool::new(false));
         let settings = Arc::new(GraphSettings::default());
+        let host_nodes =
+            Arc::new(HostNodes::new().map_err(|e| format!("cannot follow PipeWire's nodes: {e}"))?);
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let flag = connected.clone();
         let graph = settings.clone();
+        let nodes = host_nodes.clone();
         std::thread::Builder::new()
             .name("pipewire".into())
-            .spawn(move || run_loop(receiver, flag, graph, ready_tx))
+            .spawn(move || run_loop(receiver, flag, graph, nodes, ready_tx))
             .map_err(|e| format!("cannot start the PipeWire thread: {e}"))?;
         ready_rx
             .recv_timeout(START_TIMEOUT)
@@ -521,6 +527,7 @@ impl PipewireThread {
             sender,
             connected,
             settings,
+            host_nodes,
             next_key: AtomicU64::new(1),
         }))
     }
@@ -932,6 +939,8 @@ struct Session {
     ticks_since_attempt: u32,
     /// The graph clock's settings the rings are sized for, followed while connected.
     settings: Arc<GraphSettings>,
+    /// The daemon's nodes, followed while connected (none while not).
+    host_nodes: Option<Arc<HostNodes>>,
     registry: Option<(pw::registry::RegistryRc, pw::registry::Listener)>,
     settings_metadata: SettingsMetadata,
     /// Binds the streams' nodes (for their volume) through `control`.
@@ -943,19 +952,35 @@ type SettingsMetadata =
     Rc<RefCell<Option<(pw::metadata::Metadata, pw::metadata::MetadataListener)>>>;
 
 /// Follows the daemon's `settings` metadata (the graph clock's rate and quantum limits) into
-/// `settings`, binding it when the registry announces it.
-fn follow_settings(
+/// `settings`, binding it when the registry announces it, and its nodes into `host_nodes`.
+fn follow_registry(
     core: &pw::core::CoreRc,
     settings: &Arc<GraphSettings>,
+    host_nodes: Option<Arc<HostNodes>>,
     bound: &SettingsMetadata,
 ) -> Result<(pw::registry::RegistryRc, pw::registry::Listener), pw::Error> {
     let registry = core.get_registry_rc()?;
     let weak = registry.downgrade();
     let settings = settings.clone();
     let bound = bound.clone();
+    let gone = host_nodes.clone();
     let listener = registry
         .add_listener_local()
         .global(move |global| {
+            if global.type_ == pw::types::ObjectType::Node {
+                if let Some(nodes) = &host_nodes {
+                    let prop = |key: &str| global.props.and_then(|p| p.get(key)).map(String::from);
+                    nodes.announced(
+                        global.id,
+                        HostNode {
+                            name: prop("node.name"),
+                            serial: prop("object.serial"),
+                            class: prop("media.class"),
+                        },
+                    );
+                }
+                return;
+            }
             let is_settings = global.type_ == pw::types::ObjectType::Metadata
                 && global
                     .props
@@ -982,6 +1007,11 @@ fn follow_settings(
                 })
                 .register();
             *bound.borrow_mut() = Some((metadata, listener));
+        })
+        .global_remove(move |id| {
+            if let Some(nodes) = &gone {
+                nodes.removed(id);
+            }
         })
         .register();
     Ok((registry, listener))
@@ -1062,7 +1092,8 @@ impl Session {
             Ok(control) => this.control = Some(control),
             Err(e) => log::warn!("pipewire: no control connection, volumes stay as they are: {e}"),
         }
-        match follow_settings(&core, &this.settings, &this.settings_metadata) {
+        let host_nodes = this.host_nodes.clone();
+        match follow_registry(&core, &this.settings, host_nodes, &this.settings_metadata) {
             Ok(registry) => this.registry = Some(registry),
             Err(e) => log::warn!("pipewire: cannot follow the graph's settings: {e}"),
         }
@@ -1110,6 +1141,9 @@ impl Session {
             }
         }
         *self.settings_metadata.borrow_mut() = None;
+        if let Some(nodes) = &self.host_nodes {
+            nodes.clear();
+        }
         *self.binder.borrow_mut() = NodeBinder::default();
         self.control = None;
         self.registry = None;
@@ -1121,6 +1155,7 @@ fn run_loop(
     receiver: pw::channel::Receiver<Command>,
     connected: Arc<AtomicBool>,
     settings: Arc<GraphSettings>,
+    host_nodes: Arc<HostNodes>,
     ready: mpsc::SyncSender<Result<(), String>>,
 ) {
     pw::init();
@@ -1141,6 +1176,7 @@ fn run_loop(
     let mainloop: &'static pw::main_loop::MainLoopRc = Box::leak(Box::new(mainloop));
     let session = Rc::new(RefCell::new(Session {
         settings,
+        host_nodes: Some(host_nodes),
         ..Session::default()
     }));
     let supervisor: Rc<RefCell<Option<pw::loop_::TimerSource<'static>>>> = Rc::default();
@@ -1678,6 +1714,15 @@ impl Backend for PipewireBackend {
 
     fn ring_bytes(&self, params: &PcmParams) -> u64 {
         ring_bytes_for(params, self.thread.settings.quantum_frames(params))
+    }
+
+    fn host_present(&self, direction: u8) -> bool {
+        let to_sink = direction == D_OUTPUT || self.props.capture_sink;
+        self.thread.is_connected()
+            && self
+                .thread
+                .host_nodes
+                .has_end(self.props.target.as_deref(), to_sink)
     }
 
     fn open(
