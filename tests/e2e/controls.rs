@@ -2,7 +2,8 @@
 //! bus's volume and switch with their dB scale; `amixer sset` of the bus to 50 % sets its
 //! PipeWire node's channelVolumes to -25 dB; muted, a known signal leaves only silence at the
 //! sink; unmuted at 100 % it arrives bit-exact; a volume set on PipeWire's side reaches the
-//! guest as a control event and its next read.
+//! guest as a control event and its next read. A bus's jack follows its PipeWire target: the
+//! guest's "Headphone Jack" goes on when the host creates the sink and off when it goes.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,28 @@ formats = ["S16"]
 rates = [48000]
 node_name = "vsound-e2e-ctl-media"
 target_object = "vsound-test-sink"
+[[streams]]
+name = "alerts"
+direction = "output"
+backend = "pipewire"
+hda_fn_nid = 1
+formats = ["S16"]
+rates = [48000]
+target_object = "vsound-e2e-jack-sink"
+[[jacks]]
+name = "Media Out"
+hda_reg_defconf = 0x01014010
+follows = "media"
+# A headphone jack (device 2 in the HDA pin config): the guest names it "Headphone Jack".
+[[jacks]]
+name = "Alerts Out"
+hda_fn_nid = 1
+hda_reg_defconf = 0x02214020
+follows = "alerts"
 "#;
+
+/// The PipeWire sink the alerts bus targets, created and destroyed by the test.
+const JACK_SINK: &str = "vsound-e2e-jack-sink";
 
 const NODE: &str = "vsound-e2e-ctl-media";
 
@@ -59,6 +81,22 @@ done
 echo "@@E2E guest-sees $v"
 wait $PL
 kill $EV
+jack() { amixer -c 0 cget iface=CARD,name='Headphone Jack' | grep ': values='; }
+# Waits (up to 10 s) for the jack to read $1.
+jack_is() {
+  i=0
+  while [ $i -lt 100 ]; do
+    case "$(jack)" in *=$1) return 0 ;; esac
+    usleep 100000
+    i=$((i + 1))
+  done
+  return 1
+}
+echo "@@E2E jack-start $(jack)"
+jack_is on
+echo "@@E2E jack-plugged $(jack)"
+jack_is off
+echo "@@E2E jack-unplugged $(jack)"
 "#;
 
 #[test]
@@ -117,6 +155,19 @@ fn guest_mixer_controls_set_the_pipewire_node_and_see_its_changes() {
     wait_for_node(&pw, |v, m| !m && v.iter().all(|&x| x == 1.0));
     std::thread::sleep(Duration::from_millis(300));
     pw.set_node_props(NODE, "{ channelVolumes: [ 0.5, 0.5 ] }");
+    // The alerts bus's sink plugged in, then out.
+    assert!(
+        vm.wait_for("@@E2E jack-start", deadline),
+        "{}",
+        vm.console_text()
+    );
+    pw.create_sink(JACK_SINK);
+    assert!(
+        vm.wait_for("@@E2E jack-plugged", deadline),
+        "{}",
+        vm.console_text()
+    );
+    pw.destroy_node(JACK_SINK);
     let (status, _) = vm.finish(deadline);
     drop(recorder);
     let console = vm.console_text();
@@ -137,6 +188,19 @@ fn guest_mixer_controls_set_the_pipewire_node_and_see_its_changes() {
         assert!(
             console.contains(want),
             "amixer did not show {want:?}:\n{console}"
+        );
+    }
+    // The jack was off without its sink, on with it, off again.
+    for (marker, want) in [
+        ("jack-start", "values=off"),
+        ("jack-plugged", "values=on"),
+        ("jack-unplugged", "values=off"),
+    ] {
+        let line = vm.marker(marker).unwrap_or_else(|| panic!("no {marker}"));
+        assert!(
+            line.text.ends_with(want),
+            "{marker}: the guest's Headphone Jack reads {:?}:\n{console}",
+            line.text
         );
     }
     // The guest saw the host's 0.5 (-6.02 dB) as step 88, and was told of it.
