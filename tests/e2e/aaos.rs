@@ -81,6 +81,8 @@ up() {{ cut -d' ' -f1 /proc/uptime; }}
 aplay -l
 echo "@@E2E playback-devices $(aplay -l | grep -c '^card 0: .* device [0-9]*:')"
 echo "@@E2E capture-devices $(arecord -l | grep -c '^card 0: .* device [0-9]*:')"
+echo "@@E2E line-out-jacks-on $(for i in 0 1 2 3 4 5 6 7; do amixer -c 0 cget iface=CARD,name='Line Out Jack',index=$i; done | grep -c ': values=on')"
+echo "@@E2E mic-jack $(amixer -c 0 cget iface=CARD,name='Mic Jack' | grep ': values=')"
 echo "@@E2E play-start $(up)"
 aplay -q -D hw:0,0 --period-size={p} --buffer-size={b} media.wav &
 media=$!
@@ -168,6 +170,11 @@ fn eight_aaos_buses_each_a_device_two_at_once_bit_exact_at_their_sinks() {
     };
     assert_eq!(count("playback-devices"), 8, "aplay -l:\n{console}");
     assert_eq!(count("capture-devices"), 1, "arecord -l:\n{console}");
+    // A jack per bus, each following its bus's host end: all there (the heard buses' sinks
+    // exist, the null backend is always there; tests/e2e/controls.rs unplugs one).
+    assert_eq!(count("line-out-jacks-on"), 8, "jacks:\n{console}");
+    let mic = marker(lines, "mic-jack").unwrap_or_else(|| panic!("no mic-jack:\n{console}"));
+    assert!(mic.text.ends_with("values=on"), "{:?}", mic.text);
 
     assert_eq!(
         roles.len(),
