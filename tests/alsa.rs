@@ -173,3 +173,69 @@ fn the_brokers_gain_reaches_an_alsa_pcm() {
         "a muted bus reached the sink"
     );
 }
+
+/// A jack that follows an ALSA stream is connected while the stream's device opens: one on the
+/// test PCM is, one on a PCM that does not exist is not (and an open tried at its PREPARE
+/// does not change that), as JACK_INFO reports.
+#[test]
+fn a_jack_follows_whether_its_alsa_device_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start(dir.path());
+    std::fs::write(dir.path().join(".asoundrc"), ASOUNDRC).unwrap();
+    let config = dir.path().join("vsound.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[streams]]
+name = "media"
+direction = "output"
+backend = "alsa"
+alsa_device = "vsound_test"
+formats = ["S16"]
+rates = [48000]
+[[streams]]
+name = "rear"
+direction = "output"
+backend = "alsa"
+alsa_device = "vsound_not_plugged_in"
+formats = ["S16"]
+rates = [48000]
+[[jacks]]
+name = "Media Out"
+follows = "media"
+[[jacks]]
+name = "Rear Out"
+follows = "rear"
+"#,
+    )
+    .unwrap();
+    let mut env = pw.env();
+    env.push(("HOME", dir.path().to_path_buf()));
+    let (_broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &env);
+    let (_worker, socket) = spawn_worker(dir.path(), "vm", &broker_socket, Some(&config));
+    let mut vm = GuestVm::connect(&socket, FrontendOptions::default()).unwrap();
+    let jacks = |vm: &mut GuestVm| -> Vec<u8> {
+        let resp = vm.request(p::CONTROL_QUEUE, &query(p::R_JACK_INFO, 0, 2, 24), 4 + 48);
+        assert_eq!(status_of(&resp), 0x8000);
+        resp[4..]
+            .chunks(24)
+            .map(|info| p::read_prefix::<p::JackInfo>(info).unwrap().connected)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while jacks(&mut vm) != [1, 0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jacks {:?}",
+            jacks(&mut vm)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The worker plays a stream the broker cannot open into silence, at its pace; the open
+    // it tried confirms the device is not there.
+    control(&mut vm, &Params::s16_48k(1).request());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(jacks(&mut vm), [1, 0]);
+    prepare(&mut vm, &Params::s16_48k(0));
+    assert_eq!(jacks(&mut vm), [1, 0]);
+}
