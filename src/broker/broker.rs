@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
+use crate::admin::AdminServer;
 use crate::backends::clocked::{Returned, TimerCommand, TimerThread, TIMER_SLOTS};
 use crate::backends::gain::GainCell;
 use crate::backends::host_nodes::HostNodes;
@@ -24,6 +25,7 @@ use crate::opener::{Opened, Opener, Outcome, Pending, OPEN_DEADLINE};
 use virtio_snd::control::{PcmCaps, PcmParams};
 use virtio_snd::ctl::Gain;
 use virtio_snd::protocol::D_OUTPUT;
+use vsound_admin::{Reply as AdminReply, Request as AdminRequest, StreamStatus, VmStatus};
 use vsound_config::{Config, StreamConfig, VmName};
 use vsound_shared::ipc::{self, BrokerMsg, Channel, IpcError, Listener, WorkerMsg};
 use vsound_shared::ratelimit::LogLimiter;
@@ -93,6 +95,7 @@ const TOKEN_STOP: u64 = 1;
 const TOKEN_TIMER_THREAD: u64 = 2;
 const TOKEN_OPENER: u64 = 3;
 const TOKEN_HOST_NODES: u64 = 4;
+const TOKEN_ADMIN: u64 = 5;
 const KIND_CLIENT: u64 = 2 << 56;
 const KIND_TIMER: u64 = 3 << 56;
 const KIND_MASK: u64 = 0xff << 56;
@@ -140,6 +143,20 @@ struct BrokerStream {
     xruns: u64,
     /// Its volume and mute, read by whichever thread moves its frames.
     gain: Arc<GainCell>,
+    params: PcmParams,
+    /// A mapping of its ring for the host command's statistics (what is queued).
+    stats: Option<SharedRing>,
+}
+
+impl BrokerStream {
+    /// What is queued between the guest and the host's device, in microseconds: the ring's
+    /// frames and the backend's delay.
+    fn latency_us(&self) -> Option<u64> {
+        let ring = self.stats.as_ref()?;
+        let frame = u64::from(self.params.frame_bytes().max(1));
+        let frames = (ring.fill() / frame).saturating_add(ring.backend_delay());
+        Some(frames.saturating_mul(1_000_000) / u64::from(self.params.rate_hz().max(1)))
+    }
 }
 
 /// Who a timer thread slot belongs to.
@@ -341,6 +358,8 @@ pub struct Broker {
     timer: TimerThread,
     /// PipeWire's nodes (when a stream uses PipeWire): their changes are host presence news.
     host_nodes: Option<Arc<HostNodes>>,
+    /// The host command's control socket, when served.
+    admin: Option<AdminServer>,
     timer_slots: Vec<SlotOwner>,
     free_slots: Vec<usize>,
     next_timer_key: u64,
@@ -412,6 +431,7 @@ impl Broker {
             ),
             timer,
             host_nodes: built.host_nodes,
+            admin: None,
             timer_slots: vec![SlotOwner::Free; TIMER_SLOTS],
             free_slots: (0..TIMER_SLOTS).rev().collect(),
             next_timer_key: 0,
@@ -447,6 +467,7 @@ impl Broker {
                     _ if token == TOKEN_TIMER_THREAD => self.timer_news(),
                     _ if token == TOKEN_OPENER => self.opener_news(),
                     _ if token == TOKEN_HOST_NODES => self.host_nodes_changed(),
+                    _ if token == TOKEN_ADMIN => self.admin_news(),
                     KIND_CLIENT => {
                         let id = (token & 0xffff_ffff) as u32;
                         let stalled = self.clients.get(&id).is_some_and(|c| {
@@ -1434,6 +1455,12 @@ impl Broker {
                 running: false,
                 xruns: 0,
                 gain: opening.gain,
+                params: opening.params,
+                stats: opening
+                    .ring_fd
+                    .try_clone()
+                    .ok()
+                    .and_then(|fd| SharedRing::open(fd, opening.capacity).ok()),
             },
         );
         let params = opening.params;
@@ -1674,16 +1701,10 @@ impl Broker {
 
     /// Sets a bus's volume and mute for one VM, as a host command would (`vsound ctl
     /// set-volume`): `client_id` is the broker's number for the VM's worker, `bus` the
-    /// stream's configured name or its controls' bus name. The stream plays with it at once
-    /// (or from its next PREPARE), and the guest's controls show it (a CTL_NOTIFY).
+    /// stream's configured name or its controls' bus name in the VM's layout. The stream plays
+    /// with it at once (or from its next PREPARE); a guest with controls for it sees the change
+    /// (a CTL_NOTIFY), one without just hears it.
     pub fn set_bus_gain(&mut self, client_id: u32, bus: &str, gain: Gain) -> Result<(), String> {
-        let stream_id = self
-            .config
-            .stream_by_bus(bus)
-            .ok_or_else(|| format!("no bus {bus:?}"))? as u32;
-        if !self.config.stream_has_controls(stream_id as usize) {
-            return Err(format!("bus {bus:?} has no controls"));
-        }
         if !gain.is_valid() {
             return Err(format!(
                 "volume {} is off the scale (0..={})",
@@ -1696,10 +1717,18 @@ impl Broker {
             .get(&client_id)
             .filter(|c| c.caps.is_some())
             .ok_or_else(|| format!("no VM with client id {client_id}"))?;
-        if stream_id as usize >= client.gains.len() {
-            return Err(format!("VM {client_id} has no bus {bus:?}"));
-        }
+        let layout = client.layout.clone().ok_or("no Hello yet")?;
+        let stream_id = layout
+            .streams
+            .iter()
+            .position(|s| s.name == bus || vsound_config::bus_name(&s.name) == bus)
+            .filter(|&i| i < client.gains.len())
+            .ok_or_else(|| format!("{} has no bus {bus:?}", self.who(client_id)))?
+            as u32;
         self.apply_gain(client_id, stream_id, gain);
+        if !self.layout_has_controls(&layout, stream_id) {
+            return Ok(());
+        }
         if let Some(client) = self.clients.get(&client_id) {
             client
                 .channel
@@ -1707,6 +1736,163 @@ impl Broker {
                 .map_err(|e| format!("cannot tell the VM's worker: {e}"))?;
         }
         Ok(())
+    }
+
+    /// Whether the guest has control elements for a stream of `layout`.
+    fn layout_has_controls(&self, layout: &VmLayout, stream_id: u32) -> bool {
+        self.config.controls
+            && layout
+                .streams
+                .get(stream_id as usize)
+                .is_some_and(|s| s.controls)
+    }
+
+    /// Serves the host command's control socket (bound by the caller) from now on.
+    pub fn serve_admin(&mut self, listener: std::os::unix::net::UnixListener) -> io::Result<()> {
+        let server = AdminServer::start(listener)?;
+        self.epoll.add(
+            server.ready_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_ADMIN),
+        )?;
+        self.admin = Some(server);
+        Ok(())
+    }
+
+    fn admin_news(&mut self) {
+        let calls = self
+            .admin
+            .as_ref()
+            .map(AdminServer::take)
+            .unwrap_or_default();
+        for call in calls {
+            let reply = self.admin_request(&call.request);
+            call.answer(reply);
+        }
+    }
+
+    /// Answers a host command's request.
+    pub fn admin_request(&mut self, request: &AdminRequest) -> AdminReply {
+        let result = match request {
+            AdminRequest::List => return AdminReply::Vms(self.vm_statuses()),
+            AdminRequest::SetVolume { vm, bus, volume } => self.vm_client(vm).and_then(|id| {
+                let gain = self.bus_gain_by_name(id, bus)?;
+                self.set_bus_gain(
+                    id,
+                    bus,
+                    Gain {
+                        volume: *volume,
+                        ..gain
+                    },
+                )
+            }),
+            AdminRequest::SetMute { vm, bus, mute } => self.vm_client(vm).and_then(|id| {
+                let gain = self.bus_gain_by_name(id, bus)?;
+                self.set_bus_gain(
+                    id,
+                    bus,
+                    Gain {
+                        mute: *mute,
+                        ..gain
+                    },
+                )
+            }),
+            AdminRequest::MuteAll { vm, mute } => self.vm_client(vm).and_then(|id| {
+                let layout = self.layout_of(id)?;
+                for stream in layout
+                    .streams
+                    .iter()
+                    .filter(|s| s.direction.wire() == D_OUTPUT)
+                {
+                    let gain = self.bus_gain_by_name(id, &stream.name)?;
+                    self.set_bus_gain(
+                        id,
+                        &stream.name,
+                        Gain {
+                            mute: *mute,
+                            ..gain
+                        },
+                    )?;
+                }
+                Ok(())
+            }),
+        };
+        match result {
+            Ok(()) => {
+                log::info!("broker: the host command: {request:?}");
+                AdminReply::Done
+            }
+            Err(e) => AdminReply::Error(e),
+        }
+    }
+
+    /// The connection that holds VM `vm`'s name.
+    fn vm_client(&self, vm: &str) -> Result<u32, String> {
+        let name = VmName::new(vm).map_err(|e| e.to_string())?;
+        self.names
+            .get(&name)
+            .copied()
+            .ok_or_else(|| format!("no VM {vm:?} is connected"))
+    }
+
+    fn bus_gain_by_name(&self, id: u32, bus: &str) -> Result<Gain, String> {
+        let layout = self.layout_of(id)?;
+        layout
+            .streams
+            .iter()
+            .position(|s| s.name == bus || vsound_config::bus_name(&s.name) == bus)
+            .and_then(|i| self.bus_gain(id, i as u32))
+            .ok_or_else(|| format!("{} has no bus {bus:?}", self.who(id)))
+    }
+
+    /// Every welcomed VM and its streams, by VM name.
+    fn vm_statuses(&self) -> Vec<VmStatus> {
+        let mut vms: Vec<VmStatus> = self
+            .clients
+            .iter()
+            .filter_map(|(&id, client)| {
+                let vm = client.vm?;
+                let layout = client.layout.as_ref()?;
+                let streams = layout
+                    .streams
+                    .iter()
+                    .zip(&layout.backends)
+                    .enumerate()
+                    .map(|(i, (cfg, backend))| {
+                        let stream = client.streams.get(&(i as u32));
+                        let gain = client.gains.get(i).copied().unwrap_or(Gain::UNITY);
+                        StreamStatus {
+                            id: i as u32,
+                            name: cfg.name.clone(),
+                            direction: if cfg.direction.wire() == D_OUTPUT {
+                                "output".into()
+                            } else {
+                                "input".into()
+                            },
+                            backend: backend.name().into(),
+                            state: match stream {
+                                Some(s) if s.running => "running".into(),
+                                Some(_) => "prepared".into(),
+                                None => "released".into(),
+                            },
+                            xruns: stream.map_or(0, |s| s.xruns),
+                            latency_us: stream.and_then(BrokerStream::latency_us),
+                            volume: gain.volume,
+                            mute: gain.mute,
+                            host_present: client.presence.get(i).copied().unwrap_or(true),
+                            controls: self.layout_has_controls(layout, i as u32),
+                        }
+                    })
+                    .collect();
+                Some(VmStatus {
+                    vm: vm.to_string(),
+                    connection: id,
+                    uid: client.uid,
+                    streams,
+                })
+            })
+            .collect();
+        vms.sort_by(|a, b| a.vm.cmp(&b.vm));
+        vms
     }
 
     /// The gain the broker keeps for a VM's stream (its worker's, or the host's last).
@@ -1900,9 +2086,27 @@ mod gain_tests {
         let muted = Gain { mute: true, ..half };
         broker.set_bus_gain(1, "Media", muted).unwrap();
         assert_eq!(broker.bus_gain(1, 0), Some(muted));
+        let (news, _) = worker.recv::<BrokerMsg>().unwrap();
+        assert_eq!(
+            news,
+            BrokerMsg::GainChanged {
+                stream_id: 0,
+                gain: muted
+            }
+        );
+        // A bus without controls plays with it too; its guest is not told (it has nothing
+        // to show it with).
+        broker.set_bus_gain(1, "chime", half).unwrap();
+        assert_eq!(broker.bus_gain(1, 1), Some(half));
+        assert!(
+            matches!(
+                worker.wait_readable(Some(Duration::from_millis(100))),
+                Err(IpcError::Timeout)
+            ),
+            "news of a bus without controls"
+        );
         for (client, bus, gain) in [
             (1, "radio", half), // no such bus
-            (1, "chime", half), // no controls there
             (
                 1,
                 "media",
@@ -1916,7 +2120,7 @@ mod gain_tests {
             assert!(broker.set_bus_gain(client, bus, gain).is_err(), "{bus}");
         }
         assert_eq!(broker.bus_gain(1, 0), Some(muted));
-        assert_eq!(broker.bus_gain(1, 1), Some(Gain::UNITY));
+        assert_eq!(broker.bus_gain(1, 1), Some(half));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod backends;
 pub mod broker;
 pub mod opener;

@@ -40,6 +40,33 @@ struct Args {
     /// Group to become (default: the user's primary group).
     #[arg(long)]
     group: Option<String>,
+    /// The host command's control socket (`vsound ctl`): bound here (mode 0660), removed at
+    /// exit. Without it the broker takes no host commands.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// The group whose members may use the control socket besides root (its file's group).
+    #[arg(long, value_name = "GROUP", requires = "control_socket")]
+    admin_group: Option<String>,
+}
+
+/// Binds the control socket: mode 0660, owned by `admin_group` if given (resolved now, before
+/// the sandbox hides the group database).
+fn bind_control_socket(
+    path: &std::path::Path,
+    admin_group: Option<&str>,
+) -> Result<(std::os::unix::net::UnixListener, listen::SocketPath), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let (fd, bound) = listen::bind(path, SocketKind::Stream).map_err(|e| e.to_string())?;
+    let shown = path.display();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if let Some(name) = admin_group {
+        let group = nix::unistd::Group::from_name(name)
+            .map_err(|e| format!("admin group {name}: {e}"))?
+            .ok_or_else(|| format!("no group {name} for --admin-group"))?;
+        nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| format!("{shown}: {e}"))?;
+    }
+    Ok((std::os::unix::net::UnixListener::from(fd), bound))
 }
 
 /// What the backends of every layout (the default's, each VM's) need of the filesystem once the
@@ -132,9 +159,16 @@ fn run(args: Args, source: Source) -> Result<(), String> {
     }
     // Before the sandbox, which hides the user database.
     let pins = resolve_pins(&config);
+    let control = match &args.control_socket {
+        Some(path) => Some(bind_control_socket(path, args.admin_group.as_deref())?),
+        None => None,
+    };
     let mut paths = backend_paths(&config);
     if let Some(socket_path) = &socket_path {
         paths.push(PathRule::RemoveFiles(socket_path.directory()));
+    }
+    if let Some((_, bound)) = &control {
+        paths.push(PathRule::RemoveFiles(bound.directory()));
     }
     let mapped = maps_every_uid();
     let root = nix::unistd::Uid::effective().is_root();
@@ -158,6 +192,19 @@ fn run(args: Args, source: Source) -> Result<(), String> {
         );
     }
     let mut broker = Broker::new(config, pins, listener).map_err(|e| e.to_string())?;
+    // Its file is removed when `_control_path` drops, however run ends.
+    let _control_path = match control {
+        Some((listener, bound)) => {
+            broker
+                .serve_admin(listener)
+                .map_err(|e| format!("control socket: {e}"))?;
+            if let Some(path) = &args.control_socket {
+                log::info!("broker: host commands on {}", path.display());
+            }
+            Some(bound)
+        }
+        None => None,
+    };
     log::info!("broker: listening on {}", source.describe());
     broker
         .run(Some(std::os::fd::AsFd::as_fd(&stop)))

@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+mod ctl;
+
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -66,6 +68,18 @@ enum Cmd {
         /// The worker's group when the launcher runs as root.
         #[arg(long, default_value = "nogroup")]
         worker_group: String,
+    },
+    /// The host command: list the broker's VMs and streams, set a VM's bus volume or mute.
+    Ctl {
+        /// The broker's control socket (`vsound-broker --control-socket`; `vsound run` puts
+        /// it beside the broker's socket).
+        #[arg(long, value_name = "PATH", default_value = vsound_admin::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The broker's reply as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: ctl::Action,
     },
 }
 
@@ -305,11 +319,25 @@ fn run(options: RunOptions) -> Result<(), String> {
         restart_at: None,
         quick_exits: 0,
     };
+    // The broker binds its control socket itself (and replaces it when it restarts).
+    let control_socket = {
+        let mut name = socket.file_name().unwrap_or_default().to_os_string();
+        name.push(".control");
+        socket.with_file_name(name)
+    };
+    let mut broker_args = common;
+    broker_args.extend(["--control-socket".into(), control_socket.clone().into()]);
     let mut children = [
-        supervised("broker", "vsound-broker", common, broker_fd),
+        supervised("broker", "vsound-broker", broker_args, broker_fd),
         supervised("worker", "vsound-worker", worker_args, worker_fd),
     ];
-    let result = supervise(&mut children, &events, &socket, &broker_socket);
+    let result = supervise(
+        &mut children,
+        &events,
+        &socket,
+        &broker_socket,
+        &control_socket,
+    );
     for child in children.iter_mut().rev() {
         child.stop();
     }
@@ -322,6 +350,7 @@ fn supervise(
     events: &SignalFd,
     socket: &Path,
     broker_socket: &Path,
+    control_socket: &Path,
 ) -> Result<(), String> {
     for child in children.iter_mut() {
         child.start()?;
@@ -330,6 +359,10 @@ fn supervise(
         "vsound is serving {} (broker at {})",
         socket.display(),
         broker_socket.display()
+    );
+    println!(
+        "Host commands: vsound ctl --socket {} list (or set-volume, mute, mute-all)",
+        control_socket.display()
     );
     // `controls=on` sizes QEMU's config space for the control elements: QEMU passes the
     // worker's VIRTIO_SND_F_CTLS to the guest either way, and without it the guest reads its
@@ -394,6 +427,11 @@ fn main() -> ExitCode {
             worker_user,
             worker_group,
         }),
+        Cmd::Ctl {
+            socket,
+            json,
+            action,
+        } => ctl::run(socket, json, action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

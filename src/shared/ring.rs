@@ -176,6 +176,14 @@ impl SharedRing {
         Ok(())
     }
 
+    /// Bytes between the two positions as the header says now, clamped to the capacity (one
+    /// side's position is the peer's to write): what is queued, for statistics only.
+    pub fn fill(&self) -> u64 {
+        let write = self.load(OFF_WRITE_POS).unwrap_or(0);
+        let read = self.load(OFF_READ_POS).unwrap_or(0);
+        write.saturating_sub(read).min(self.capacity)
+    }
+
     /// Backend delay in frames, published by the broker (a hint: the worker clamps its use).
     pub fn backend_delay(&self) -> u64 {
         self.load(OFF_BACKEND_DELAY).unwrap_or(0)
@@ -527,6 +535,19 @@ mod tests {
         let (tx, rx) = pair(16);
         rx.ring().set_backend_delay(480);
         assert_eq!(tx.ring().backend_delay(), 480);
+    }
+
+    #[test]
+    fn fill_is_what_is_queued_and_never_more_than_the_ring() {
+        let (mut tx, mut rx) = pair(16);
+        assert_eq!(rx.ring().fill(), 0);
+        tx.push(&[1; 10]).unwrap();
+        assert_eq!(rx.ring().fill(), 10);
+        rx.pop(&mut [0; 4]).unwrap();
+        assert_eq!(tx.ring().fill(), 6);
+        // A peer's impossible position reads as a full ring, not as more.
+        tx.ring().store(OFF_WRITE_POS, u64::MAX).unwrap();
+        assert_eq!(rx.ring().fill(), 16);
     }
 
     /// Clears O_NONBLOCK on a worker's end, as a hostile worker would.

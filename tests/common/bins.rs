@@ -10,13 +10,13 @@ use std::time::SystemTime;
 /// The worker binary (`vsound-worker`).
 pub fn worker() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| locate("vsound-worker", "src/worker"))
+    PATH.get_or_init(|| locate("vsound-worker", &["src/worker"]))
 }
 
 /// The broker binary (`vsound-broker`).
 pub fn broker() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| locate("vsound-broker", "src/broker"))
+    PATH.get_or_init(|| locate("vsound-broker", &["src/broker", "src/admin"]))
 }
 
 /// The crates every binary is built from besides its own.
@@ -24,7 +24,7 @@ const COMMON_CRATES: [&str; 4] = ["src/virtio-snd", "src/config", "src/shared", 
 
 /// Finds `name` and refuses a binary older than its sources: a focused `cargo test --test X`
 /// rebuilds only this package, and a stale worker or broker would test old code.
-fn locate(name: &str, package_dir: &str) -> String {
+fn locate(name: &str, package_dirs: &[&str]) -> String {
     let exe = std::env::current_exe().expect("the test's own path");
     let profile_dir = exe
         .parent()
@@ -41,7 +41,7 @@ fn locate(name: &str, package_dir: &str) -> String {
             )
         });
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for dir in COMMON_CRATES.iter().chain([&package_dir]) {
+    for dir in COMMON_CRATES.iter().chain(package_dirs) {
         if let Some((source, changed)) = newest(&root.join(dir)) {
             assert!(
                 changed <= built,

@@ -91,6 +91,26 @@ pub fn spawn_broker_logging(
     env: &[(&str, PathBuf)],
     log: Option<&Path>,
 ) -> (Proc, PathBuf) {
+    spawn_broker_with_args(dir, config, env, log, &[])
+}
+
+/// A broker that also serves the host command's control socket `DIR/control.sock`.
+pub fn spawn_broker_with_control(dir: &Path, config: Option<&Path>) -> (Proc, PathBuf, PathBuf) {
+    let control = dir.join("control.sock");
+    let control_arg = control.to_string_lossy().into_owned();
+    let (proc, socket) =
+        spawn_broker_with_args(dir, config, &[], None, &["--control-socket", &control_arg]);
+    (proc, socket, control)
+}
+
+/// A broker with `extra` arguments.
+pub fn spawn_broker_with_args(
+    dir: &Path,
+    config: Option<&Path>,
+    env: &[(&str, PathBuf)],
+    log: Option<&Path>,
+    extra: &[&str],
+) -> (Proc, PathBuf) {
     let socket = dir.join("broker.sock");
     // A dead broker's socket file would satisfy the wait below before the new one binds.
     let _ = std::fs::remove_file(&socket);
@@ -105,6 +125,7 @@ pub fn spawn_broker_logging(
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
     }
+    cmd.args(extra);
     if let Some(log) = log {
         cmd.stderr(std::fs::File::create(log).unwrap());
     }
