@@ -98,7 +98,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
 SERVICES=(systemd/vsound-broker.service "systemd/vsound-worker@.service")
-SOCKETS=(systemd/vsound-broker.socket "systemd/vsound-worker@.socket")
+SOCKETS=(systemd/vsound-broker.socket systemd/vsound-broker-control.socket "systemd/vsound-worker@.socket")
 UNITS=("${SERVICES[@]}" "${SOCKETS[@]}")
 INSTANCE="vsound-worker@vm1.service"
 INSTANCE_SOCKET="vsound-worker@vm1.socket"
@@ -106,12 +106,15 @@ INSTANCE_SOCKET="vsound-worker@vm1.socket"
 # --- the binaries -----------------------------------------------------------------------------
 WORKER_BIN=${VSOUND_WORKER_BIN:-$ROOT_DIR/target/debug/vsound-worker}
 BROKER_BIN=${VSOUND_BROKER_BIN:-$ROOT_DIR/target/debug/vsound-broker}
-if [ ! -x "$WORKER_BIN" ] || [ ! -x "$BROKER_BIN" ]; then
+# `vsound ctl`, the host command, against the control socket under the real systemd.
+LAUNCHER_BIN=${VSOUND_LAUNCHER_BIN:-$ROOT_DIR/target/debug/vsound}
+if [ ! -x "$WORKER_BIN" ] || [ ! -x "$BROKER_BIN" ] || [ ! -x "$LAUNCHER_BIN" ]; then
   echo "== building the binaries (cargo build --workspace --bins)"
   cargo build --quiet --workspace --bins
 fi
 [ -x "$WORKER_BIN" ] || { echo "check-policies: no worker binary at $WORKER_BIN" >&2; exit 1; }
 [ -x "$BROKER_BIN" ] || { echo "check-policies: no broker binary at $BROKER_BIN" >&2; exit 1; }
+[ -x "$LAUNCHER_BIN" ] || { echo "check-policies: no vsound binary at $LAUNCHER_BIN" >&2; exit 1; }
 
 # The ExecStart= line of a unit file (one line, no continuation in ours).
 exec_start() { sed -n 's/^ExecStart=//p' "$1"; }
@@ -215,7 +218,7 @@ install -m 0644 "${UNITS[@]}" "$ROOTFS/etc/systemd/system/"
 install -m 0644 systemd/sysusers.d/vsound.conf "$ROOTFS/usr/lib/sysusers.d/vsound.conf"
 install -m 0644 systemd/tmpfiles.d/vsound.conf "$ROOTFS/usr/lib/tmpfiles.d/vsound.conf"
 # systemd-analyze verify exits 0 on unknown keys and unparsable values: any output fails.
-VERIFY=(vsound-broker.socket vsound-broker.service "$INSTANCE_SOCKET" "$INSTANCE")
+VERIFY=(vsound-broker.socket vsound-broker-control.socket vsound-broker.service "$INSTANCE_SOCKET" "$INSTANCE")
 if out=$(systemd-analyze verify --root="$ROOTFS" "${VERIFY[@]}" 2>&1) && [ -z "$out" ]; then
   pass "systemd-analyze verify ${VERIFY[*]}: no errors, no warnings"
 else
@@ -227,7 +230,7 @@ echo "== 3. sysusers.d and tmpfiles.d applied to the temporary root"
 touch "$ROOTFS/etc/passwd" "$ROOTFS/etc/group" "$ROOTFS/etc/shadow" "$ROOTFS/etc/gshadow"
 if out=$(systemd-sysusers --root="$ROOTFS" 2>&1); then
   echo "$out" | sed 's/^/    /'
-  for name in vsound vsound-broker; do
+  for name in vsound vsound-broker vsound-admin; do
     grep -q "^$name:" "$ROOTFS/etc/group" && pass "sysusers: group $name" || fail "sysusers: no group $name"
   done
   grep -q "^vsound-broker:" "$ROOTFS/etc/passwd" && pass "sysusers: user vsound-broker" || fail "sysusers: no user vsound-broker"
@@ -426,13 +429,14 @@ if [ "$BOOT" = 1 ]; then
   R=$TMP/ov/root
   install -m 0755 "$WORKER_BIN" "$R/usr/bin/vsound-worker"
   install -m 0755 "$BROKER_BIN" "$R/usr/bin/vsound-broker"
+  install -m 0755 "$LAUNCHER_BIN" "$R/usr/bin/vsound"
   rm -f "$R"/etc/systemd/system/vsound-*
   install -m 0644 "${UNITS[@]}" "$R/etc/systemd/system/"
   install -m 0644 systemd/sysusers.d/vsound.conf "$R/usr/lib/sysusers.d/vsound.conf"
   install -m 0644 systemd/tmpfiles.d/vsound.conf "$R/usr/lib/tmpfiles.d/vsound.conf"
   # As a package would: the sockets listen from boot ([Install] WantedBy=sockets.target).
-  if out=$(systemctl --root="$R" enable vsound-broker.socket "$INSTANCE_SOCKET" 2>&1); then
-    pass "boot: systemctl enable vsound-broker.socket $INSTANCE_SOCKET"
+  if out=$(systemctl --root="$R" enable vsound-broker.socket vsound-broker-control.socket "$INSTANCE_SOCKET" 2>&1); then
+    pass "boot: systemctl enable vsound-broker.socket vsound-broker-control.socket $INSTANCE_SOCKET"
   else
     fail "boot: systemctl enable:"; echo "$out" | sed 's/^/    /'
   fi
@@ -539,7 +543,7 @@ for i in range(count):
         print(f"cycle {i}: {e}", file=sys.stderr)
 print(f"{answered} of {count} in {time.monotonic() - started:.1f} s")'
 
-for u in $BS $WS; do echo "listening $u $(systemctl is-active $u)"; done
+for u in $BS vsound-broker-control.socket $WS; do echo "listening $u $(systemctl is-active $u)"; done
 echo "before $W $(systemctl is-active $W) $B $(systemctl is-active $B)"
 echo "socket $(stat -c '%a %U %G' $SOCK) $(stat -c '%a %U %G' /run/vsound-broker/broker.sock)"
 echo "dirs $(stat -c '%a %U %G' /run/vsound /run/vsound/vm1 /run/vsound-broker | tr '\n' ' ')"
@@ -557,6 +561,12 @@ worker=$(mainpid $W)
 # Still the same processes a moment later (a library thread killed by seccomp takes a while).
 sleep 2
 for u in $B $W; do echo "stable $u $(systemctl is-active $u) $(mainpid $u) restarts $(systemctl show -p NRestarts --value $u)"; done
+# The host command through the control socket systemd passed the broker with its own.
+CTL=/run/vsound-admin/control.sock
+echo "ctl-rows $(vsound ctl --socket $CTL list 2>/tmp/ctl.err | grep -c '^vm1 ')"
+sed 's/^/ctl-error /' /tmp/ctl.err | head -n 3
+echo "ctl-mode $(stat -c '%a %U %G' $CTL /run/vsound-admin | tr '\n' ' ')"
+"${AS_VMM[@]}" vsound ctl --socket $CTL list >/dev/null 2>&1 && echo "ctl vmm allowed" || echo "ctl vmm refused"
 phases() {  # the rest only means something with both running (and a failure stays short)
 
 # The broker restarts, then is killed: it comes back, the worker stays.
@@ -687,7 +697,7 @@ EOF
       has "$tag netns $u private" && pass "boot: $u private network namespace ($what)" || fail "boot: $u host network ($what)"
     }
     B=vsound-broker.service W=$INSTANCE
-    for u in vsound-broker.socket "$INSTANCE_SOCKET"; do
+    for u in vsound-broker.socket vsound-broker-control.socket "$INSTANCE_SOCKET"; do
       has "listening $u active" && pass "boot: $u listening from boot" || fail "boot: $u not listening: $(line "listening $u")"
     done
     grep -q "^before $W inactive $B inactive$" "$OUT" && pass "boot: nothing started before a VMM connects" \
@@ -718,6 +728,14 @@ EOF
       has "stable $u active ${first:-none} restarts 0" && pass "boot: $u still the same process 2 s later" \
         || fail "boot: $u did not stay up: $(line "stable $u")"
     done
+    # The default config's two streams, each a line of `vsound ctl list` for vm1.
+    has "ctl-rows 2" && pass "boot: vsound ctl lists vm1's streams through the activated control socket" \
+      || fail "boot: vsound ctl: $(line "ctl-rows") $(grep '^ctl-error ' "$OUT" | tr '\n' ' ')"
+    has "ctl-mode 660 root vsound-admin 750 root vsound-admin " \
+      && pass "boot: control.sock 0660 root:vsound-admin in /run/vsound-admin 0750" \
+      || fail "boot: control socket modes: $(line "ctl-mode")"
+    has "ctl vmm refused" && pass "boot: the VMM's user cannot use the host command" \
+      || fail "boot: the VMM's user reached the control socket"
     restarted=$(line "restarted $B")
     [[ $restarted == "restarted $B active $W active $worker was $worker" ]] \
       && pass "boot: systemctl restart $B: the broker is back, the worker runs on (same PID)" \

@@ -200,3 +200,52 @@ fn the_host_command_is_refused_to_other_users() {
     // Root still may.
     assert!(ok(ctl(&control, &["list"])).contains("no VM is connected"));
 }
+
+/// Under systemd the control socket is a socket unit's (`FileDescriptorName=control`), passed
+/// with the broker's own: the broker tells them apart by LISTEN_FDNAMES, in either order.
+#[test]
+fn an_activated_control_socket_serves_the_host_command() {
+    use command_fds::{CommandFdExt, FdMapping};
+    use vsound_process::listen::{self, SocketKind};
+    let dir = tempfile::tempdir().unwrap();
+    let broker_path = dir.path().join("broker.sock");
+    let control_path = dir.path().join("control.sock");
+    let (broker_fd, _b) = listen::bind(&broker_path, SocketKind::SeqPacket).unwrap();
+    let (control_fd, _c) = listen::bind(&control_path, SocketKind::Stream).unwrap();
+    // LISTEN_PID must be the broker's own pid: the shell execs the broker in its place.
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(r#"LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=control:broker exec "$0""#)
+        .arg(common::bins::broker())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    cmd.fd_mappings(vec![
+        FdMapping {
+            parent_fd: control_fd,
+            child_fd: 3,
+        },
+        FdMapping {
+            parent_fd: broker_fd,
+            child_fd: 4,
+        },
+    ])
+    .unwrap();
+    let _broker = Proc {
+        child: cmd.spawn().unwrap(),
+    };
+    let (_worker, _socket) = spawn_worker(dir.path(), "ivi", &broker_path, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = ctl(&control_path, &["list"]);
+        if output.status.success() && String::from_utf8_lossy(&output.stdout).contains("ivi") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vsound ctl: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

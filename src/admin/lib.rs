@@ -20,7 +20,7 @@ pub const MAX_REPLY_BYTES: u64 = 4 << 20;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the shipped units put the control socket.
-pub const DEFAULT_SOCKET: &str = "/run/vsound/control.sock";
+pub const DEFAULT_SOCKET: &str = "/run/vsound-admin/control.sock";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]

@@ -144,15 +144,15 @@ struct BrokerStream {
     /// Its volume and mute, read by whichever thread moves its frames.
     gain: Arc<GainCell>,
     params: PcmParams,
-    /// A mapping of its ring for the host command's statistics (what is queued).
-    stats: Option<SharedRing>,
+    /// Its ring, for the host command's statistics (what is queued).
+    stats: SharedRing,
 }
 
 impl BrokerStream {
     /// What is queued between the guest and the host's device, in microseconds: the ring's
     /// frames and the backend's delay.
     fn latency_us(&self) -> Option<u64> {
-        let ring = self.stats.as_ref()?;
+        let ring = &self.stats;
         let frame = u64::from(self.params.frame_bytes().max(1));
         let frames = (ring.fill() / frame).saturating_add(ring.backend_delay());
         Some(frames.saturating_mul(1_000_000) / u64::from(self.params.rate_hz().max(1)))
@@ -232,6 +232,7 @@ struct Opening {
     backend_name: &'static str,
     deadline: Instant,
     gain: Arc<GainCell>,
+    stats: SharedRing,
 }
 
 /// What the broker serves one VM: its layout's streams and their backends, by stream id.
@@ -1240,6 +1241,7 @@ impl Broker {
             direction: caps.direction,
             params,
         };
+        let stats = ring.clone();
         let ring = if caps.direction == D_OUTPUT {
             StreamRing::Playback(Consumer::new(ring))
         } else {
@@ -1288,6 +1290,7 @@ impl Broker {
             backend_name,
             deadline,
             gain,
+            stats,
         });
         // Nothing more is read from it until the open is answered.
         if let Err(e) = watch_input(&self.epoll, &client.channel, id, false) {
@@ -1456,11 +1459,7 @@ impl Broker {
                 xruns: 0,
                 gain: opening.gain,
                 params: opening.params,
-                stats: opening
-                    .ring_fd
-                    .try_clone()
-                    .ok()
-                    .and_then(|fd| SharedRing::open(fd, opening.capacity).ok()),
+                stats: opening.stats,
             },
         );
         let params = opening.params;

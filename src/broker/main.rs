@@ -124,7 +124,7 @@ fn maps_every_uid() -> bool {
     })
 }
 
-fn run(args: Args, source: Source) -> Result<(), String> {
+fn run(args: Args, source: Source, activated_control: Option<RawFd>) -> Result<(), String> {
     let config = match &args.config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -159,15 +159,26 @@ fn run(args: Args, source: Source) -> Result<(), String> {
     }
     // Before the sandbox, which hides the user database.
     let pins = resolve_pins(&config);
-    let control = match &args.control_socket {
-        Some(path) => Some(bind_control_socket(path, args.admin_group.as_deref())?),
-        None => None,
+    let control = match (&args.control_socket, activated_control) {
+        (Some(_), Some(_)) => {
+            return Err("a control socket both by --control-socket and socket activation".into())
+        }
+        (Some(path), None) => {
+            let (listener, bound) = bind_control_socket(path, args.admin_group.as_deref())?;
+            Some((listener, Some(bound)))
+        }
+        (None, Some(fd)) => {
+            let fd = listen::adopt(fd, "socket activation", SocketKind::Stream)
+                .map_err(|e| format!("control socket: {e}"))?;
+            Some((std::os::unix::net::UnixListener::from(fd), None))
+        }
+        (None, None) => None,
     };
     let mut paths = backend_paths(&config);
     if let Some(socket_path) = &socket_path {
         paths.push(PathRule::RemoveFiles(socket_path.directory()));
     }
-    if let Some((_, bound)) = &control {
+    if let Some((_, Some(bound))) = &control {
         paths.push(PathRule::RemoveFiles(bound.directory()));
     }
     let mapped = maps_every_uid();
@@ -198,10 +209,11 @@ fn run(args: Args, source: Source) -> Result<(), String> {
             broker
                 .serve_admin(listener)
                 .map_err(|e| format!("control socket: {e}"))?;
-            if let Some(path) = &args.control_socket {
-                log::info!("broker: host commands on {}", path.display());
+            match &args.control_socket {
+                Some(path) => log::info!("broker: host commands on {}", path.display()),
+                None => log::info!("broker: host commands on the activated control socket"),
             }
-            Some(bound)
+            bound
         }
         None => None,
     };

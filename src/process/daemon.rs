@@ -12,25 +12,28 @@ use nix::sys::signal::SigSet;
 use crate::listen::{self, Source};
 use crate::sandbox;
 
-/// Runs daemon `name`: `socket_of` picks its `--socket`/`--fd` from the parsed arguments.
+/// Runs daemon `name`: `socket_of` picks its `--socket`/`--fd` from the parsed arguments;
+/// `run` gets the listening socket and an activated control socket's fd (the broker's unit
+/// passes one).
 pub fn start<A: clap::Parser>(
     name: &str,
     socket_of: impl FnOnce(&A) -> (Option<PathBuf>, Option<RawFd>),
-    run: impl FnOnce(A, Source) -> Result<(), String>,
+    run: impl FnOnce(A, Source, Option<RawFd>) -> Result<(), String>,
 ) -> ExitCode {
     let _ = SigSet::empty().thread_set_mask();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = A::parse();
     let (socket, fd) = socket_of(&args);
-    let source = match listen::source(socket, fd) {
-        Ok(source) => source,
+    let (source, control) = match listen::source(socket, fd) {
+        Ok(sockets) => sockets,
         Err(e) => {
             log::error!("{name}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    sandbox::close_inherited_fds(source.inherited_fd());
-    match run(args, source) {
+    let keep: Vec<RawFd> = source.inherited_fd().into_iter().chain(control).collect();
+    sandbox::close_inherited_fds(&keep);
+    match run(args, source, control) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{name}: {e}");

@@ -1,7 +1,8 @@
 //! Listening sockets. A binary gets its one listening socket in exactly one of three ways:
 //!
 //! - systemd socket activation: `LISTEN_PID` is our pid and `LISTEN_FDS` is 1, the socket is
-//!   fd 3 (`sd_listen_fds`);
+//!   fd 3 (`sd_listen_fds`); the broker's unit may pass a second one, its control socket for
+//!   the host command, named `control` in `LISTEN_FDNAMES` (`FileDescriptorName=control`);
 //! - `--fd N`: QEMU's vhost-user backend-program convention;
 //! - `--socket PATH` (alias `--socket-path`): the binary binds the path itself. It refuses a path
 //!   that a running process serves, replaces a stale socket file, never replaces anything that
@@ -100,11 +101,22 @@ impl Source {
     }
 }
 
+/// The name of the broker's control socket among the activated fds.
+pub const CONTROL_FD_NAME: &str = "control";
+
+/// What socket activation passed: the listening socket, and the control socket if named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activated {
+    pub listen: RawFd,
+    pub control: Option<RawFd>,
+}
+
 /// Reads systemd's socket-activation variables and unsets them, so that no child mistakes our
 /// fds for its own. Only call it while the process has a single thread (first thing in main).
-pub fn take_activation() -> Result<Option<RawFd>, ListenError> {
+pub fn take_activation() -> Result<Option<Activated>, ListenError> {
     let pid = std::env::var_os("LISTEN_PID");
     let fds = std::env::var_os("LISTEN_FDS");
+    let names = std::env::var_os("LISTEN_FDNAMES");
     for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(name);
     }
@@ -120,21 +132,51 @@ pub fn take_activation() -> Result<Option<RawFd>, ListenError> {
     if pid != std::process::id() {
         return Ok(None);
     }
-    match fds.to_str().and_then(|n| n.parse::<u32>().ok()) {
-        Some(1) => Ok(Some(ACTIVATION_FD)),
-        Some(n) => Err(ListenError::Activation(format!(
-            "LISTEN_FDS={n}: expected exactly one socket"
-        ))),
-        None => Err(ListenError::Activation(format!(
+    let Some(count) = fds.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        return Err(ListenError::Activation(format!(
             "LISTEN_FDS={fds:?} is not a number"
+        )));
+    };
+    let names = names.map(|n| n.to_string_lossy().into_owned());
+    activated(count, names.as_deref()).map(Some)
+}
+
+/// Which activated fd is which: one socket, or one plus the one named [`CONTROL_FD_NAME`].
+fn activated(count: u32, names: Option<&str>) -> Result<Activated, ListenError> {
+    let names: Vec<&str> = names.map(|n| n.split(':').collect()).unwrap_or_default();
+    let is_control = |i: usize| names.get(i) == Some(&CONTROL_FD_NAME);
+    match count {
+        1 if is_control(0) => Err(ListenError::Activation(
+            "only the control socket was passed, not the one to serve".into(),
+        )),
+        1 => Ok(Activated {
+            listen: ACTIVATION_FD,
+            control: None,
+        }),
+        2 if is_control(0) != is_control(1) => {
+            let control = usize::from(is_control(1));
+            Ok(Activated {
+                listen: ACTIVATION_FD + (1 - control) as RawFd,
+                control: Some(ACTIVATION_FD + control as RawFd),
+            })
+        }
+        n => Err(ListenError::Activation(format!(
+            "LISTEN_FDS={n} (names {names:?}): expected one socket, or one and one named \
+             {CONTROL_FD_NAME:?}"
         ))),
     }
 }
 
 /// Chooses the source from the command line and socket activation; exactly one must be given.
-/// Reads (and unsets) the activation variables: call it first thing in main.
-pub fn source(socket: Option<PathBuf>, fd: Option<RawFd>) -> Result<Source, ListenError> {
-    choose(socket, fd, take_activation()?)
+/// Also returns an activated control socket's fd. Reads (and unsets) the activation
+/// variables: call it first thing in main.
+pub fn source(
+    socket: Option<PathBuf>,
+    fd: Option<RawFd>,
+) -> Result<(Source, Option<RawFd>), ListenError> {
+    let activation = take_activation()?;
+    let source = choose(socket, fd, activation.map(|a| a.listen))?;
+    Ok((source, activation.and_then(|a| a.control)))
 }
 
 fn choose(
@@ -456,6 +498,40 @@ mod tests {
                 origin: "socket activation"
             }
         );
+    }
+
+    #[test]
+    fn an_activated_control_socket_is_found_by_its_name() {
+        let plain = Activated {
+            listen: 3,
+            control: None,
+        };
+        assert_eq!(activated(1, None).unwrap(), plain);
+        assert_eq!(activated(1, Some("broker")).unwrap(), plain);
+        assert_eq!(
+            activated(2, Some("broker:control")).unwrap(),
+            Activated {
+                listen: 3,
+                control: Some(4)
+            }
+        );
+        assert_eq!(
+            activated(2, Some("control:broker")).unwrap(),
+            Activated {
+                listen: 4,
+                control: Some(3)
+            }
+        );
+        for (count, names) in [
+            (1, Some("control")),
+            (2, None),
+            (2, Some("control:control")),
+            (2, Some("a:b")),
+            (3, Some("a:control:b")),
+            (0, None),
+        ] {
+            assert!(activated(count, names).is_err(), "{count} {names:?}");
+        }
     }
 
     #[test]

@@ -98,12 +98,12 @@ impl Applier {
 }
 
 /// Closes every fd above stderr inherited from whoever started us, except `keep` (the listening
-/// socket we were given, see `listen`). Call first thing in main, before anything is opened.
-pub fn close_inherited_fds(keep: Option<RawFd>) {
+/// sockets we were given, see `listen`). Call first thing in main, before anything is opened.
+pub fn close_inherited_fds(keep: &[RawFd]) {
     let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
         Ok(dir) => dir
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .filter(|&fd| fd > 2 && Some(fd) != keep)
+            .filter(|&fd| fd > 2 && !keep.contains(&fd))
             .collect(),
         Err(e) => {
             log::warn!("sandbox: cannot list inherited fds: {e}");

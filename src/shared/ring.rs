@@ -14,6 +14,7 @@
 use std::fs::File;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use memfd::{FileSeal, Memfd, MemfdOptions};
 use vm_memory::mmap::MmapRegion;
@@ -48,9 +49,11 @@ pub enum RingError {
     WakeupFd,
 }
 
-/// One mapping of a ring; used through [`Producer`] or [`Consumer`].
+/// One mapping of a ring; used through [`Producer`] or [`Consumer`]. A clone is another
+/// handle on the same mapping (no new mapping, no fd): the broker reads its statistics so.
+#[derive(Clone)]
 pub struct SharedRing {
-    region: MmapRegion<()>,
+    region: Arc<MmapRegion<()>>,
     capacity: u64,
 }
 
@@ -117,7 +120,10 @@ impl SharedRing {
         let region =
             MmapRegion::<()>::from_file(FileOffset::new(file, 0), total_len(capacity) as usize)
                 .map_err(|e| RingError::Map(e.to_string()))?;
-        Ok(SharedRing { region, capacity })
+        Ok(SharedRing {
+            region: Arc::new(region),
+            capacity,
+        })
     }
 
     pub fn capacity(&self) -> u64 {

@@ -74,7 +74,10 @@ fn remove_socket_on_stop(stop: SignalFd, socket_path: Arc<SocketPath>) {
     });
 }
 
-fn run(args: Args, source: Source) -> Result<(), String> {
+fn run(args: Args, source: Source, control: Option<RawFd>) -> Result<(), String> {
+    if control.is_some() {
+        return Err("socket activation passed a control socket: the worker serves none".into());
+    }
     // A worker that binds its path itself removes it when stopped: the signals wait for the
     // watcher thread, blocked in every thread (threads inherit this mask).
     let stop = match source {
