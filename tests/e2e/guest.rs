@@ -323,11 +323,18 @@ pub fn assert_captured(captured: &[u8], source: &[u8], lead: usize) {
 }
 
 /// A running guest: play.sh with its console followed line by line.
-/// One guest at a time: a TCG guest keeps a core busy, and with two of them on this machine's
-/// two cores a guest stalls for 100 ms and more (its ALSA then fails a 0.7 ms-period stream
-/// with EIO, no period having completed by its clock), which measures the machine, not vsound.
-/// The tests' other parts (PipeWire, the broker, in-process frontends) still run side by side.
-static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// One real-guest test at a time: a TCG guest keeps a core busy, and beside another test's
+/// guest, or its real-time PipeWire, broker and in-process VM (which preempt QEMU's normal
+/// priority), a guest stalls for 100 ms and more on this machine's two cores. Its ALSA then
+/// fails a 0.7 ms-period stream with EIO, no period having completed by its clock: that
+/// measures the machine, not vsound. Each test holds [`one_at_a_time`]'s guard throughout.
+static ONE_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits for the other real-guest tests; the guard lets the next one run when dropped.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed holding it leaves the lock poisoned, not taken.
+    ONE_TEST.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub struct Vm {
     group: Group,
@@ -335,8 +342,6 @@ pub struct Vm {
     stderr: Option<std::thread::JoinHandle<String>>,
     pub console: Vec<Line>,
     pub started: Instant,
-    /// Held while the guest runs ([`ONE_GUEST`]); the last field, so dropped after `group`.
-    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 /// What a guest run needs besides its worker's socket.
@@ -352,8 +357,6 @@ pub struct VmSpec<'a> {
 
 impl Vm {
     pub fn start(socket: &Path, spec: &VmSpec, script: &str) -> Vm {
-        // A test that failed with its guest running leaves the lock poisoned, not taken.
-        let turn = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
         let mut cmd = Command::new(e2e_dir().join("play.sh"));
         cmd.arg("--socket").arg(socket);
         for file in spec.files {
@@ -407,7 +410,6 @@ impl Vm {
             stderr: Some(stderr),
             console: Vec::new(),
             started: Instant::now(),
-            _turn: turn,
         }
     }
 
