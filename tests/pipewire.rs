@@ -70,6 +70,28 @@ fn start_with(opts: FrontendOptions) -> PwRig {
     }
 }
 
+/// Plays `data` on `params`' stream (every buffer completing OK) while the sink is recorded
+/// into `DIR/name`, from `settle` before it (pw-record's link) to 300 ms after; returns what
+/// the sink got.
+fn play_recorded(
+    pw: &PipeWire,
+    vm: &mut GuestVm,
+    dir: &std::path::Path,
+    name: &str,
+    settle: Duration,
+    params: &Params,
+    data: &[u8],
+) -> Vec<u8> {
+    let recording = dir.join(name);
+    let recorder = pw.record_sink(&recording);
+    std::thread::sleep(settle);
+    let (_, done) = play(vm, params, data);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(recorder);
+    std::fs::read(&recording).unwrap()
+}
+
 #[test]
 fn playback_arrives_at_the_sink_sample_for_sample() {
     let mut rig = start();
@@ -210,15 +232,16 @@ fn daemon_loss_goes_silent_without_a_hang_and_streams_come_back() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let recording = rig.dir.path().join("after.raw");
-    let recorder = rig.pw.record_sink(&recording);
-    std::thread::sleep(Duration::from_millis(500));
     let data = known_signal(params.period_bytes as usize * 50, 3);
-    let (_, done) = play(&mut rig.vm, &params, &data);
-    assert!(done.iter().all(|c| c.status == 0x8000));
-    std::thread::sleep(Duration::from_millis(300));
-    drop(recorder);
-    let recorded = std::fs::read(&recording).unwrap();
+    let recorded = play_recorded(
+        &rig.pw,
+        &mut rig.vm,
+        rig.dir.path(),
+        "after.raw",
+        Duration::from_millis(500),
+        &params,
+        &data,
+    );
     assert_arrived_intact(&recorded, &data);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
@@ -861,15 +884,16 @@ fn the_guests_volume_and_mute_become_the_nodes_channel_volumes_and_mute() {
     wait_node_volume(&rig.pw, "vsound-test-media", |_, m| m);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
     // Muted, a known signal leaves nothing at the sink but silence.
-    let recording = rig.dir.path().join("sink.raw");
-    let recorder = rig.pw.record_sink(&recording);
-    std::thread::sleep(Duration::from_millis(300));
     let data = known_signal(params.period_bytes as usize * 50, 21);
-    let (_, done) = play(&mut rig.vm, &params, &data);
-    assert!(done.iter().all(|c| c.status == 0x8000));
-    std::thread::sleep(Duration::from_millis(300));
-    drop(recorder);
-    let recorded = std::fs::read(&recording).unwrap();
+    let recorded = play_recorded(
+        &rig.pw,
+        &mut rig.vm,
+        rig.dir.path(),
+        "sink.raw",
+        Duration::from_millis(300),
+        &params,
+        &data,
+    );
     assert!(
         recorded.len() > data.len(),
         "recorded {} bytes",
@@ -950,15 +974,17 @@ fn back_at_0_db_after_a_change_the_sink_gets_every_sample_again() {
         !m && v.iter().all(|&x| x == 1.0)
     });
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
-    let recording = rig.dir.path().join("sink.raw");
-    let recorder = rig.pw.record_sink(&recording);
-    std::thread::sleep(Duration::from_millis(500));
     let data = known_signal(params.period_bytes as usize * 100, 12);
-    let (_, done) = play(&mut rig.vm, &params, &data);
-    assert!(done.iter().all(|c| c.status == 0x8000));
-    std::thread::sleep(Duration::from_millis(300));
-    drop(recorder);
-    assert_arrived_intact(&std::fs::read(&recording).unwrap(), &data);
+    let recorded = play_recorded(
+        &rig.pw,
+        &mut rig.vm,
+        rig.dir.path(),
+        "sink.raw",
+        Duration::from_millis(500),
+        &params,
+        &data,
+    );
+    assert_arrived_intact(&recorded, &data);
 }
 
 const JACK_CONFIG: &str = r#"
