@@ -1711,20 +1711,9 @@ impl Broker {
                 virtio_snd::ctl::VOLUME_MAX
             ));
         }
-        let client = self
-            .clients
-            .get(&client_id)
-            .filter(|c| c.caps.is_some())
-            .ok_or_else(|| format!("no VM with client id {client_id}"))?;
-        let layout = client.layout.clone().ok_or("no Hello yet")?;
-        let stream_id = layout
-            .streams
-            .iter()
-            .position(|s| s.name == bus || vsound_config::bus_name(&s.name) == bus)
-            .filter(|&i| i < client.gains.len())
-            .ok_or_else(|| format!("{} has no bus {bus:?}", self.who(client_id)))?
-            as u32;
+        let stream_id = self.bus_stream(client_id, bus)?;
         self.apply_gain(client_id, stream_id, gain);
+        let layout = self.layout_of(client_id)?;
         if !self.layout_has_controls(&layout, stream_id) {
             return Ok(());
         }
@@ -1833,13 +1822,23 @@ impl Broker {
             .ok_or_else(|| format!("no VM {vm:?} is connected"))
     }
 
+    /// The stream a welcomed VM's `bus` names in its layout.
+    fn bus_stream(&self, id: u32, bus: &str) -> Result<u32, String> {
+        let client = self
+            .clients
+            .get(&id)
+            .filter(|c| c.caps.is_some())
+            .ok_or_else(|| format!("no VM with client id {id}"))?;
+        let layout = client.layout.as_ref().ok_or("no Hello yet")?;
+        vsound_config::stream_by_bus(&layout.streams, bus)
+            .filter(|&i| i < client.gains.len())
+            .map(|i| i as u32)
+            .ok_or_else(|| format!("{} has no bus {bus:?}", self.who(id)))
+    }
+
     fn bus_gain_by_name(&self, id: u32, bus: &str) -> Result<Gain, String> {
-        let layout = self.layout_of(id)?;
-        layout
-            .streams
-            .iter()
-            .position(|s| s.name == bus || vsound_config::bus_name(&s.name) == bus)
-            .and_then(|i| self.bus_gain(id, i as u32))
+        let stream_id = self.bus_stream(id, bus)?;
+        self.bus_gain(id, stream_id)
             .ok_or_else(|| format!("{} has no bus {bus:?}", self.who(id)))
     }
 

@@ -405,6 +405,14 @@ const STANDARD_LAYOUTS: [&[&str]; 6] = [
 ];
 
 /// A stream's name as its controls show it: ALSA's mixer names start with a capital.
+/// The stream of `streams` (a layout's) that `bus` names: by its configured name or its
+/// controls' bus name ("media" or "Media").
+pub fn stream_by_bus(streams: &[StreamConfig], bus: &str) -> Option<usize> {
+    streams
+        .iter()
+        .position(|s| s.name == bus || bus_name(&s.name) == bus)
+}
+
 pub fn bus_name(stream_name: &str) -> String {
     let mut chars = stream_name.chars();
     match chars.next() {
@@ -591,12 +599,6 @@ impl Config {
                 Some((jack, self.streams.iter().position(|s| &s.name == name)?))
             })
             .collect()
-    }
-
-    pub fn stream_by_bus(&self, bus: &str) -> Option<usize> {
-        self.streams
-            .iter()
-            .position(|s| s.name == bus || bus_name(&s.name) == bus)
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -987,9 +989,9 @@ mod tests {
         );
         assert_eq!(c.control_specs()[0].info.hdr.hda_fn_nid.get(), 2);
         assert!(!c.stream_has_controls(1));
-        assert_eq!(c.stream_by_bus("Mic"), Some(2));
-        assert_eq!(c.stream_by_bus("navigation"), Some(1));
-        assert_eq!(c.stream_by_bus("radio"), None);
+        assert_eq!(stream_by_bus(&c.streams, "Mic"), Some(2));
+        assert_eq!(stream_by_bus(&c.streams, "navigation"), Some(1));
+        assert_eq!(stream_by_bus(&c.streams, "radio"), None);
         let off = Config::parse(&text.replace("controls = true", "controls = false")).unwrap();
         assert!(off.control_specs().is_empty());
         // The default: none (the VMM must be told, QEMU's controls=on); on, both default
