@@ -420,8 +420,8 @@ pub fn lost_quantum(got: &[u8], data: &[u8], at: usize, frame: usize) -> Option<
         let needle = got.get(next..next + 64 * frame)?;
         let window = data.get(at..(at + 4 * QUANTUM * frame + needle.len()).min(data.len()))?;
         let resume = at + find(window, needle, frame)?;
-        // More frames lost than put in their place (never shifted later), and not many.
-        if resume <= next || resume - at > 3 * QUANTUM * frame {
+        // No fewer frames lost than put in their place (never shifted later), and not many.
+        if resume < next || resume - at > 3 * QUANTUM * frame {
             return None;
         }
         // What was put there is silence, or the frames that follow, played twice.
