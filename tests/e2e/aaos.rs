@@ -103,7 +103,6 @@ echo "@@E2E navigation-end $(up)"
 
 #[test]
 fn eight_aaos_buses_each_a_device_two_at_once_bit_exact_at_their_sinks() {
-    let _turn = one_at_a_time();
     require_qemu();
     let cache = cache_dir();
     build_guest(&cache);

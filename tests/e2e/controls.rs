@@ -101,7 +101,6 @@ echo "@@E2E jack-unplugged $(jack)"
 
 #[test]
 fn guest_mixer_controls_set_the_pipewire_node_and_see_its_changes() {
-    let _turn = one_at_a_time();
     require_qemu();
     let cache = cache_dir();
     build_guest(&cache);

@@ -323,19 +323,6 @@ pub fn assert_captured(captured: &[u8], source: &[u8], lead: usize) {
 }
 
 /// A running guest: play.sh with its console followed line by line.
-/// One real-guest test at a time: a TCG guest keeps a core busy, and beside another test's
-/// guest, or its real-time PipeWire, broker and in-process VM (which preempt QEMU's normal
-/// priority), a guest stalls for 100 ms and more on this machine's two cores. Its ALSA then
-/// fails a 0.7 ms-period stream with EIO, no period having completed by its clock: that
-/// measures the machine, not vsound. Each test holds [`one_at_a_time`]'s guard throughout.
-static ONE_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Waits for the other real-guest tests; the guard lets the next one run when dropped.
-pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    // A test that failed holding it leaves the lock poisoned, not taken.
-    ONE_TEST.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub struct Vm {
     group: Group,
     lines: mpsc::Receiver<Line>,
