@@ -110,6 +110,22 @@ impl PipeWire {
                 .spawn()
                 .expect("start wireplumber (apt package wireplumber)"),
         });
+        // Until it has chosen the default sink (late in its start, which keeps a core busy for
+        // a while): a PipeWire ALSA open meanwhile took more than the broker's 400 ms open
+        // deadline in a CI run. Bounded, and not an error: the tests say what they need.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let chosen = Command::new("pw-metadata")
+                .args(["-n", "default", "0", "default.audio.sink"])
+                .envs(env(&self.runtime))
+                .stderr(Stdio::null())
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("value:"));
+            if chosen {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stops WirePlumber: links stay, but nothing links or relinks any more.
