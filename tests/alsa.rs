@@ -214,14 +214,7 @@ follows = "rear"
     let (_broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &env);
     let (_worker, socket) = spawn_worker(dir.path(), "vm", &broker_socket, Some(&config));
     let mut vm = GuestVm::connect(&socket, FrontendOptions::default()).unwrap();
-    let jacks = |vm: &mut GuestVm| -> Vec<u8> {
-        let resp = vm.request(p::CONTROL_QUEUE, &query(p::R_JACK_INFO, 0, 2, 24), 4 + 48);
-        assert_eq!(status_of(&resp), 0x8000);
-        resp[4..]
-            .chunks(24)
-            .map(|info| p::read_prefix::<p::JackInfo>(info).unwrap().connected)
-            .collect()
-    };
+    let jacks = |vm: &mut GuestVm| jacks_connected(vm, 2);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while jacks(&mut vm) != [1, 0] {
         assert!(

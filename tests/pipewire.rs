@@ -1018,20 +1018,6 @@ name = "Fixed"
 connected = false
 "#;
 
-/// Each jack's `connected` as JACK_INFO reports it.
-fn jacks_connected(vm: &mut GuestVm, count: u32) -> Vec<u8> {
-    let resp = vm.request(
-        p::CONTROL_QUEUE,
-        &query(p::R_JACK_INFO, 0, count, 24),
-        4 + 24 * count,
-    );
-    assert_eq!(status_of(&resp), 0x8000);
-    resp[4..]
-        .chunks(24)
-        .map(|info| p::read_prefix::<p::JackInfo>(info).unwrap().connected)
-        .collect()
-}
-
 /// A jack that follows a stream is connected while the stream's PipeWire target exists: a
 /// sink plugged in and out again gives JACK_CONNECTED and JACK_DISCONNECTED events and the
 /// state in JACK_INFO; a jack following a stream without a target follows any sink (the test

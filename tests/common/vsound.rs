@@ -434,6 +434,20 @@ pub fn wait_used_or_killed(
     }
 }
 
+/// Each of the first `count` jacks' `connected` as JACK_INFO reports it.
+pub fn jacks_connected(vm: &mut GuestVm, count: u32) -> Vec<u8> {
+    let resp = vm.request(
+        p::CONTROL_QUEUE,
+        &query(p::R_JACK_INFO, 0, count, 24),
+        4 + 24 * count,
+    );
+    assert_eq!(status_of(&resp), 0x8000);
+    resp[4..]
+        .chunks(24)
+        .map(|info| p::read_prefix::<p::JackInfo>(info).unwrap().connected)
+        .collect()
+}
+
 pub fn control(vm: &mut GuestVm, req: &[u8]) -> u32 {
     status_of(&vm.request(p::CONTROL_QUEUE, req, 4))
 }
