@@ -1,14 +1,18 @@
-//! Real-guest benchmark: a Debian guest (tests/e2e) plays 48 kHz stereo S16 for 30 s through
-//! vsound into a private, headless PipeWire daemon, and this prints for the worker and the
-//! broker the host CPU seconds per audio second and the wake-ups per second (context switches
-//! of all their threads), plus the worker's playback latency figures.
+//! Real-guest benchmark: a Debian guest (tests/e2e) plays 48 kHz stereo S16 through vsound into
+//! a private, headless PipeWire daemon, first 30 s at 10 ms periods, then 15 s at Android's
+//! 5.5 ms (264-frame) periods. For each it prints the host CPU seconds per audio second and
+//! the wake-ups per second (context switches of all threads, and per thread) of the worker and
+//! the broker, next to `pw-play` playing the same length at the same latency into the same
+//! daemon in the same run (the native client vsound is measured against), and the worker's
+//! latency figures.
 //!
 //! `cargo bench --bench guest` (needs what `cargo test --test e2e` needs). Under `cargo test`
-//! it only says so: a 30 s guest run is a measurement, not a test.
+//! it only says so: a guest run is a measurement, not a test.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -17,9 +21,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::pipewire::PipeWire;
-use common::vsound::{cpu_time, spawn_broker_with_env, Proc};
-
-const SECONDS: u32 = 30;
+use common::vsound::{cpu_time, spawn_broker_with_env, write_wav_s16, Proc};
 
 const CONFIG: &str = r#"
 [[streams]]
@@ -31,36 +33,70 @@ rates = [48000]
 target_object = "vsound-test-sink"
 "#;
 
-/// Context switches of every thread of a process: each voluntary one is a sleep, so a wake-up.
-fn switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
-        .flat_map(|status| {
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
+/// One measured playback: `periods` periods of `period_frames` for `seconds`.
+struct Phase {
+    label: &'static str,
+    period_frames: u32,
+    periods: u32,
+    seconds: u32,
 }
 
-#[derive(Clone, Copy)]
+const PHASES: [Phase; 2] = [
+    Phase {
+        label: "10 ms periods",
+        period_frames: 480,
+        periods: 4,
+        seconds: 30,
+    },
+    Phase {
+        label: "5.5 ms periods",
+        period_frames: 264,
+        periods: 4,
+        seconds: 15,
+    },
+];
+
+/// Context switches of each thread of a process, by thread name and id:
+/// each voluntary one is a sleep, so a wake-up.
+fn switches_by_thread(pid: u32) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        // Threads a library starts inherit their creator's name: the id tells them apart.
+        let name = format!(
+            "{}[{}]",
+            std::fs::read_to_string(task.path().join("comm"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            task.file_name().to_string_lossy()
+        );
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let switches: u64 = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        *by_name.entry(name).or_insert(0) += switches;
+    }
+    by_name
+}
+
+#[derive(Clone)]
 struct Sample {
     at: Instant,
     cpu: [Duration; 2],
-    switches: [u64; 2],
+    threads: [BTreeMap<String, u64>; 2],
 }
 
 fn sample(pids: [u32; 2]) -> Sample {
     Sample {
         at: Instant::now(),
         cpu: pids.map(cpu_time),
-        switches: pids.map(switches),
+        threads: pids.map(switches_by_thread),
     }
 }
 
@@ -73,6 +109,92 @@ fn forward(out: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>) {
             }
         }
     });
+}
+
+/// CPU time and context switches of the waited-for children of this process so far.
+fn children_usage() -> (Duration, u64) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let usage = getrusage(UsageWho::RUSAGE_CHILDREN).expect("getrusage");
+    let time = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    (
+        time(usage.user_time()) + time(usage.system_time()),
+        (usage.voluntary_context_switches() + usage.involuntary_context_switches()) as u64,
+    )
+}
+
+/// What one `pw-play` of `seconds` of silence costs at `latency_frames`: CPU seconds and
+/// context switches (all its threads), from its rusage once waited for.
+fn pw_play_cost(pw: &PipeWire, dir: &Path, seconds: u32, latency_frames: u32) -> (f64, u64) {
+    let wav = dir.join(format!("zeros-{seconds}.wav"));
+    write_wav_s16(&wav, 2, 48000, &vec![0u8; 48000 * 4 * seconds as usize]);
+    let latency = latency_frames.to_string();
+    let before = children_usage();
+    let mut player = pw.play_into_sink_with(&wav, &["--latency", &latency]);
+    let status = player.child.wait().expect("wait for pw-play");
+    assert!(status.success(), "pw-play failed: {status}");
+    let after = children_usage();
+    ((after.0 - before.0).as_secs_f64(), after.1 - before.1)
+}
+
+/// `pw-play`'s steady cost per audio second at `latency_frames`: a run of `seconds` + 1 less a
+/// run of 1 s, so that its start-up and exit are left out as the guest's boot is.
+fn pw_play_reference(pw: &PipeWire, dir: &Path, seconds: u32, latency_frames: u32) -> (f64, f64) {
+    let short = pw_play_cost(pw, dir, 1, latency_frames);
+    let long = pw_play_cost(pw, dir, seconds + 1, latency_frames);
+    let audio = f64::from(seconds);
+    (
+        (long.0 - short.0).max(0.0) / audio,
+        long.1.saturating_sub(short.1) as f64 / audio,
+    )
+}
+
+fn print_phase(phase: &Phase, start: &Sample, end: &Sample, reference: (f64, f64)) {
+    let wall = (end.at - start.at).as_secs_f64();
+    let audio = f64::from(phase.seconds);
+    let periods_per_s = 48000.0 / f64::from(phase.period_frames);
+    println!(
+        "\n== {}: the guest played {} s of 48 kHz S16 stereo ({} frames a period, {} \
+         periods) in {wall:.2} s",
+        phase.label, phase.seconds, phase.period_frames, phase.periods
+    );
+    println!(
+        "{:>8} {:>20} {:>12} {:>16} {:>18}",
+        "process", "CPU s per audio s", "x pw-play", "wake-ups per s", "wake-ups a period"
+    );
+    let (ref_cpu, ref_wakeups) = reference;
+    for (i, name) in ["worker", "broker"].iter().enumerate() {
+        let cpu = (end.cpu[i] - start.cpu[i]).as_secs_f64() / audio;
+        let total: u64 = end.threads[i].values().sum::<u64>()
+            - start.threads[i]
+                .iter()
+                .filter(|(k, _)| end.threads[i].contains_key(*k))
+                .map(|(_, v)| v)
+                .sum::<u64>();
+        let wakeups = total as f64 / wall;
+        println!(
+            "{name:>8} {cpu:>20.4} {:>12.2} {wakeups:>16.0} {:>18.2}",
+            cpu / ref_cpu.max(f64::MIN_POSITIVE),
+            wakeups / periods_per_s
+        );
+    }
+    println!(
+        "{:>8} {ref_cpu:>20.4} {:>12.2} {ref_wakeups:>16.0} {:>18.2}",
+        "pw-play",
+        1.0,
+        ref_wakeups / periods_per_s
+    );
+    for (i, name) in ["worker", "broker"].iter().enumerate() {
+        let per_thread: Vec<String> = end.threads[i]
+            .iter()
+            .map(|(thread, n)| {
+                let before = start.threads[i].get(thread).copied().unwrap_or(0);
+                format!("{thread} {:.0}", n.saturating_sub(before) as f64 / wall)
+            })
+            .collect();
+        println!("{name} wake-ups per s by thread: {}", per_thread.join(", "));
+    }
 }
 
 fn main() {
@@ -106,11 +228,19 @@ fn main() {
     forward(worker.child.stderr.take().unwrap(), log_tx);
     common::vsound::wait_for_path(&socket, &mut worker);
 
-    let guest_command = format!(
-        "echo @@E2E bench-start; \
-         aplay -q -D hw:0,0 -t raw -f S16_LE -r 48000 -c 2 --period-time=10000 \
-         --buffer-time=40000 -d {SECONDS} /dev/zero; echo @@E2E bench-end"
-    );
+    let guest_command: String = PHASES
+        .iter()
+        .enumerate()
+        .map(|(i, phase)| {
+            format!(
+                "echo @@E2E bench-start {i}; aplay -q -D hw:0,0 -t raw -f S16_LE -r 48000 -c 2 \
+                 --period-size={} --buffer-size={} -d {} /dev/zero; echo @@E2E bench-end {i}; ",
+                phase.period_frames,
+                phase.period_frames * phase.periods,
+                phase.seconds
+            )
+        })
+        .collect();
     let mut qemu = Command::new(root.join("tests/e2e/play.sh"));
     qemu.arg("--socket")
         .arg(&socket)
@@ -124,22 +254,30 @@ fn main() {
     forward(qemu.child.stdout.take().unwrap(), console_tx);
 
     let pids = [worker.pid(), broker.pid()];
-    let (mut start, mut end) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while end.is_none() && Instant::now() < deadline {
+    let mut samples: Vec<(Option<Sample>, Option<Sample>)> = vec![(None, None); PHASES.len()];
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while samples.last().is_some_and(|s| s.1.is_none()) && Instant::now() < deadline {
         match console_rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(line) if line.contains("@@E2E bench-start") => start = Some(sample(pids)),
-            Ok(line) if line.contains("@@E2E bench-end") => end = Some(sample(pids)),
             Ok(line) if line.contains("@@E2E status") && !line.ends_with(" 0") => {
                 panic!("the guest failed: {line}")
             }
+            Ok(line) => {
+                let marker = |what: &str| {
+                    line.split(what)
+                        .nth(1)
+                        .and_then(|rest| rest.trim().parse::<usize>().ok())
+                        .filter(|&i| i < PHASES.len())
+                };
+                if let Some(i) = marker("@@E2E bench-start") {
+                    samples[i].0 = Some(sample(pids));
+                } else if let Some(i) = marker("@@E2E bench-end") {
+                    samples[i].1 = Some(sample(pids));
+                }
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            _ => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
-    let (Some(start), Some(end)) = (start, end) else {
-        panic!("the guest did not play (no start/end markers within the timeout)");
-    };
     let _ = qemu.child.wait();
     std::thread::sleep(Duration::from_millis(500));
     let latency: Vec<String> = log_rx
@@ -147,23 +285,23 @@ fn main() {
         .filter(|l| l.contains("tx buffers"))
         .collect();
 
-    let wall = (end.at - start.at).as_secs_f64();
-    println!("guest played {SECONDS} s of 48 kHz S16 stereo (10 ms periods) in {wall:.2} s");
-    println!(
-        "{:>8} {:>24} {:>16}",
-        "process", "CPU s per audio s", "wake-ups per s"
-    );
-    for (i, name) in ["worker", "broker"].iter().enumerate() {
-        let cpu = (end.cpu[i] - start.cpu[i]).as_secs_f64();
-        let wakeups = (end.switches[i] - start.switches[i]) as f64 / wall;
-        println!(
-            "{name:>8} {:>24.4} {:>16.0}",
-            cpu / f64::from(SECONDS),
-            wakeups
-        );
-    }
-    for line in latency {
-        let figures = line.split("] ").nth(1).unwrap_or(&line);
-        println!("worker latency: {figures}");
+    // The native reference, in the same daemon, once the guest is done.
+    let references: Vec<(f64, f64)> = PHASES
+        .iter()
+        .map(|phase| pw_play_reference(&pw, dir.path(), phase.seconds, phase.period_frames))
+        .collect();
+
+    for (i, phase) in PHASES.iter().enumerate() {
+        let (Some(start), Some(end)) = &samples[i] else {
+            panic!(
+                "the guest did not play {} (no markers in time)",
+                phase.label
+            );
+        };
+        print_phase(phase, start, end, references[i]);
+        if let Some(line) = latency.get(i) {
+            let figures = line.split("] ").nth(1).unwrap_or(line);
+            println!("worker latency: {figures}");
+        }
     }
 }

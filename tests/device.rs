@@ -1000,3 +1000,103 @@ fn a_guest_reset_finds_a_fresh_device() {
     assert!(done.iter().all(|c| c.status == 0x8000), "{done:?}");
     assert!(rig.worker.is_running());
 }
+
+/// A guest that keeps its whole buffer queued (4 periods, as ALSA does) is not asked to kick
+/// while its stream runs: the worker takes each new buffer on the wake-up that completes an
+/// older one. The playback stays bit-exact; with EVENT_IDX (avail_event left behind) and
+/// without (the used ring's NO_NOTIFY flag).
+#[test]
+fn a_guest_keeping_its_buffer_queued_is_not_asked_to_kick_while_it_plays() {
+    for event_idx in [true, false] {
+        let opts = FrontendOptions {
+            event_idx,
+            driver_kicks: true,
+            ..FrontendOptions::default()
+        };
+        let mut rig = Rig::start(Some(WAV_CONFIG), opts);
+        assert_eq!(rig.vm.event_idx(), event_idx);
+        let params = Params::s16_48k(0);
+        prepare(&mut rig.vm, &params);
+        let periods = 40;
+        let data = pattern(params.period_bytes as usize * periods, 9);
+        let (_, done) = play(&mut rig.vm, &params, &data);
+        assert_eq!(done.len(), periods);
+        assert!(done.iter().all(|c| c.status == 0x8000), "{done:?}");
+        let (kicks, skipped) = rig.vm.kick_counts(p::TX_QUEUE);
+        assert_eq!(kicks + skipped, periods as u64);
+        // The 4 buffers queued before START kick (nothing runs yet); of the 36 queued while
+        // it runs, nearly none may.
+        assert!(
+            skipped >= 30,
+            "event_idx {event_idx}: {kicks} kicks, {skipped} left out of {periods} buffers"
+        );
+        assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+        assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+        assert!(wav_s16_bytes(&rig.path("played-1.wav")) == data);
+    }
+}
+
+/// A guest with only 2 periods queued has too little ahead of the next completion to wait for
+/// it: it is asked to kick for every buffer it queues while the stream runs.
+#[test]
+fn a_guest_with_two_periods_queued_is_asked_to_kick_for_every_buffer() {
+    let opts = FrontendOptions {
+        event_idx: true,
+        driver_kicks: true,
+        ..FrontendOptions::default()
+    };
+    let mut rig = Rig::start(Some(WAV_CONFIG), opts);
+    let params = Params {
+        periods: 2,
+        ..Params::s16_48k(0)
+    };
+    prepare(&mut rig.vm, &params);
+    let data = pattern(params.period_bytes as usize * 20, 10);
+    let (_, done) = play(&mut rig.vm, &params, &data);
+    assert!(done.iter().all(|c| c.status == 0x8000), "{done:?}");
+    // A kick may be left out only for a buffer published before the device served the
+    // previous kick (it reads both then): at most the one queued right before START.
+    let (kicks, skipped) = rig.vm.kick_counts(p::TX_QUEUE);
+    assert!(
+        skipped <= 1,
+        "{kicks} kicks, {skipped} left out of 20 buffers"
+    );
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    assert!(wav_s16_bytes(&rig.path("played-1.wav")) == data);
+}
+
+/// Capture the same way: 4 rx buffers queued, re-queued as they complete, are taken without
+/// kicks while the stream runs, and the capture is the source, bit-exact. After STOP the
+/// guest is asked to kick again (a buffer queued then is answered at once, not on a wake-up
+/// that no longer comes).
+#[test]
+fn a_guest_keeping_its_capture_buffers_queued_is_not_asked_to_kick() {
+    let opts = FrontendOptions {
+        event_idx: true,
+        driver_kicks: true,
+        ..FrontendOptions::default()
+    };
+    let mut rig = Rig::start(Some(WAV_CONFIG), opts);
+    let params = Params::s16_48k(1);
+    let periods = 40;
+    let source = pattern(params.period_bytes as usize * periods, 11);
+    write_wav_s16(&rig.path("source.wav"), 2, 48000, &source);
+    prepare(&mut rig.vm, &params);
+    let (_, done) = record(&mut rig.vm, &params, periods);
+    assert!(done.iter().all(|c| c.status == 0x8000), "{done:?}");
+    let captured: Vec<u8> = done.iter().flat_map(|c| c.data.iter().copied()).collect();
+    assert!(captured == source, "captured bytes differ from the source");
+    let (kicks, skipped) = rig.vm.kick_counts(p::RX_QUEUE);
+    assert!(skipped >= 30, "{kicks} kicks, {skipped} left out");
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
+    // Stopped: a new buffer must kick, and is completed by RELEASE.
+    rx_submit(&mut rig.vm, 1, params.period_bytes);
+    assert_eq!(
+        rig.vm.kick_counts(p::RX_QUEUE).0,
+        kicks + 1,
+        "no kick asked after STOP"
+    );
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
+    assert!(rig.vm.wait_used(p::RX_QUEUE, WAIT).is_some());
+}

@@ -28,6 +28,10 @@ const OFF_WRITE_POS: usize = 64;
 const OFF_READ_POS: usize = 128;
 /// Frames buffered in the backend after leaving (playback) or before entering (capture) the ring.
 const OFF_BACKEND_DELAY: usize = 192;
+/// The broker's position at which the worker wants to be woken (its `used_event`): playback,
+/// the read position that completes its oldest buffer; capture, the write position that fills
+/// it. The broker wakes the worker once when its position reaches it, not on every cycle.
+const OFF_WAKE_AT: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
@@ -197,6 +201,22 @@ impl SharedRing {
 
     pub fn set_backend_delay(&self, frames: u64) {
         let _ = self.store(OFF_BACKEND_DELAY, frames);
+    }
+
+    /// The worker asks to be woken once the broker's position reaches `pos` (`u64::MAX`:
+    /// not at all). The fence pairs with [`SharedRing::wake_at`]'s: after it the worker reads
+    /// the broker's position, so either it sees the position already there or the broker
+    /// sees the new request (no wake-up is lost between the two).
+    pub fn set_wake_at(&self, pos: u64) {
+        let _ = self.store(OFF_WAKE_AT, pos);
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// Where the worker wants to be woken (a hint from the peer: any value is safe). Called by
+    /// the broker after it published its own position.
+    pub fn wake_at(&self) -> u64 {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.load(OFF_WAKE_AT).unwrap_or(0)
     }
 }
 
@@ -534,6 +554,15 @@ mod tests {
         assert_eq!(rx.available().unwrap(), 8);
         tx.ring.store(OFF_WRITE_POS, 7).unwrap();
         assert!(rx.available().is_err());
+    }
+
+    #[test]
+    fn wake_at_is_shared_and_starts_at_zero() {
+        let (tx, rx) = pair(16);
+        // A fresh ring asks to be woken at once (a worker that set nothing yet still hears).
+        assert_eq!(rx.ring().wake_at(), 0);
+        tx.ring().set_wake_at(1234);
+        assert_eq!(rx.ring().wake_at(), 1234);
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub struct SoundDevice {
     config_warned: AtomicBool,
     /// (jack, stream): the jacks that follow a stream's host end (`follows` in the config).
     jack_followers: Vec<(u32, u32)>,
+    /// Per queue: the guest was last left not to kick it ([`SoundDevice::wants_kicks`]); the
+    /// device reads it after every event instead.
+    kicks_suppressed: [bool; p::NUM_QUEUES],
 }
 
 impl SoundDevice {
@@ -149,6 +152,7 @@ impl SoundDevice {
                 EventFlag::NONBLOCK | EventFlag::CLOEXEC,
             )?)),
             config_warned: AtomicBool::new(false),
+            kicks_suppressed: [false; p::NUM_QUEUES],
         })
     }
 
@@ -175,9 +179,7 @@ impl SoundDevice {
             return;
         };
         loop {
-            if self.event_idx {
-                let _ = vring.disable_notification();
-            }
+            let _ = vring.disable_notification();
             let guard = mem.memory();
             let chains: Vec<_> = {
                 let mut state = vring.get_mut();
@@ -222,7 +224,11 @@ impl SoundDevice {
                     }
                 }
             }
-            if !self.event_idx {
+            // Kicks stay off while every stream of the queue holds enough buffers: the
+            // wake-up for the next completion reads the queue instead (`handle_event`).
+            let suppress = !self.wants_kicks(queue);
+            self.kicks_suppressed[queue as usize] = suppress;
+            if suppress {
                 break;
             }
             match vring.enable_notification() {
@@ -230,6 +236,31 @@ impl SoundDevice {
                 _ => break,
             }
         }
+    }
+
+    /// Whether the guest must kick `queue` for new buffers. Only the tx and rx queues do
+    /// without, and only while at least one stream of the direction runs and every prepared
+    /// one holds enough ([`Stream::holds_enough`]): each of those has a completion coming,
+    /// whose wake-up reads the queue. Any other prepared stream (not started, stopped, on the
+    /// local clock, short of buffers) needs them.
+    fn wants_kicks(&self, queue: u16) -> bool {
+        let output = match queue {
+            p::TX_QUEUE => true,
+            p::RX_QUEUE => false,
+            _ => return true,
+        };
+        let mut holding = false;
+        for stream in self
+            .streams
+            .iter()
+            .filter(|s| s.output() == output && s.pcm.state().accepts_io())
+        {
+            if !stream.holds_enough() {
+                return true;
+            }
+            holding = true;
+        }
+        !holding
     }
 
     fn handle_control(&mut self, mem: &GuestMemory, chain: Chain, done: &mut Completer) {
@@ -273,6 +304,9 @@ impl SoundDevice {
         done.used(p::CONTROL_QUEUE, chain.head, response.len() as u32);
     }
 }
+
+/// What serves one chain of a queue.
+type XferHandler = fn(&mut SoundDevice, &GuestMemory, Chain, &mut Completer);
 
 /// A tx or rx request that passed the checks common to both, ready to be held.
 struct CheckedXfer {
@@ -703,6 +737,7 @@ impl SoundDevice {
             held.abandon();
         }
         self.pending_events.clear();
+        self.kicks_suppressed = [false; p::NUM_QUEUES];
         self.ledger.reset();
         self.local_timer.arm(None);
     }
@@ -823,6 +858,18 @@ impl VhostUserBackendMut for SoundDevice {
         }
         self.handle_broker_messages(&mut done);
         self.settle();
+        // A queue whose kicks are off is read after every event (a completion's wake-up
+        // above all), and gets its kicks back once a stream needs them.
+        if mem.is_some() {
+            for (queue, handler) in [
+                (p::TX_QUEUE, Self::handle_tx as XferHandler),
+                (p::RX_QUEUE, Self::handle_rx as XferHandler),
+            ] {
+                if self.kicks_suppressed[queue as usize] {
+                    self.process_queue(queue, vrings, &mut done, handler);
+                }
+            }
+        }
         if let Some(mem) = mem {
             self.deliver_events(mem, &mut done);
             done.complete_orphans(mem);

@@ -25,6 +25,14 @@ use vsound_shared::ipc::{BrokerMsg, WorkerMsg};
 use vsound_shared::ratelimit::LogLimiter;
 use vsound_shared::ring::{check_wakeup_fd, Consumer, Producer, SharedRing};
 
+/// Most pump rounds per wake-up (see [`Stream::pump`]).
+const MAX_PUMP_ROUNDS: usize = 64;
+/// How much a running stream must hold beyond its next completion to do without the guest's
+/// kicks (see [`Stream::holds_enough`]): periods, and a floor in microseconds (the worker's
+/// wake-up and a quantum of the backend must fit in it).
+const KICKLESS_PERIODS: u64 = 2;
+const KICKLESS_FLOOR_US: u64 = 10_000;
+
 /// A tx message held until the backend has played it.
 pub(crate) struct TxBuf {
     pub(crate) held: Held,
@@ -373,8 +381,86 @@ impl Stream {
     /// Moves the stream's data: completes what was played or captured, queues what fits.
     /// An error is a broker breaking the ring protocol.
     pub(crate) fn pump(&mut self, mem: &GuestMemory, done: &mut Completer) -> Result<(), String> {
-        self.pump_tx(mem, done)?;
-        self.pump_rx(mem, done)
+        // Each round that finds its wake-up point already passed completes a buffer: bounded
+        // by the buffers held, and by this cap against a broker racing ahead.
+        for _ in 0..MAX_PUMP_ROUNDS {
+            self.pump_tx(mem, done)?;
+            self.pump_rx(mem, done)?;
+            if !self.ask_for_wakeup()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the broker where to wake us next: when its position completes the oldest held
+    /// buffer (tx: consumes its last byte; rx: writes enough to fill it), or never while none
+    /// is held (a new one arrives with the guest's kick). Returns whether the broker is
+    /// already there (then there is more to do now: the request may have come too late).
+    fn ask_for_wakeup(&mut self) -> Result<bool, String> {
+        let Some(Transport::Ring { end, .. }) = &mut self.transport else {
+            return Ok(false);
+        };
+        match end {
+            RingEnd::Playback(producer) => {
+                let target = self.tx.front().and_then(|b| b.ring_end).unwrap_or(u64::MAX);
+                producer.ring().set_wake_at(target);
+                Ok(producer.read_pos().map_err(|e| e.to_string())? >= target)
+            }
+            RingEnd::Capture(consumer) => {
+                let target = self.rx.front().map_or(u64::MAX, |b| {
+                    consumer.read_pos().saturating_add(b.payload_len - b.filled)
+                });
+                consumer.ring().set_wake_at(target);
+                Ok(consumer.write_pos().map_err(|e| e.to_string())? >= target)
+            }
+        }
+    }
+
+    /// Whether the stream holds enough guest buffers that it needs no kick for new ones: it
+    /// runs at the broker, a completion (and with it a wake-up, on which the queue is read)
+    /// is coming, and beyond the buffer that completes next it holds at least
+    /// [`KICKLESS_PERIODS`] periods and [`KICKLESS_FLOOR_US`]. A guest that keeps its buffer
+    /// full (ALSA's default: all periods queued) then never kicks while it plays, and the
+    /// worker wakes once per period, for its completion.
+    pub(crate) fn holds_enough(&self) -> bool {
+        let (Some(params), Some(Transport::Ring { end, .. })) = (self.prepared, &self.transport)
+        else {
+            return false;
+        };
+        if !self.running() {
+            return false;
+        }
+        let floor_bytes =
+            u64::from(params.frame_bytes()) * u64::from(params.rate_hz()) * KICKLESS_FLOOR_US
+                / 1_000_000;
+        let floor = (u64::from(params.period_bytes) * KICKLESS_PERIODS).max(floor_bytes);
+        let beyond_next = match end {
+            RingEnd::Playback(producer) => {
+                let Some(next_end) = self.tx.front().and_then(|b| b.ring_end) else {
+                    return false;
+                };
+                let queued = producer.write_pos().saturating_sub(next_end);
+                let waiting: u64 = self
+                    .tx
+                    .iter()
+                    .filter(|b| b.ring_end.is_none())
+                    .map(TxBuf::payload_len)
+                    .sum();
+                queued + waiting
+            }
+            RingEnd::Capture(_) => {
+                if self.rx.is_empty() {
+                    return false;
+                }
+                self.rx
+                    .iter()
+                    .skip(1)
+                    .map(|b| b.payload_len - b.filled)
+                    .sum()
+            }
+        };
+        beyond_next >= floor
     }
 
     /// Completes played tx buffers and queues the next ones (into the ring while it has room).
@@ -846,6 +932,54 @@ mod tests {
         assert_eq!(broker.available().unwrap(), 3 * u64::from(PERIOD));
         assert_eq!(broker.pop(&mut out).unwrap(), PERIOD as usize);
         assert!(out.iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn the_broker_is_asked_to_wake_the_worker_when_the_oldest_buffer_completes() {
+        let mut rig = Rig::new();
+        let mut stream = running_stream();
+        let (mut broker, _wake) = attach_ring(&mut stream, 3);
+        let period = u64::from(PERIOD);
+        assert_eq!(
+            broker.ring().wake_at(),
+            0,
+            "nothing asked before any buffer"
+        );
+        for head in 0..4 {
+            queue_tx(&mut rig, &mut stream, head);
+        }
+        pump(&mut rig, &mut stream);
+        assert_eq!(broker.ring().wake_at(), period, "at buffer 0's last byte");
+        // Beyond buffer 0: two periods in the ring and one in guest memory.
+        assert!(stream.holds_enough());
+        let mut out = vec![0u8; PERIOD as usize];
+        broker.pop(&mut out).unwrap();
+        pump(&mut rig, &mut stream);
+        assert_eq!(rig.used(p::TX_QUEUE), [(0, 8)]);
+        assert_eq!(
+            broker.ring().wake_at(),
+            2 * period,
+            "at buffer 1's last byte"
+        );
+        // Buffers 1 to 3 held: two periods beyond the next completion.
+        assert!(stream.holds_enough());
+        broker.pop(&mut out).unwrap();
+        pump(&mut rig, &mut stream);
+        assert!(
+            !stream.holds_enough(),
+            "one period beyond the next completion"
+        );
+        for _ in 0..2 {
+            broker.pop(&mut out).unwrap();
+        }
+        pump(&mut rig, &mut stream);
+        assert_eq!(rig.used(p::TX_QUEUE).len(), 4);
+        assert_eq!(
+            broker.ring().wake_at(),
+            u64::MAX,
+            "nothing held, nothing to wake for"
+        );
+        assert!(!stream.holds_enough());
     }
 
     #[test]

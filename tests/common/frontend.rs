@@ -89,6 +89,10 @@ pub struct FrontendOptions {
     /// `VHOST_USER_F_PROTOCOL_FEATURES` and, if requested, `EVENT_IDX` and `INDIRECT_DESC`).
     /// Default 0.
     pub extra_features: u64,
+    /// Kick only when the device asks for it, as Linux's `virtqueue_kick_prepare` decides
+    /// (EVENT_IDX: the new buffers crossed avail_event; otherwise the used ring's NO_NOTIFY
+    /// flag is clear), instead of after every submission. Default false.
+    pub driver_kicks: bool,
 }
 
 impl Default for FrontendOptions {
@@ -100,6 +104,7 @@ impl Default for FrontendOptions {
             indirect_desc: false,
             mem_size: 16 << 20,
             extra_features: 0,
+            driver_kicks: false,
         }
     }
 }
@@ -151,6 +156,11 @@ struct Queue {
     call: EventFd,
     kick: EventFd,
     notifications: u64,
+    /// Avail index at the last kick decision, and the kicks made and left out
+    /// ([`FrontendOptions::driver_kicks`]).
+    kick_decided_at: Wrapping<u16>,
+    kicks: u64,
+    kicks_skipped: u64,
     /// Used index up to which the device announced its used elements: read after a call
     /// notification, or (EVENT_IDX) after moving used_event, when whatever is published
     /// already may have been published against the old used_event and owes no call.
@@ -173,8 +183,14 @@ impl Queue {
     fn used_event_addr(&self) -> GuestAddress {
         GuestAddress(self.avail_addr + 4 + 2 * u64::from(self.size))
     }
+    fn used_flags_addr(&self) -> GuestAddress {
+        GuestAddress(self.used_addr)
+    }
     fn used_idx_addr(&self) -> GuestAddress {
         GuestAddress(self.used_addr + 2)
+    }
+    fn avail_event_addr(&self) -> GuestAddress {
+        GuestAddress(self.used_addr + 4 + 8 * u64::from(self.size))
     }
     fn used_elem_addr(&self, slot: u16) -> GuestAddress {
         GuestAddress(self.used_addr + 4 + 8 * u64::from(slot % self.size))
@@ -352,6 +368,8 @@ pub struct GuestVm {
     offered_protocol_features: VhostUserProtocolFeatures,
     negotiated_protocol_features: VhostUserProtocolFeatures,
     event_idx: bool,
+    /// [`FrontendOptions::driver_kicks`].
+    driver_kicks: bool,
 }
 
 impl GuestVm {
@@ -477,6 +495,9 @@ impl GuestVm {
                 call: new_eventfd()?,
                 kick: new_eventfd()?,
                 notifications: 0,
+                kick_decided_at: Wrapping(0),
+                kicks: 0,
+                kicks_skipped: 0,
                 announced: Wrapping(0),
                 polling: false,
             };
@@ -529,6 +550,7 @@ impl GuestVm {
             offered_protocol_features,
             negotiated_protocol_features,
             event_idx: negotiated_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            driver_kicks: opts.driver_kicks,
         })
     }
 
@@ -557,6 +579,7 @@ impl GuestVm {
             q.republished = vec![0; usize::from(q.size)];
             q.in_flight = 0;
             q.next_avail = Wrapping(0);
+            q.kick_decided_at = Wrapping(0);
             q.last_used = Wrapping(0);
             q.announced = Wrapping(0);
             // The new driver's avail flags and used_event are zero: interrupts wanted.
@@ -663,8 +686,58 @@ impl GuestVm {
     /// Lays out one descriptor chain (see [`GuestVm::submit_no_kick`]) and kicks the queue.
     pub fn submit(&mut self, queue: u16, readable: &[&[u8]], writable_lens: &[u32]) -> u16 {
         let head = self.submit_no_kick(queue, readable, writable_lens);
-        self.kick(queue);
+        self.kick_after_submit(queue);
         head
+    }
+
+    /// The kick after a submission: always, or as a driver decides
+    /// ([`FrontendOptions::driver_kicks`]).
+    fn kick_after_submit(&mut self, queue: u16) {
+        if self.driver_kicks {
+            self.kick_if_asked(queue);
+        } else {
+            self.kick(queue);
+        }
+    }
+
+    /// Kicks the queue if the device asks for it for the buffers published since the last
+    /// decision, as Linux's `virtqueue_kick_prepare`: with EVENT_IDX when they crossed the
+    /// device's avail_event (`vring_need_event`), otherwise when the used ring's NO_NOTIFY
+    /// flag is clear. Returns whether it kicked.
+    pub fn kick_if_asked(&mut self, queue: u16) -> bool {
+        // The publication's full barrier orders the new avail index before these loads.
+        fence(Ordering::SeqCst);
+        let event_idx = self.event_idx;
+        let q = &mut self.queues[queue as usize];
+        let (old, new) = (q.kick_decided_at, q.next_avail);
+        q.kick_decided_at = new;
+        let asked = if event_idx {
+            let event: u16 = self
+                .mem
+                .load(q.avail_event_addr(), Ordering::Acquire)
+                .expect("read avail_event");
+            let event = Wrapping(u16::from_le(event));
+            (new - event - Wrapping(1)).0 < (new - old).0
+        } else {
+            let flags: u16 = self
+                .mem
+                .load(q.used_flags_addr(), Ordering::Acquire)
+                .expect("read used flags");
+            u16::from_le(flags) & 1 == 0
+        };
+        if asked {
+            q.kicks += 1;
+            self.kick(queue);
+        } else {
+            q.kicks_skipped += 1;
+        }
+        asked
+    }
+
+    /// Kicks made and left out on `queue` ([`FrontendOptions::driver_kicks`]).
+    pub fn kick_counts(&self, queue: u16) -> (u64, u64) {
+        let q = self.queue(queue);
+        (q.kicks, q.kicks_skipped)
     }
 
     /// Lays out one descriptor chain: each readable buffer is copied into guest memory as a
@@ -691,7 +764,7 @@ impl GuestVm {
         writable_lens: &[u32],
     ) -> u16 {
         let head = self.submit_indirect_no_kick(queue, readable, writable_lens);
-        self.kick(queue);
+        self.kick_after_submit(queue);
         head
     }
 

@@ -409,7 +409,7 @@ impl BackendStream for AlsaStream {
         }
         let short = self.transfer()?;
         let xrun = self.xrun.update(short);
-        self.port.notify_worker();
+        self.port.moved();
         Ok(Wake { xrun, gain: None })
     }
 }

@@ -166,7 +166,7 @@ impl BackendStream for ClockedStream {
             return Ok(Wake::default());
         }
         let xrun = self.advance()?;
-        self.port.notify_worker();
+        self.port.moved();
         Ok(Wake { xrun, gain: None })
     }
 }

@@ -67,6 +67,8 @@ pub struct RingPort {
     pub ring: StreamRing,
     notify: WakeSender,
     pub gain: Arc<gain::GainCell>,
+    /// The worker's last wake-up request that was answered (see [`RingPort::moved`]).
+    woken_for: Option<u64>,
 }
 
 impl RingPort {
@@ -75,6 +77,7 @@ impl RingPort {
             ring,
             notify,
             gain: Arc::default(),
+            woken_for: None,
         }
     }
 
@@ -83,10 +86,20 @@ impl RingPort {
         RingPort { gain, ..self }
     }
 
-    /// Tells the worker the ring moved: never blocks whatever the worker did to its end, and
-    /// makes no allocation, so it is safe on a real-time thread.
-    pub fn notify_worker(&self) {
-        self.notify.wake();
+    /// The backend moved the ring: wakes the worker if its position reached the one the
+    /// worker asked for ([`SharedRing::wake_at`]), once per request, so a worker is woken when
+    /// a buffer of its completes, not on every cycle. Never blocks whatever the worker did to
+    /// its end or its request, and makes no allocation, so it is safe on a real-time thread.
+    pub fn moved(&mut self) {
+        let position = match &self.ring {
+            StreamRing::Playback(consumer) => consumer.read_pos(),
+            StreamRing::Capture(producer) => producer.write_pos(),
+        };
+        let wanted = self.ring.shared().wake_at();
+        if position >= wanted && self.woken_for != Some(wanted) {
+            self.woken_for = Some(wanted);
+            self.notify.wake();
+        }
     }
 }
 
@@ -301,5 +314,102 @@ mod xrun_tests {
         let ticks = [false, true, true, false, true, false, false];
         let reported: Vec<bool> = ticks.iter().map(|&short| edge.update(short)).collect();
         assert_eq!(reported, [false, true, false, false, true, false, false]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::{AsFd, OwnedFd};
+    use vsound_shared::ring::drain_wakeups;
+
+    /// Whether a wake-up waits on the worker's end; reads it if so.
+    fn woken(worker_end: &OwnedFd) -> bool {
+        let mut fds = [PollFd::new(worker_end.as_fd(), PollFlags::POLLIN)];
+        let ready = poll(&mut fds, PollTimeout::ZERO).unwrap() > 0;
+        drain_wakeups(worker_end.as_fd());
+        ready
+    }
+
+    fn rings(capacity: u64) -> (SharedRing, SharedRing) {
+        let (ring, fd) = SharedRing::create(capacity).unwrap();
+        (ring, SharedRing::open(fd, capacity).unwrap())
+    }
+
+    #[test]
+    fn a_playback_worker_is_woken_once_when_its_buffer_is_consumed() {
+        let (broker_ring, worker_ring) = rings(64);
+        let mut worker = Producer::new(worker_ring);
+        let (sender, worker_end) = WakeSender::pair().unwrap();
+        let mut port = RingPort::new(StreamRing::Playback(Consumer::new(broker_ring)), sender);
+        let consume = |port: &mut RingPort, n: usize| {
+            let StreamRing::Playback(consumer) = &mut port.ring else {
+                unreachable!()
+            };
+            assert_eq!(consumer.pop(&mut vec![0; n]).unwrap(), n);
+            port.moved();
+        };
+        assert!(worker.push(&[1; 48]).unwrap());
+        worker.ring().set_wake_at(16);
+        consume(&mut port, 8);
+        assert!(!woken(&worker_end), "woken before its buffer was consumed");
+        consume(&mut port, 8);
+        assert!(woken(&worker_end), "not woken when its buffer was consumed");
+        consume(&mut port, 8);
+        assert!(!woken(&worker_end), "woken twice for one request");
+        worker.ring().set_wake_at(40);
+        consume(&mut port, 8);
+        assert!(!woken(&worker_end));
+        // Past the request in one move.
+        consume(&mut port, 16);
+        assert!(woken(&worker_end));
+        // A worker that holds nothing asks for nothing.
+        worker.ring().set_wake_at(u64::MAX);
+        assert!(worker.push(&[1; 16]).unwrap());
+        consume(&mut port, 8);
+        assert!(!woken(&worker_end));
+    }
+
+    #[test]
+    fn a_capture_worker_is_woken_once_its_buffer_can_be_filled() {
+        let (broker_ring, worker_ring) = rings(64);
+        let worker = Consumer::new(worker_ring);
+        let (sender, worker_end) = WakeSender::pair().unwrap();
+        let mut port = RingPort::new(StreamRing::Capture(Producer::new(broker_ring)), sender);
+        let produce = |port: &mut RingPort, n: usize| {
+            let StreamRing::Capture(producer) = &mut port.ring else {
+                unreachable!()
+            };
+            assert!(producer.push(&vec![2; n]).unwrap());
+            port.moved();
+        };
+        worker.ring().set_wake_at(24);
+        produce(&mut port, 16);
+        assert!(
+            !woken(&worker_end),
+            "woken before its buffer could be filled"
+        );
+        produce(&mut port, 8);
+        assert!(woken(&worker_end));
+        produce(&mut port, 8);
+        assert!(!woken(&worker_end), "woken twice for one request");
+    }
+
+    #[test]
+    fn a_fresh_ring_wakes_its_worker_on_the_first_move() {
+        // Before a worker asked for anything (a ring handed over after a broker restart, say),
+        // its first move wakes it, so that it can ask.
+        let (broker_ring, worker_ring) = rings(64);
+        let mut worker = Producer::new(worker_ring);
+        let (sender, worker_end) = WakeSender::pair().unwrap();
+        let mut port = RingPort::new(StreamRing::Playback(Consumer::new(broker_ring)), sender);
+        assert!(worker.push(&[1; 8]).unwrap());
+        let StreamRing::Playback(consumer) = &mut port.ring else {
+            unreachable!()
+        };
+        consumer.pop(&mut [0; 8]).unwrap();
+        port.moved();
+        assert!(woken(&worker_end));
     }
 }

@@ -368,7 +368,7 @@ impl RtState {
             Ok(short) => self.xrun_edge(short),
             Err(e) => self.violated(e),
         }
-        self.port.notify_worker();
+        self.port.moved();
     }
 
     fn process_playback(&mut self, stream: &pw::stream::Stream) {
@@ -423,7 +423,7 @@ impl RtState {
             self.xrun_edge(filled < frames * stride);
             self.publish_delay(stream);
             if filled > 0 {
-                self.port.notify_worker();
+                self.port.moved();
             }
         }
     }
@@ -462,7 +462,7 @@ impl RtState {
         self.count_cycle((size / stride) as u64);
         self.xrun_edge(short);
         self.publish_delay(stream);
-        self.port.notify_worker();
+        self.port.moved();
     }
 }
 
@@ -550,6 +550,9 @@ const RECONNECT_TICKS: u32 = 100;
 /// How often, while a stream runs, the watchdog looks at its progress (and, while PipeWire
 /// runs none of its cycles, moves its silence).
 const WATCH_TICK: Duration = Duration::from_millis(5);
+/// The shortest wait the watchdog sets (a stream a hair short of its limit is looked at once
+/// more, not spun on).
+const WATCH_MIN_WAIT: Duration = Duration::from_millis(1);
 
 /// How long a running stream may go without a cycle before it plays into silence: as long as
 /// the guest can wait for a completion, less a margin. The guest's ALSA fails the stream (EIO)
@@ -1217,17 +1220,17 @@ fn run_loop(
         let session = session.clone();
         let watch_timer = watch_timer.clone();
         mainloop.loop_().add_timer(move |_expirations| {
-            if watch(&mut session.borrow_mut()) {
-                if let Some(timer) = watch_timer.borrow().as_ref() {
-                    let _ = timer.update_timer(None, None);
-                }
+            let next = watch(&mut session.borrow_mut());
+            if let Some(timer) = watch_timer.borrow().as_ref() {
+                // One-shot: `watch` says when it must look again.
+                let _ = timer.update_timer(next, None);
             }
         })
     };
     *watch_timer.borrow_mut() = Some(timer);
     let arm_watch = move || {
         if let Some(timer) = watch_timer.borrow().as_ref() {
-            let _ = timer.update_timer(Some(WATCH_TICK), Some(WATCH_TICK));
+            let _ = timer.update_timer(Some(WATCH_TICK), None);
         }
     };
     let table = session.clone();
@@ -1395,11 +1398,15 @@ impl Entry {
 
 /// The watchdog timer: runs while a stream runs. Puts a running stream PipeWire runs no cycle
 /// of into silence (see [`stall_limit`]), moves that silence, and hands the stream back once
-/// PipeWire runs it again. Returns whether no stream runs (then the timer disarms).
-fn watch(session: &mut Session) -> bool {
+/// PipeWire runs it again. Returns when it must look again: at the earliest moment a stream
+/// that PipeWire runs could reach its stall limit, or in a [`WATCH_TICK`] while one plays
+/// into silence; `None` once no stream runs (then the timer disarms). So while PipeWire runs
+/// every stream, the watchdog wakes the thread about once per stall limit, not every tick.
+fn watch(session: &mut Session) -> Option<Duration> {
     let now_ns = monotonic_ns();
     let now = std::time::Instant::now();
     let mut any_running = false;
+    let mut next = Duration::MAX;
     for (&key, entry) in session.entries.iter_mut() {
         let shared = entry.shared.clone();
         if !shared.running.load(Ordering::Acquire) {
@@ -1417,6 +1424,8 @@ fn watch(session: &mut Session) -> bool {
                     );
                 }
                 entry.fallback = None;
+                // Looked at again within a tick, from its new last cycle.
+                next = next.min(WATCH_TICK);
                 continue;
             }
             Some(_) => {}
@@ -1427,6 +1436,7 @@ fn watch(session: &mut Session) -> bool {
                     .max(shared.started_ns.load(Ordering::Acquire));
                 let stalled = Duration::from_nanos(now_ns.saturating_sub(last));
                 if stalled < entry.stall_limit {
+                    next = next.min(entry.stall_limit - stalled);
                     continue;
                 }
                 if entry.log_limit.admit(now) {
@@ -1458,11 +1468,12 @@ fn watch(session: &mut Session) -> bool {
         if let Ok(mut rt) = entry.rt.lock() {
             rt.silence_tick(now_ns);
         }
+        next = next.min(WATCH_TICK);
     }
     for entry in session.entries.values_mut() {
         entry.log_limit.report_if_due(now);
     }
-    !any_running
+    any_running.then(|| next.max(WATCH_MIN_WAIT))
 }
 
 /// The tail timer: runs only while a stream plays out its tail. Deactivates stopped streams
