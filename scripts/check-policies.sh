@@ -712,6 +712,15 @@ EOF
     has "vmm1 connected" && pass "boot: a member of vsound connects to the worker socket" || fail "boot: the VMM's user cannot connect: $(line vmm1)"
     check_main up "$B" "started by its socket"
     check_main up "$W" "started by its socket"
+    # Real-time scheduling (SECURITY.md): the broker asks for its timer thread and logs what it
+    # got under the unit's LimitRTPRIO=; a host may still refuse (its RT group throttling, or a
+    # container without the capability to raise the limit), which the log must say.
+    rt=$(grep -m1 '^log .*broker: .*timer thread' "$OUT" | sed 's/^log \(\[[^]]*\] \)\{0,1\}//' || true)
+    case "$rt" in
+      *"runs at real-time priority 83"*) pass "boot: the broker's timer thread got real-time priority 83 (${rt})" ;;
+      *"refused for the timer thread"*) pass "boot: the broker asked for real-time priority and logged the refusal (${rt})" ;;
+      *) fail "boot: the broker logged no real-time request for its timer thread" ;;
+    esac
     # The broker sees the worker as its own uid (SO_PEERCRED, as the broker's user namespace
     # reports it): a namespace that maps only the broker's uid (PrivateUsers=) would show every
     # worker as nobody, and the per-uid limits and the VM names' binding would take all VMs for one.

@@ -433,6 +433,39 @@ fn short_periods(stream: u32) -> Params {
     }
 }
 
+/// What PipeWire's data thread got is logged once it ran a cycle: real-time if the broker may
+/// have it (RLIMIT_RTPRIO), normal priority with the limits otherwise.
+#[test]
+fn the_pipewire_data_threads_scheduling_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = PipeWire::start(dir.path());
+    let mut rig = LoggedRig::start(dir, pw);
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    let data = pattern(params.period_bytes as usize * 30, 5);
+    let (_, done) = play(&mut rig.vm, &params, &data);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    // The PipeWire thread logs it on its next watchdog look (within its stall limit).
+    std::thread::sleep(Duration::from_millis(200));
+    let log = rig.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("PipeWire's data thread runs at"))
+        .unwrap_or_else(|| panic!("the data thread's scheduling is not logged:\n{log}"));
+    println!("{line}");
+    let rtprio = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_RTPRIO)
+        .map_or(0, |(soft, _)| soft);
+    if rtprio == 0 {
+        // This broker has no capability and no RLIMIT_RTPRIO: module-rt cannot have it.
+        assert!(
+            line.contains("normal priority") && line.contains("RLIMIT_RTPRIO 0"),
+            "{line}"
+        );
+    }
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+}
+
 #[test]
 fn a_node_never_linked_plays_into_silence_on_time_and_says_why() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,3 +7,4 @@ pub mod admin;
 pub mod backends;
 pub mod broker;
 pub mod opener;
+pub mod realtime;

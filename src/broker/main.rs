@@ -159,6 +159,8 @@ fn run(args: Args, source: Source, activated_control: Option<RawFd>) -> Result<(
     }
     // Before the sandbox, which hides the user database.
     let pins = resolve_pins(&config);
+    // Before any thread asks for real-time priority.
+    vsound_broker::realtime::bound_realtime_cpu();
     let control = match (&args.control_socket, activated_control) {
         (Some(_), Some(_)) => {
             return Err("a control socket both by --control-socket and socket activation".into())

@@ -47,7 +47,7 @@ use virtio_snd::xfer::{Xfer, XferError};
 use vsound_config::{Config, VmName};
 use vsound_shared::guest_log;
 use vsound_shared::ipc::{BrokerMsg, WorkerMsg};
-use vsound_shared::ring::{drain_wakeups, Wakeups};
+use vsound_shared::ring::{take_wakeup, Wakeups};
 
 /// Events waiting for a free event-queue buffer; older ones are dropped past this.
 const MAX_PENDING_EVENTS: usize = 64;
@@ -547,7 +547,7 @@ impl SoundDevice {
                     {
                         // A closed end stays readable: stop watching it (a broker that went
                         // away is the link's to notice).
-                        if drain_wakeups(notify.as_fd()) == Wakeups::Closed {
+                        if take_wakeup(notify.as_fd()) == Wakeups::Closed {
                             log::debug!("stream {stream_id}: the broker closed its wake-ups");
                             let _ = self.epoll.delete(notify);
                         }

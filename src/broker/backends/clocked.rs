@@ -317,6 +317,7 @@ struct Running {
 
 impl TimerWorker {
     fn run(self) {
+        crate::realtime::promote_current_thread("timer thread (null, wav and ALSA streams)");
         // Allocated once: the loop below allocates nothing.
         let mut slots: Vec<Option<Running>> = (0..TIMER_SLOTS).map(|_| None).collect();
         let mut events = [EpollEvent::empty(); 64];

@@ -322,13 +322,13 @@ mod tests {
     use super::*;
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::{AsFd, OwnedFd};
-    use vsound_shared::ring::drain_wakeups;
+    use vsound_shared::ring::take_wakeup;
 
     /// Whether a wake-up waits on the worker's end; reads it if so.
     fn woken(worker_end: &OwnedFd) -> bool {
         let mut fds = [PollFd::new(worker_end.as_fd(), PollFlags::POLLIN)];
         let ready = poll(&mut fds, PollTimeout::ZERO).unwrap() > 0;
-        drain_wakeups(worker_end.as_fd());
+        take_wakeup(worker_end.as_fd());
         ready
     }
 

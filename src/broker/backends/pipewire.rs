@@ -281,6 +281,9 @@ impl RtState {
 
     /// A cycle of PipeWire's that accounts for `frames` of the stream.
     fn count_cycle(&mut self, frames: u64) {
+        if self.clock.frames == 0 {
+            crate::realtime::record_data_thread();
+        }
         self.sync_start();
         let now = monotonic_ns();
         self.clock.anchor_ns = now;
@@ -1403,6 +1406,7 @@ impl Entry {
 /// into silence; `None` once no stream runs (then the timer disarms). So while PipeWire runs
 /// every stream, the watchdog wakes the thread about once per stall limit, not every tick.
 fn watch(session: &mut Session) -> Option<Duration> {
+    crate::realtime::take_data_thread_report();
     let now_ns = monotonic_ns();
     let now = std::time::Instant::now();
     let mut any_running = false;
