@@ -2,9 +2,9 @@
 //! a private, headless PipeWire daemon, first 30 s at 10 ms periods, then 15 s at Android's
 //! 5.5 ms (264-frame) periods. For each it prints the host CPU seconds per audio second and
 //! the wake-ups per second (context switches of all threads, and per thread) of the worker and
-//! the broker, next to `pw-play` playing the same length at the same latency into the same
-//! daemon in the same run (the native client vsound is measured against), and the worker's
-//! latency figures.
+//! the broker, next to `pw-play` playing silence at the same latency at the same time into a
+//! daemon of its own (the native client vsound is measured against, under the same load), and
+//! the worker's latency figures.
 //!
 //! `cargo bench --bench guest` (needs what `cargo test --test e2e` needs). Under `cargo test`
 //! it only says so: a guest run is a measurement, not a test.
@@ -56,9 +56,9 @@ const PHASES: [Phase; 2] = [
     },
 ];
 
-/// Context switches of each thread of a process, by thread name and id:
-/// each voluntary one is a sleep, so a wake-up.
-fn switches_by_thread(pid: u32) -> BTreeMap<String, u64> {
+/// Context switches (each voluntary one is a sleep, so a wake-up) and CPU time of each thread
+/// of a process, by thread name and id.
+fn switches_by_thread(pid: u32) -> BTreeMap<String, (u64, Duration)> {
     let mut by_name = BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return by_name;
@@ -80,7 +80,22 @@ fn switches_by_thread(pid: u32) -> BTreeMap<String, u64> {
             .filter(|l| l.contains("ctxt_switches"))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum();
-        *by_name.entry(name).or_insert(0) += switches;
+        let cpu = std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                let fields: Vec<u64> = stat[stat.rfind(')')? + 2..]
+                    .split_whitespace()
+                    .map(|f| f.parse().unwrap_or(0))
+                    .collect();
+                // utime and stime, in clock ticks (fields 14 and 15 of the line).
+                Some(fields.get(11)? + fields.get(12)?)
+            })
+            .unwrap_or(0);
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as u64;
+        by_name.insert(name, (switches, Duration::from_millis(cpu * 1000 / hz)));
     }
     by_name
 }
@@ -89,7 +104,7 @@ fn switches_by_thread(pid: u32) -> BTreeMap<String, u64> {
 struct Sample {
     at: Instant,
     cpu: [Duration; 2],
-    threads: [BTreeMap<String, u64>; 2],
+    threads: [BTreeMap<String, (u64, Duration)>; 2],
 }
 
 fn sample(pids: [u32; 2]) -> Sample {
@@ -111,43 +126,56 @@ fn forward(out: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>) {
     });
 }
 
-/// CPU time and context switches of the waited-for children of this process so far.
-fn children_usage() -> (Duration, u64) {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let usage = getrusage(UsageWho::RUSAGE_CHILDREN).expect("getrusage");
-    let time = |t: nix::sys::time::TimeVal| {
-        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
-    };
-    (
-        time(usage.user_time()) + time(usage.system_time()),
-        (usage.voluntary_context_switches() + usage.involuntary_context_switches()) as u64,
-    )
+/// `pw-play` of silence during a phase, at the guest's period as its latency: the native client
+/// vsound is measured against, under the same load on the machine (the TCG guest keeps a CPU
+/// busy). It plays into a second private daemon of its own: in the guest's graph it would
+/// change how that graph wakes its clients (two clients: twice the broker's wake-ups). Sampled
+/// from 1 s after its start (its connection and link made) to the phase's end.
+struct Reference {
+    player: Proc,
+    spawned: Instant,
+    start: Option<(Instant, Duration, u64)>,
+    end: Option<(Instant, Duration, u64)>,
 }
 
-/// What one `pw-play` of `seconds` of silence costs at `latency_frames`: CPU seconds and
-/// context switches (all its threads), from its rusage once waited for.
-fn pw_play_cost(pw: &PipeWire, dir: &Path, seconds: u32, latency_frames: u32) -> (f64, u64) {
-    let wav = dir.join(format!("zeros-{seconds}.wav"));
-    write_wav_s16(&wav, 2, 48000, &vec![0u8; 48000 * 4 * seconds as usize]);
-    let latency = latency_frames.to_string();
-    let before = children_usage();
-    let mut player = pw.play_into_sink_with(&wav, &["--latency", &latency]);
-    let status = player.child.wait().expect("wait for pw-play");
-    assert!(status.success(), "pw-play failed: {status}");
-    let after = children_usage();
-    ((after.0 - before.0).as_secs_f64(), after.1 - before.1)
-}
+impl Reference {
+    fn start(pw: &PipeWire, dir: &Path, phase: &Phase) -> Reference {
+        let seconds = phase.seconds + 3;
+        let wav = dir.join(format!("zeros-{seconds}.wav"));
+        write_wav_s16(&wav, 2, 48000, &vec![0u8; 48000 * 4 * seconds as usize]);
+        let latency = phase.period_frames.to_string();
+        Reference {
+            player: pw.play_into_sink_with(&wav, &["--latency", &latency]),
+            spawned: Instant::now(),
+            start: None,
+            end: None,
+        }
+    }
 
-/// `pw-play`'s steady cost per audio second at `latency_frames`: a run of `seconds` + 1 less a
-/// run of 1 s, so that its start-up and exit are left out as the guest's boot is.
-fn pw_play_reference(pw: &PipeWire, dir: &Path, seconds: u32, latency_frames: u32) -> (f64, f64) {
-    let short = pw_play_cost(pw, dir, 1, latency_frames);
-    let long = pw_play_cost(pw, dir, seconds + 1, latency_frames);
-    let audio = f64::from(seconds);
-    (
-        (long.0 - short.0).max(0.0) / audio,
-        long.1.saturating_sub(short.1) as f64 / audio,
-    )
+    fn sample(&self) -> (Instant, Duration, u64) {
+        let pid = self.player.pid();
+        let switches = switches_by_thread(pid).values().map(|t| t.0).sum();
+        (Instant::now(), cpu_time(pid), switches)
+    }
+
+    /// Takes the start sample once the player has run for a second.
+    fn tick(&mut self) {
+        if self.start.is_none() && self.spawned.elapsed() >= Duration::from_secs(1) {
+            self.start = Some(self.sample());
+        }
+    }
+
+    /// CPU seconds per audio second and wake-ups per second.
+    fn figures(&self) -> (f64, f64) {
+        let (Some(start), Some(end)) = (self.start, self.end) else {
+            panic!("pw-play was not sampled (the phase was shorter than a second?)");
+        };
+        let wall = (end.0 - start.0).as_secs_f64();
+        (
+            (end.1 - start.1).as_secs_f64() / wall,
+            (end.2 - start.2) as f64 / wall,
+        )
+    }
 }
 
 fn print_phase(phase: &Phase, start: &Sample, end: &Sample, reference: (f64, f64)) {
@@ -166,12 +194,12 @@ fn print_phase(phase: &Phase, start: &Sample, end: &Sample, reference: (f64, f64
     let (ref_cpu, ref_wakeups) = reference;
     for (i, name) in ["worker", "broker"].iter().enumerate() {
         let cpu = (end.cpu[i] - start.cpu[i]).as_secs_f64() / audio;
-        let total: u64 = end.threads[i].values().sum::<u64>()
-            - start.threads[i]
-                .iter()
-                .filter(|(k, _)| end.threads[i].contains_key(*k))
-                .map(|(_, v)| v)
-                .sum::<u64>();
+        let total: u64 = end.threads[i]
+            .iter()
+            .map(|(thread, (n, _))| {
+                n.saturating_sub(start.threads[i].get(thread).map_or(0, |t| t.0))
+            })
+            .sum();
         let wakeups = total as f64 / wall;
         println!(
             "{name:>8} {cpu:>20.4} {:>12.2} {wakeups:>16.0} {:>18.2}",
@@ -188,12 +216,19 @@ fn print_phase(phase: &Phase, start: &Sample, end: &Sample, reference: (f64, f64
     for (i, name) in ["worker", "broker"].iter().enumerate() {
         let per_thread: Vec<String> = end.threads[i]
             .iter()
-            .map(|(thread, n)| {
-                let before = start.threads[i].get(thread).copied().unwrap_or(0);
-                format!("{thread} {:.0}", n.saturating_sub(before) as f64 / wall)
+            .map(|(thread, (n, cpu))| {
+                let (n0, cpu0) = start.threads[i].get(thread).copied().unwrap_or_default();
+                format!(
+                    "{thread} {:.0}/s {:.4}",
+                    n.saturating_sub(n0) as f64 / wall,
+                    cpu.saturating_sub(cpu0).as_secs_f64() / audio
+                )
             })
             .collect();
-        println!("{name} wake-ups per s by thread: {}", per_thread.join(", "));
+        println!(
+            "{name} by thread (wake-ups, CPU s per audio s): {}",
+            per_thread.join(", ")
+        );
     }
 }
 
@@ -205,6 +240,9 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let pw = PipeWire::start(dir.path());
+    let reference_dir = dir.path().join("reference");
+    std::fs::create_dir(&reference_dir).unwrap();
+    let reference_pw = PipeWire::start_beside(&reference_dir);
     let config = dir.path().join("vsound.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let (broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &pw.env());
@@ -255,9 +293,11 @@ fn main() {
 
     let pids = [worker.pid(), broker.pid()];
     let mut samples: Vec<(Option<Sample>, Option<Sample>)> = vec![(None, None); PHASES.len()];
+    let mut references: Vec<Option<Reference>> = PHASES.iter().map(|_| None).collect();
     let deadline = Instant::now() + Duration::from_secs(300);
     while samples.last().is_some_and(|s| s.1.is_none()) && Instant::now() < deadline {
-        match console_rx.recv_timeout(Duration::from_secs(1)) {
+        references.iter_mut().flatten().for_each(Reference::tick);
+        match console_rx.recv_timeout(Duration::from_millis(50)) {
             Ok(line) if line.contains("@@E2E status") && !line.ends_with(" 0") => {
                 panic!("the guest failed: {line}")
             }
@@ -270,8 +310,13 @@ fn main() {
                 };
                 if let Some(i) = marker("@@E2E bench-start") {
                     samples[i].0 = Some(sample(pids));
+                    references[i] = Some(Reference::start(&reference_pw, dir.path(), &PHASES[i]));
                 } else if let Some(i) = marker("@@E2E bench-end") {
                     samples[i].1 = Some(sample(pids));
+                    if let Some(reference) = &mut references[i] {
+                        reference.end = Some(reference.sample());
+                        let _ = reference.player.child.kill();
+                    }
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -285,12 +330,6 @@ fn main() {
         .filter(|l| l.contains("tx buffers"))
         .collect();
 
-    // The native reference, in the same daemon, once the guest is done.
-    let references: Vec<(f64, f64)> = PHASES
-        .iter()
-        .map(|phase| pw_play_reference(&pw, dir.path(), phase.seconds, phase.period_frames))
-        .collect();
-
     for (i, phase) in PHASES.iter().enumerate() {
         let (Some(start), Some(end)) = &samples[i] else {
             panic!(
@@ -298,7 +337,10 @@ fn main() {
                 phase.label
             );
         };
-        print_phase(phase, start, end, references[i]);
+        let reference = references[i]
+            .as_ref()
+            .expect("pw-play ran beside the phase");
+        print_phase(phase, start, end, reference.figures());
         if let Some(line) = latency.get(i) {
             let figures = line.split("] ").nth(1).unwrap_or(line);
             println!("worker latency: {figures}");

@@ -362,6 +362,33 @@ impl Consumer {
         Ok(n)
     }
 
+    /// Consumes up to `max` available bytes, handing them to `take(offset, piece)` straight
+    /// from the ring's memory, in order, in at most two pieces (`offset` counts from the first
+    /// byte taken); returns how many were consumed. They are consumed whatever `take` does
+    /// with them.
+    pub fn pop_with(
+        &mut self,
+        max: u64,
+        mut take: impl FnMut(u64, VolatileSlice<'_>),
+    ) -> Result<u64, RingError> {
+        let n = self.available()?.min(max);
+        let mut done = 0u64;
+        for (offset, piece) in self.ring.pieces(self.read_pos, n as usize) {
+            if piece > 0 {
+                let slice = self
+                    .ring
+                    .region
+                    .get_slice(offset, piece)
+                    .map_err(|e| RingError::Access(e.to_string()))?;
+                take(done, slice);
+                done += piece as u64;
+            }
+        }
+        self.read_pos += n;
+        self.ring.store(OFF_READ_POS, self.read_pos)?;
+        Ok(n)
+    }
+
     /// Consumes `n` available bytes without copying them (`n` must not exceed `available`).
     pub fn skip(&mut self, n: u64) -> Result<(), RingError> {
         let n = n.min(self.available()?);
@@ -488,6 +515,28 @@ mod tests {
         }
         assert_eq!(got, expected);
         assert_eq!(tx.queued().unwrap(), 0);
+    }
+
+    #[test]
+    fn pop_with_hands_out_both_pieces_in_order_and_consumes_them() {
+        let (mut tx, mut rx) = pair(10);
+        assert!(tx.push(&[0; 7]).unwrap());
+        assert_eq!(rx.pop(&mut [0; 7]).unwrap(), 7);
+        // 6 bytes from position 7: 3 before the wrap, 3 after.
+        assert!(tx.push(&[1, 2, 3, 4, 5, 6]).unwrap());
+        let mut seen = Vec::new();
+        let taken = rx
+            .pop_with(5, |offset, piece| {
+                let mut bytes = vec![0u8; piece.len()];
+                piece.copy_to(&mut bytes[..]);
+                seen.push((offset, bytes));
+            })
+            .unwrap();
+        assert_eq!(taken, 5);
+        assert_eq!(seen, [(0, vec![1, 2, 3]), (3, vec![4, 5])]);
+        assert_eq!(rx.available().unwrap(), 1);
+        assert_eq!(tx.queued().unwrap(), 1);
+        assert_eq!(rx.pop_with(100, |_, _| {}).unwrap(), 1);
     }
 
     #[test]

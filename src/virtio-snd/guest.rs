@@ -124,6 +124,32 @@ impl GuestBuffer {
         })
     }
 
+    /// Copies `src` (shared memory: volatile) into guest memory at `offset` of this buffer,
+    /// with no copy between the two.
+    pub fn write_from<M: GuestMemory>(
+        &self,
+        mem: &M,
+        offset: u64,
+        src: &VolatileSlice<'_>,
+    ) -> Result<(), ChainError> {
+        self.for_each_piece(offset, src.len(), |gpa, range| {
+            let mut at = range.start;
+            let slices = mem
+                .get_slices(gpa, range.len(), Permissions::Write)
+                .map_err(|_| ChainError::Memory)?;
+            for dst in slices {
+                let dst = dst.map_err(|_| ChainError::Memory)?;
+                let piece = src
+                    .subslice(at, dst.len())
+                    .map_err(|_| ChainError::Memory)?;
+                let len = dst.len();
+                piece.copy_to_volatile_slice(dst);
+                at += len;
+            }
+            Ok(())
+        })
+    }
+
     /// Copies `data` into guest memory at `offset` of this buffer.
     pub fn write<M: GuestMemory>(
         &self,

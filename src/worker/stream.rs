@@ -173,7 +173,7 @@ pub(crate) struct Stream {
     transport: Option<Transport>,
     tx: VecDeque<TxBuf>,
     rx: VecDeque<RxBuf>,
-    /// Capture bytes on their way to guest memory, or silence while on the local clock.
+    /// Capture silence while on the local clock.
     scratch: Vec<u8>,
     tx_stats: TxStats,
 }
@@ -307,10 +307,8 @@ impl Stream {
 
     /// Takes the broker's ring for this stream; pending buffers go into it from the start.
     pub(crate) fn use_ring(&mut self, end: RingEnd, notify: OwnedFd, params: PcmParams) {
-        self.scratch = match &end {
-            RingEnd::Playback(_) => Vec::new(),
-            RingEnd::Capture(consumer) => vec![0; consumer.ring().capacity() as usize],
-        };
+        // Frames cross between the ring and guest memory directly.
+        self.scratch = Vec::new();
         for buf in &mut self.tx {
             buf.ring_end = None;
         }
@@ -550,27 +548,28 @@ impl Stream {
                 while let Some(buf) = self.rx.front_mut() {
                     let want = buf.payload_len - buf.filled;
                     if want > 0 {
-                        let n = want.min(self.scratch.len() as u64) as usize;
+                        // Straight from the ring into guest memory: one copy. Once a write
+                        // failed, the buffer's frames are lost: they are consumed only.
+                        let mut failed = None;
+                        let (filled, writable) = (buf.filled, buf.held.writable());
+                        let intact = buf.status == Status::Ok;
                         let got = consumer
-                            .pop(&mut self.scratch[..n])
+                            .pop_with(want, |offset, piece| {
+                                if intact && failed.is_none() {
+                                    failed =
+                                        writable.write_from(mem, filled + offset, &piece).err();
+                                }
+                            })
                             .map_err(|e| e.to_string())?;
                         if got == 0 {
                             break;
                         }
-                        // Once a write failed, the buffer's frames are lost: consume them only.
-                        let written = if buf.status == Status::Ok {
-                            buf.held
-                                .writable()
-                                .write(mem, buf.filled, &self.scratch[..got])
-                        } else {
-                            Ok(())
-                        };
-                        if let Err(e) = written {
+                        if let Some(e) = failed {
                             let head = buf.held.head();
                             guest_log!(done.log(), Level::Warn, "rx buffer {head}: {e}");
                             buf.status = Status::BadMsg;
                         }
-                        buf.filled += got as u64;
+                        buf.filled += got;
                     }
                     if buf.filled == buf.payload_len {
                         let ahead = consumer.available().map_err(|e| e.to_string())?;

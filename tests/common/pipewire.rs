@@ -22,7 +22,7 @@ pub struct PipeWire {
     with_session_manager: bool,
     /// One daemon at a time per test binary: parallel graphs on two cores miss cycles, and a
     /// missed cycle is a gap in the sample-for-sample comparison, not a vsound fault.
-    _exclusive: std::sync::MutexGuard<'static, ()>,
+    _exclusive: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 static ONE_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -38,14 +38,29 @@ impl PipeWire {
         PipeWire::launch(dir, false)
     }
 
+    /// A second daemon (and WirePlumber) beside the one this process holds, for a benchmark's
+    /// reference client: not for tests, whose sample checks need the one graph alone.
+    #[allow(dead_code)]
+    pub fn start_beside(dir: &Path) -> PipeWire {
+        PipeWire::launch_with(dir, true, None)
+    }
+
     fn launch(dir: &Path, with_session_manager: bool) -> PipeWire {
+        let exclusive = ONE_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+        PipeWire::launch_with(dir, with_session_manager, Some(exclusive))
+    }
+
+    fn launch_with(
+        dir: &Path,
+        with_session_manager: bool,
+        exclusive: Option<std::sync::MutexGuard<'static, ()>>,
+    ) -> PipeWire {
         let runtime = dir.join("pw-run");
         std::fs::create_dir_all(&runtime).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
         let config = dir.join("pipewire.conf");
         std::fs::write(&config, CONFIG).unwrap();
-        let exclusive = ONE_DAEMON.lock().unwrap_or_else(|e| e.into_inner());
         let mut pw = PipeWire {
             runtime,
             config,
