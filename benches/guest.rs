@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::pipewire::PipeWire;
-use common::vsound::{cpu_time, spawn_broker_with_env, write_wav_s16, Proc};
+use common::vsound::{cpu_time_precise, spawn_broker_with_env, write_wav_s16, Proc};
 
 const CONFIG: &str = r#"
 [[streams]]
@@ -80,22 +80,12 @@ fn switches_by_thread(pid: u32) -> BTreeMap<String, (u64, Duration)> {
             .filter(|l| l.contains("ctxt_switches"))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum();
-        let cpu = std::fs::read_to_string(task.path().join("stat"))
+        // Run time in ns (schedstat's first field), not clock ticks of 10 ms.
+        let cpu = std::fs::read_to_string(task.path().join("schedstat"))
             .ok()
-            .and_then(|stat| {
-                let fields: Vec<u64> = stat[stat.rfind(')')? + 2..]
-                    .split_whitespace()
-                    .map(|f| f.parse().unwrap_or(0))
-                    .collect();
-                // utime and stime, in clock ticks (fields 14 and 15 of the line).
-                Some(fields.get(11)? + fields.get(12)?)
-            })
+            .and_then(|line| line.split_whitespace().next()?.parse::<u64>().ok())
             .unwrap_or(0);
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100) as u64;
-        by_name.insert(name, (switches, Duration::from_millis(cpu * 1000 / hz)));
+        by_name.insert(name, (switches, Duration::from_nanos(cpu)));
     }
     by_name
 }
@@ -110,7 +100,7 @@ struct Sample {
 fn sample(pids: [u32; 2]) -> Sample {
     Sample {
         at: Instant::now(),
-        cpu: pids.map(cpu_time),
+        cpu: pids.map(cpu_time_precise),
         threads: pids.map(switches_by_thread),
     }
 }
@@ -155,7 +145,7 @@ impl Reference {
     fn sample(&self) -> (Instant, Duration, u64) {
         let pid = self.player.pid();
         let switches = switches_by_thread(pid).values().map(|t| t.0).sum();
-        (Instant::now(), cpu_time(pid), switches)
+        (Instant::now(), cpu_time_precise(pid), switches)
     }
 
     /// Takes the start sample once the player has run for a second.

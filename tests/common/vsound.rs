@@ -662,6 +662,20 @@ pub fn write_wav_s16(path: &Path, channels: u16, rate: u32, bytes: &[u8]) {
     writer.finalize().unwrap();
 }
 
+/// Time all threads of a process have run on a CPU, to the nanosecond, from each thread's
+/// /proc/PID/task/TID/schedstat (what /proc/PID/stat rounds to clock ticks of 10 ms).
+pub fn cpu_time_precise(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
 /// CPU time (user + system) a process has used, from /proc/PID/stat.
 pub fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
