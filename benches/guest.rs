@@ -6,7 +6,8 @@
 //! daemon of its own (the native client vsound is measured against, under the same load), and
 //! the worker's latency figures.
 //!
-//! `cargo bench --bench guest` (needs what `cargo test --test e2e` needs). Under `cargo test`
+//! `cargo bench --bench guest` (needs what `cargo test --test e2e` needs;
+//! VSOUND_BENCH_LOOKAHEAD=N rings of N periods instead of 3). Under `cargo test`
 //! it only says so: a guest run is a measurement, not a test.
 
 #[path = "../tests/common/mod.rs"]
@@ -234,7 +235,12 @@ fn main() {
     std::fs::create_dir(&reference_dir).unwrap();
     let reference_pw = PipeWire::start_beside(&reference_dir);
     let config = dir.path().join("vsound.toml");
-    std::fs::write(&config, CONFIG).unwrap();
+    // VSOUND_BENCH_LOOKAHEAD=N: the ring holds N periods (`limits.lookahead_periods`, default 3).
+    let limits = std::env::var("VSOUND_BENCH_LOOKAHEAD")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+        .map_or(String::new(), |n| format!("\n[limits]\nlookahead_periods = {n}\n"));
+    std::fs::write(&config, format!("{CONFIG}{limits}")).unwrap();
     let (broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &pw.env());
 
     // The worker, with its info log (the latency figures at RELEASE) read here.
