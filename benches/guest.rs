@@ -239,7 +239,9 @@ fn main() {
     let limits = std::env::var("VSOUND_BENCH_LOOKAHEAD")
         .ok()
         .and_then(|n| n.parse::<u32>().ok())
-        .map_or(String::new(), |n| format!("\n[limits]\nlookahead_periods = {n}\n"));
+        .map_or(String::new(), |n| {
+            format!("\n[limits]\nlookahead_periods = {n}\n")
+        });
     std::fs::write(&config, format!("{CONFIG}{limits}")).unwrap();
     let (broker, broker_socket) = spawn_broker_with_env(dir.path(), Some(&config), &pw.env());
 
