@@ -178,16 +178,44 @@ pub fn assert_paced(what: &str, t: f64, (guest, host): (f64, f64)) {
     }
 }
 
-/// `data` appears in `recording` bit-exact. On a difference, says what happened there: how
-/// many frames of silence or other samples the sink got instead, and how many of the guest's
-/// frames were skipped, by finding where the guest's signal resumes.
+/// How many bytes of `data`'s start never reached the sink: the known start residual (README
+/// "Known residuals": a stream that joins a running graph may lose up to a quantum or two of
+/// its first frames), let through up to 10 periods of 10 ms as the frontend tests'
+/// `assert_arrived_intact` does, and reported; everything after must arrive exact.
+pub fn start_lost(recorded: &[u8], data: &[u8]) -> usize {
+    const STEP: usize = 480 * 4;
+    let lost = (0..data.len().min(STEP * 10))
+        .step_by(STEP)
+        .find(|&skip| crate::common::pipewire::find(recorded, &data[skip..skip + 256], 4).is_some())
+        .unwrap_or(0);
+    if lost > 0 {
+        println!(
+            "KNOWN start residual: the first {} (at most {}) frames never reached the sink",
+            lost / 4,
+            lost / 4 + 480
+        );
+    }
+    lost
+}
+
+/// `data` appears in `recording` bit-exact, but for the known start residual ([`start_lost`]).
+/// On a difference, says what happened there: how many frames of silence or other samples the
+/// sink got instead, and how many of the guest's frames were skipped, by finding where the
+/// guest's signal resumes.
 pub fn assert_arrived(what: &str, recording: &[u8], data: &[u8]) {
+    let data = &data[start_lost(recording, data)..];
     // KNOWN GAP, to fix (issue 10's drain timing): at 10 ms periods the final PipeWire buffer
     // (256 frames) of a playback is sometimes (about one run in three here) silence at the sink,
     // although the broker handed it over and played 50 ms of silence after it. Everything
     // before it must be exact; only that final buffer, all silence, is let through.
     const FINAL_BUFFER_FRAMES: usize = 256;
     let Some(at) = find(recording, &data[..256], FRAME) else {
+        if let Some(dir) = std::env::var_os("VSOUND_DUMP_SAMPLES") {
+            let dir = std::path::Path::new(&dir);
+            let _ = std::fs::write(dir.join("recorded.raw"), recording);
+            let _ = std::fs::write(dir.join("expected.raw"), data);
+            eprintln!("{what}: dumped to {}", dir.display());
+        }
         // Say whether only its beginning was lost, and how much of it.
         let step = 480 * FRAME;
         let later = (step..data.len().saturating_sub(256))
