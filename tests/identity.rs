@@ -734,3 +734,35 @@ fn a_broker_that_cannot_tell_uids_apart_says_so() {
         assert!(!plain.contains(warning), "{plain}");
     }
 }
+
+/// A fatal start-up error reaches stderr whatever RUST_LOG says (with `off` the log says
+/// nothing): here a config file that does not exist, for the worker and the broker.
+#[test]
+fn a_fatal_error_reaches_stderr_even_with_logging_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.toml");
+    for (binary, extra) in [
+        (
+            common::bins::worker(),
+            vec!["--vm", "vm", "--broker", "/nonexistent.sock"],
+        ),
+        (common::bins::broker(), vec![]),
+    ] {
+        let out = Command::new(binary)
+            .arg("--socket")
+            .arg(dir.path().join("never.sock"))
+            .arg("--config")
+            .arg(&missing)
+            .args(extra)
+            .env("RUST_LOG", "off")
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{binary} started with a missing config"
+        );
+        assert!(stderr.contains("missing.toml"), "{binary} said: {stderr:?}");
+    }
+}

@@ -752,6 +752,25 @@ impl Config {
                 }
             }
         }
+        // Jacks (`follows`), host commands and buses name streams: each name means one.
+        for (i, s) in self.streams.iter().enumerate() {
+            if self.streams[..i].iter().any(|other| other.name == s.name) {
+                return bad(format!(
+                    "streams[{i}].name: {:?} is already the name of another stream (names \
+                     must be unique)",
+                    s.name
+                ));
+            }
+        }
+        for (i, jack) in self.jacks.iter().enumerate() {
+            if self.jacks[..i].iter().any(|other| other.name == jack.name) {
+                return bad(format!(
+                    "jacks[{i}].name: {:?} is already the name of another jack (names must be \
+                     unique)",
+                    jack.name
+                ));
+            }
+        }
         for s in &self.streams {
             if s.name.is_empty() || s.name.len() > MAX_NAME_LEN {
                 return bad(format!("stream name must be 1..={MAX_NAME_LEN} bytes"));
@@ -824,6 +843,28 @@ const _: () = assert!(format::IEC958_SUBFRAME == 24 && chmap::BRC == 36);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_or_jack_name_used_twice_is_refused_with_its_place() {
+        let text = "[[streams]]\nname = \"media\"\ndirection = \"output\"\n\
+                    [[streams]]\nname = \"media\"\ndirection = \"input\"\n";
+        let e = toml::from_str::<Config>(text)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.contains("streams[1].name") && shown.contains("\"media\""),
+            "{shown}"
+        );
+        let text = "[[streams]]\nname = \"media\"\ndirection = \"output\"\n\
+                    [[jacks]]\nname = \"Line Out\"\n[[jacks]]\nname = \"Line Out\"\n";
+        let e = toml::from_str::<Config>(text)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("jacks[1].name"), "{e}");
+    }
 
     #[test]
     fn default_config_is_valid_and_has_output_and_input() {

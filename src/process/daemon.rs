@@ -27,7 +27,7 @@ pub fn start<A: clap::Parser>(
     let (source, control) = match listen::source(socket, fd) {
         Ok(sockets) => sockets,
         Err(e) => {
-            log::error!("{name}: {e}");
+            fatal(name, &e.to_string());
             return ExitCode::FAILURE;
         }
     };
@@ -36,8 +36,18 @@ pub fn start<A: clap::Parser>(
     match run(args, source, control) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{name}: {e}");
+            fatal(name, &e);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A fatal error always reaches stderr: through the log where it is enabled, else directly
+/// (with `RUST_LOG=off`, or a filter that leaves errors out, the process must not end silently).
+fn fatal(name: &str, error: &str) {
+    if log::log_enabled!(log::Level::Error) {
+        log::error!("{name}: {error}");
+    } else {
+        eprintln!("{name}: {error}");
     }
 }
