@@ -753,21 +753,21 @@ impl Config {
             }
         }
         // Jacks (`follows`), host commands and buses name streams: each name means one.
-        for (i, s) in self.streams.iter().enumerate() {
-            if self.streams[..i].iter().any(|other| other.name == s.name) {
+        let repeats = [
+            (
+                "stream",
+                first_repeat(self.streams.iter().map(|s| s.name.as_str())),
+            ),
+            (
+                "jack",
+                first_repeat(self.jacks.iter().map(|j| j.name.as_str())),
+            ),
+        ];
+        for (what, repeat) in repeats {
+            if let Some((i, name)) = repeat {
                 return bad(format!(
-                    "streams[{i}].name: {:?} is already the name of another stream (names \
-                     must be unique)",
-                    s.name
-                ));
-            }
-        }
-        for (i, jack) in self.jacks.iter().enumerate() {
-            if self.jacks[..i].iter().any(|other| other.name == jack.name) {
-                return bad(format!(
-                    "jacks[{i}].name: {:?} is already the name of another jack (names must be \
-                     unique)",
-                    jack.name
+                    "{what}s[{i}].name: {name:?} is already the name of another {what} (names \
+                     must be unique)"
                 ));
             }
         }
@@ -835,6 +835,12 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The first name that repeats an earlier one, with its index.
+fn first_repeat<'a>(names: impl Iterator<Item = &'a str>) -> Option<(usize, &'a str)> {
+    let mut seen = std::collections::HashSet::new();
+    names.enumerate().find(|(_, name)| !seen.insert(*name))
 }
 
 /// Sanity: the format names table matches the protocol constants.
