@@ -643,12 +643,10 @@ user = \"vsound-no-such-user\"
         &[("RUST_LOG", "info".into())],
         Some(&log),
     );
-    assert!(
-        read(&log)
-            .contains("vms.ghost is pinned to user \"vsound-no-such-user\", which does not exist"),
-        "{}",
-        read(&log)
-    );
+    // The broker binds its socket before it resolves the pins: wait for the line.
+    let ghost = "vms.ghost is pinned to user \"vsound-no-such-user\", which does not exist";
+    let text = wait_for_text(&log, ghost);
+    assert!(text.contains(ghost), "{text}");
     let error = worker_as(dir.path(), UID_B, "pinned", &broker_socket, &config, 1).refused();
     assert!(
         error.contains(&format!(

@@ -392,8 +392,8 @@ impl Stream {
     }
 
     /// Tells the broker where to wake us next: when its position completes the oldest held
-    /// buffer (tx: consumes its last byte; rx: writes enough to fill it), or never while none
-    /// is held (a new one arrives with the guest's kick). Returns whether the broker is
+    /// buffer (tx: consumes its last byte; rx: writes enough to fill it, or half the ring for
+    /// a larger one), or never while none is held (a new one arrives with the guest's kick). Returns whether the broker is
     /// already there (then there is more to do now: the request may have come too late).
     fn ask_for_wakeup(&mut self) -> Result<bool, String> {
         let Some(Transport::Ring { end, .. }) = &mut self.transport else {
@@ -406,8 +406,13 @@ impl Stream {
                 Ok(producer.read_pos().map_err(|e| e.to_string())? >= target)
             }
             RingEnd::Capture(consumer) => {
+                // A buffer larger than half the ring is filled in parts: the ring could never
+                // hold all it still needs at once.
+                let most = (consumer.ring().capacity() / 2).max(1);
                 let target = self.rx.front().map_or(u64::MAX, |b| {
-                    consumer.read_pos().saturating_add(b.payload_len - b.filled)
+                    consumer
+                        .read_pos()
+                        .saturating_add((b.payload_len - b.filled).min(most))
                 });
                 consumer.ring().set_wake_at(target);
                 Ok(consumer.write_pos().map_err(|e| e.to_string())? >= target)
