@@ -402,8 +402,17 @@ pub fn find(haystack: &[u8], needle: &[u8], align: usize) -> Option<usize> {
 pub fn assert_carries_signal(source: &[u8], captured: &[u8]) {
     let middle = captured.len() / 2 / 4 * 4;
     assert!(captured.len() >= middle + 64, "too little captured");
-    let at = find(source, &captured[middle..middle + 64], 4)
-        .expect("the known signal reached the guest");
+    let at = find(source, &captured[middle..middle + 64], 4).unwrap_or_else(|| {
+        let silent = captured[middle..middle + 64].iter().all(|&b| b == 0);
+        panic!(
+            "the known signal did not reach the guest: the middle of the capture is {}",
+            if silent {
+                "silence (the player's audio was not there yet, or no more)"
+            } else {
+                "other samples"
+            }
+        )
+    });
     let run = (48000 * 4 / 5)
         .min(captured.len() - middle)
         .min(source.len() - at);
