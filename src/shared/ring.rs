@@ -156,34 +156,47 @@ impl SharedRing {
         [(HEADER_BYTES + start, first), (HEADER_BYTES, len - first)]
     }
 
-    fn write_at(&self, pos: u64, data: &[u8]) -> Result<(), RingError> {
-        let mut done = 0;
-        for (offset, len) in self.pieces(pos, data.len()) {
-            if len > 0 {
+    /// Hands the ring's memory of the `len` bytes at position `pos` to `f(offset, piece)`, in
+    /// order, in at most two pieces (`offset` counts from the first byte); stops at the first
+    /// `f` that returns false and returns whether every one returned true.
+    fn with_pieces(
+        &self,
+        pos: u64,
+        len: u64,
+        mut f: impl FnMut(u64, VolatileSlice<'_>) -> bool,
+    ) -> Result<bool, RingError> {
+        let mut done = 0u64;
+        for (offset, piece) in self.pieces(pos, len as usize) {
+            if piece > 0 {
                 let slice = self
                     .region
-                    .get_slice(offset, len)
+                    .get_slice(offset, piece)
                     .map_err(|e| RingError::Access(e.to_string()))?;
-                slice.copy_from(&data[done..done + len]);
-                done += len;
+                if !f(done, slice) {
+                    return Ok(false);
+                }
+                done += piece as u64;
             }
         }
-        Ok(())
+        Ok(true)
+    }
+
+    fn write_at(&self, pos: u64, data: &[u8]) -> Result<(), RingError> {
+        self.with_pieces(pos, data.len() as u64, |offset, piece| {
+            let at = offset as usize;
+            piece.copy_from(&data[at..at + piece.len()]);
+            true
+        })
+        .map(|_| ())
     }
 
     fn read_at(&self, pos: u64, out: &mut [u8]) -> Result<(), RingError> {
-        let mut done = 0;
-        for (offset, len) in self.pieces(pos, out.len()) {
-            if len > 0 {
-                let slice = self
-                    .region
-                    .get_slice(offset, len)
-                    .map_err(|e| RingError::Access(e.to_string()))?;
-                slice.copy_to(&mut out[done..done + len]);
-                done += len;
-            }
-        }
-        Ok(())
+        self.with_pieces(pos, out.len() as u64, |offset, piece| {
+            let at = offset as usize;
+            piece.copy_to(&mut out[at..at + piece.len()]);
+            true
+        })
+        .map(|_| ())
     }
 
     /// Bytes between the two positions as the header says now, clamped to the capacity (one
@@ -280,19 +293,8 @@ impl Producer {
         if len > self.free()? {
             return Ok(false);
         }
-        let mut done = 0u64;
-        for (offset, piece) in self.ring.pieces(self.write_pos, len as usize) {
-            if piece > 0 {
-                let slice = self
-                    .ring
-                    .region
-                    .get_slice(offset, piece)
-                    .map_err(|e| RingError::Access(e.to_string()))?;
-                if !fill(done, slice) {
-                    return Ok(false);
-                }
-                done += piece as u64;
-            }
+        if !self.ring.with_pieces(self.write_pos, len, &mut fill)? {
+            return Ok(false);
         }
         self.write_pos += len;
         self.ring.store(OFF_WRITE_POS, self.write_pos)?;
@@ -372,18 +374,10 @@ impl Consumer {
         mut take: impl FnMut(u64, VolatileSlice<'_>),
     ) -> Result<u64, RingError> {
         let n = self.available()?.min(max);
-        let mut done = 0u64;
-        for (offset, piece) in self.ring.pieces(self.read_pos, n as usize) {
-            if piece > 0 {
-                let slice = self
-                    .ring
-                    .region
-                    .get_slice(offset, piece)
-                    .map_err(|e| RingError::Access(e.to_string()))?;
-                take(done, slice);
-                done += piece as u64;
-            }
-        }
+        self.ring.with_pieces(self.read_pos, n, |offset, piece| {
+            take(offset, piece);
+            true
+        })?;
         self.read_pos += n;
         self.ring.store(OFF_READ_POS, self.read_pos)?;
         Ok(n)
