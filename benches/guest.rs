@@ -22,7 +22,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::pipewire::PipeWire;
-use common::vsound::{cpu_time_precise, spawn_broker_with_env, write_wav_s16, Proc};
+use common::vsound::{
+    context_switches, cpu_time_precise, spawn_broker_with_env, switches_in_status, write_wav_s16,
+    Proc,
+};
 
 const CONFIG: &str = r#"
 [[streams]]
@@ -76,11 +79,7 @@ fn switches_by_thread(pid: u32) -> BTreeMap<String, (u64, Duration)> {
         let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
             continue;
         };
-        let switches: u64 = status
-            .lines()
-            .filter(|l| l.contains("ctxt_switches"))
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum();
+        let switches = switches_in_status(&status);
         // Run time in ns (schedstat's first field), not clock ticks of 10 ms.
         let cpu = std::fs::read_to_string(task.path().join("schedstat"))
             .ok()
@@ -145,7 +144,7 @@ impl Reference {
 
     fn sample(&self) -> (Instant, Duration, u64) {
         let pid = self.player.pid();
-        let switches = switches_by_thread(pid).values().map(|t| t.0).sum();
+        let switches = context_switches(pid);
         (Instant::now(), cpu_time_precise(pid), switches)
     }
 

@@ -73,24 +73,6 @@ fn play_streams(vm: &mut GuestVm, streams: &[u32], periods: usize) {
     }
 }
 
-/// Context switches of every thread of a process.
-fn switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
-        .flat_map(|status| {
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
-}
-
 struct Usage {
     at: Instant,
     cpu: Vec<Duration>,
@@ -101,7 +83,7 @@ fn usage(pids: &[u32]) -> Usage {
     Usage {
         at: Instant::now(),
         cpu: pids.iter().map(|&p| cpu_time_precise(p)).collect(),
-        switches: pids.iter().map(|&p| switches(p)).collect(),
+        switches: pids.iter().map(|&p| context_switches(p)).collect(),
     }
 }
 

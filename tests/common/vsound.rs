@@ -662,6 +662,28 @@ pub fn write_wav_s16(path: &Path, channels: u16, rate: u32, bytes: &[u8]) {
     writer.finalize().unwrap();
 }
 
+/// The context switches (voluntary and involuntary) a thread's /proc/.../status text counts:
+/// each voluntary one is a sleep, so a wake-up.
+pub fn switches_in_status(status: &str) -> u64 {
+    status
+        .lines()
+        .filter(|l| l.contains("ctxt_switches"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Context switches of every thread of a process.
+pub fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .map(|status| switches_in_status(&status))
+        .sum()
+}
+
 /// Time all threads of a process have run on a CPU, to the nanosecond, from each thread's
 /// /proc/PID/task/TID/schedstat (what /proc/PID/stat rounds to clock ticks of 10 ms).
 pub fn cpu_time_precise(pid: u32) -> Duration {
