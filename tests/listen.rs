@@ -159,6 +159,31 @@ fn launcher_restarts_a_killed_broker_and_worker() {
     let launcher = Launcher::start(dir.path());
     let broker = launcher.child("vsound-broker");
     assert!(broker_welcomes(&launcher.broker_socket));
+    if nix::unistd::Uid::effective().is_root() {
+        // Started as root, the launcher's children both drop to users of their own (the
+        // worker once its sandbox is applied, which it may still be doing).
+        let worker = launcher.child("vsound-worker");
+        for (pid, role) in [(broker, "broker"), (worker, "worker")] {
+            let uid = || {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+                status
+                    .lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .unwrap()
+                    .to_string()
+            };
+            let deadline = Instant::now() + WAIT;
+            while uid().split_whitespace().skip(1).any(|id| id == "0") {
+                assert!(
+                    Instant::now() < deadline,
+                    "the {role} runs as root: {}\n{}",
+                    uid(),
+                    launcher.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
 
     kill_and_wait(broker);
     // The launcher holds the broker's socket: it stays connectable while no broker runs, and

@@ -195,6 +195,13 @@ fn worker_unit_is_confined() {
     let unit = worker_unit();
     assert_confined("vsound-worker@.service", &unit);
     assert_sandbox_can_start("vsound-worker@.service", &unit);
+    // Ready once it serves its socket (sd_notify), which it reaches under `TemporaryFileSystem=`.
+    assert_eq!(last(&unit, "Type"), Some("notify"));
+    let bound = last(&unit, "BindReadOnlyPaths").unwrap_or_default();
+    assert!(
+        bound.split_whitespace().any(|p| p == "/run/systemd/notify"),
+        "{bound}"
+    );
     // Only the broker's audio threads may be real-time (SECURITY.md "Real-time scheduling").
     assert_eq!(last(&unit, "RestrictRealtime"), Some("yes"));
     assert!(
@@ -367,6 +374,7 @@ fn broker_unit_is_confined() {
     let unit = broker_unit();
     assert_confined("vsound-broker.service", &unit);
     assert_sandbox_can_start("vsound-broker.service", &unit);
+    assert_eq!(last(&unit, "Type"), Some("notify"));
     // Real-time scheduling for its audio threads, bounded in priority and in CPU time without
     // a sleep (SECURITY.md "Real-time scheduling").
     assert_eq!(last(&unit, "RestrictRealtime"), Some("no"));

@@ -47,6 +47,60 @@ struct Args {
     /// The group whose members may use the control socket besides root (its file's group).
     #[arg(long, value_name = "GROUP", requires = "control_socket")]
     admin_group: Option<String>,
+    /// Every stream of every layout on this backend, whatever the config says: auto,
+    /// pipewire, alsa, null or wav (which needs each stream's `wav_path` from the config).
+    #[arg(long, value_name = "BACKEND")]
+    backend: Option<BackendKind>,
+    /// Validate FILE (every VM's layout, and what its backends need of the host, such as
+    /// the WAV files' directories), print what it describes, and exit.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket", "fd", "control_socket"])]
+    check_config: Option<PathBuf>,
+}
+
+/// The config the broker serves: `path`'s (the built-in default without one), on `backend`
+/// if given, with what its backends need of the host checked now rather than at a PREPARE.
+fn load_config(
+    path: Option<&std::path::Path>,
+    backend: Option<BackendKind>,
+) -> Result<Config, String> {
+    let config = match path {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    let config = match backend {
+        Some(backend) => config
+            .with_backend(backend)
+            .map_err(|e| format!("--backend {}: {e}", backend.name()))?,
+        None => config,
+    };
+    check_wav_directories(&config)?;
+    Ok(config)
+}
+
+/// A WAV stream's directory must exist: the broker's Landlock rules are made from it, and it
+/// would otherwise fail only when a guest opens the stream.
+fn check_wav_directories(config: &Config) -> Result<(), String> {
+    for stream in config
+        .all_streams()
+        .filter(|s| s.backend == BackendKind::Wav)
+    {
+        let Some(path) = &stream.wav_path else {
+            continue;
+        };
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => std::path::Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(format!(
+                "stream {}: wav_path {}: {} is not a directory the broker can reach",
+                stream.name,
+                path.display(),
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Binds the control socket: mode 0660, owned by `admin_group` if given (resolved now, before
@@ -125,10 +179,7 @@ fn maps_every_uid() -> bool {
 }
 
 fn run(args: Args, source: Source, activated_control: Option<RawFd>) -> Result<(), String> {
-    let config = match &args.config {
-        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
-        None => Config::default(),
-    };
+    let config = load_config(args.config.as_deref(), args.backend)?;
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
@@ -220,11 +271,23 @@ fn run(args: Args, source: Source, activated_control: Option<RawFd>) -> Result<(
         None => None,
     };
     log::info!("broker: listening on {}", source.describe());
-    broker
-        .run(Some(std::os::fd::AsFd::as_fd(&stop)))
-        .map_err(|e| e.to_string())
+    vsound_process::notify::ready();
+    let served = broker.run(Some(std::os::fd::AsFd::as_fd(&stop)));
+    vsound_process::notify::stopping();
+    served.map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
-    vsound_process::daemon::start("broker", |args: &Args| (args.socket.clone(), args.fd), run)
+    vsound_process::daemon::start(
+        "broker",
+        |args: &Args| {
+            let path = args.check_config.as_ref()?;
+            Some(
+                load_config(Some(path), args.backend)
+                    .map(|config| println!("{}", vsound_config::summary(path, &config))),
+            )
+        },
+        |args: &Args| (args.socket.clone(), args.fd),
+        run,
+    )
 }

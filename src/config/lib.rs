@@ -101,14 +101,122 @@ impl std::fmt::Debug for VmName {
     }
 }
 
+/// Why a config cannot be used. Shown as `FILE:LINE: FIELD: PROBLEM`, with the bad value and
+/// the valid ones: `vsound.toml:3: streams[0].rates: 12345 is not a supported rate (supported:
+/// 5512, 8000, ...)`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {0}: {1}")]
     Read(PathBuf, std::io::Error),
-    #[error("cannot parse config: {0}")]
-    Parse(#[from] toml::de::Error),
-    #[error("invalid config: {0}")]
-    Invalid(String),
+    /// Not TOML, or not this schema (an unknown field, a value of the wrong type).
+    #[error("{}{message}", place(.file, .line))]
+    Parse {
+        file: Option<PathBuf>,
+        line: Option<usize>,
+        message: String,
+    },
+    /// A value the device cannot use, at `field` (a path such as `streams[0].rates`).
+    #[error("{}{field}: {problem}", place(.file, .line))]
+    Invalid {
+        file: Option<PathBuf>,
+        line: Option<usize>,
+        field: String,
+        problem: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(field: &str, problem: impl ToString) -> ConfigError {
+        ConfigError::Invalid {
+            file: None,
+            line: None,
+            field: field.to_string(),
+            problem: problem.to_string(),
+        }
+    }
+
+    /// The same error, found in `path`.
+    fn in_file(mut self, path: &Path) -> ConfigError {
+        if let ConfigError::Parse { file, .. } | ConfigError::Invalid { file, .. } = &mut self {
+            *file = Some(path.to_owned());
+        }
+        self
+    }
+
+    /// The same error with the line of its field in `text`, where it can be found.
+    fn with_line(mut self, text: &str) -> ConfigError {
+        if let ConfigError::Invalid { line, field, .. } = &mut self {
+            *line = field_line(text, field);
+        }
+        self
+    }
+}
+
+/// `FILE:LINE: `, or as much of it as is known.
+fn place(file: &Option<PathBuf>, line: &Option<usize>) -> String {
+    match (file, line) {
+        (Some(file), Some(line)) => format!("{}:{line}: ", file.display()),
+        (Some(file), None) => format!("{}: ", file.display()),
+        (None, Some(line)) => format!("line {line}: "),
+        (None, None) => String::new(),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line of `field` (`vms.navi.streams[0].rates`) in `text`: its key's, or its nearest
+/// ancestor's that the text spells out (a value the defaults filled in has none of its own).
+fn field_line(text: &str, field: &str) -> Option<usize> {
+    use toml_edit::{Item, TableLike, Value};
+    let document = toml_edit::ImDocument::parse(text).ok()?;
+    let mut table: &dyn TableLike = document.as_table();
+    let mut found = None;
+    for segment in field.split('.') {
+        let (name, index) = match segment.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        let Some((key, item)) = table.get_key_value(name) else {
+            break;
+        };
+        found = key.span().or(found);
+        let item = match (item, index) {
+            (Item::ArrayOfTables(tables), Some(i)) => match tables.get(i) {
+                Some(entry) => {
+                    found = entry.span().or(found);
+                    table = entry;
+                    continue;
+                }
+                None => break,
+            },
+            (Item::Value(Value::Array(values)), Some(i)) => match values.get(i) {
+                Some(value) => {
+                    found = value.span().or(found);
+                    match value.as_inline_table() {
+                        Some(entry) => {
+                            table = entry;
+                            continue;
+                        }
+                        None => break,
+                    }
+                }
+                None => break,
+            },
+            (item, None) => item,
+            _ => break,
+        };
+        match item.as_table_like() {
+            Some(next) => table = next,
+            None => break,
+        }
+    }
+    found.map(|span| line_of(text, span.start))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +232,30 @@ impl Direction {
             Direction::Output => protocol::D_OUTPUT,
             Direction::Input => protocol::D_INPUT,
         }
+    }
+}
+
+impl BackendKind {
+    /// Its name in the config and on command lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Pipewire => "pipewire",
+            BackendKind::Alsa => "alsa",
+            BackendKind::Null => "null",
+            BackendKind::Wav => "wav",
+        }
+    }
+}
+
+/// `--backend NAME`: the names the config takes, and its list of them in the error.
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(name: &str) -> Result<BackendKind, String> {
+        use serde::de::IntoDeserializer;
+        let name: serde::de::value::StrDeserializer<serde::de::value::Error> =
+            name.into_deserializer();
+        BackendKind::deserialize(name).map_err(|e| e.to_string())
     }
 }
 
@@ -421,49 +553,69 @@ pub fn bus_name(stream_name: &str) -> String {
     }
 }
 
-/// Format name (as in the spec, without the VIRTIO_SND_PCM_FMT_ prefix) to its wire value.
+/// Format names as in the spec, without the VIRTIO_SND_PCM_FMT_ prefix, by wire value.
+pub const FORMAT_NAMES: [&str; 25] = [
+    "IMA_ADPCM",
+    "MU_LAW",
+    "A_LAW",
+    "S8",
+    "U8",
+    "S16",
+    "U16",
+    "S18_3",
+    "U18_3",
+    "S20_3",
+    "U20_3",
+    "S24_3",
+    "U24_3",
+    "S20",
+    "U20",
+    "S24",
+    "U24",
+    "S32",
+    "U32",
+    "FLOAT",
+    "FLOAT64",
+    "DSD_U8",
+    "DSD_U16",
+    "DSD_U32",
+    "IEC958_SUBFRAME",
+];
+
+/// Channel position names as in the spec, without the VIRTIO_SND_CHMAP_ prefix, by wire value.
+pub const POSITION_NAMES: [&str; 37] = [
+    "NONE", "NA", "MONO", "FL", "FR", "RL", "RR", "FC", "LFE", "SL", "SR", "RC", "FLC", "FRC",
+    "RLC", "RRC", "FLW", "FRW", "FLH", "FCH", "FRH", "TC", "TFL", "TFR", "TFC", "TRL", "TRR",
+    "TRC", "TFLC", "TFRC", "TSL", "TSR", "LLFE", "RLFE", "BC", "BLC", "BRC",
+];
+
+/// Format name (any case) to its wire value.
 pub fn format_by_name(name: &str) -> Option<u8> {
-    const NAMES: [&str; 25] = [
-        "IMA_ADPCM",
-        "MU_LAW",
-        "A_LAW",
-        "S8",
-        "U8",
-        "S16",
-        "U16",
-        "S18_3",
-        "U18_3",
-        "S20_3",
-        "U20_3",
-        "S24_3",
-        "U24_3",
-        "S20",
-        "U20",
-        "S24",
-        "U24",
-        "S32",
-        "U32",
-        "FLOAT",
-        "FLOAT64",
-        "DSD_U8",
-        "DSD_U16",
-        "DSD_U32",
-        "IEC958_SUBFRAME",
-    ];
-    NAMES
+    FORMAT_NAMES
         .iter()
         .position(|n| n.eq_ignore_ascii_case(name))
         .map(|i| i as u8)
 }
 
-/// Channel position name (spec name without the VIRTIO_SND_CHMAP_ prefix) to its wire value.
+/// A format's name, `S16` for example (`format N` for a value the spec does not name).
+pub fn format_name(value: u8) -> String {
+    FORMAT_NAMES
+        .get(usize::from(value))
+        .map_or_else(|| format!("format {value}"), |n| n.to_string())
+}
+
+/// The formats a stream may offer: the linear PCM ones (those with a sample size).
+pub fn linear_format_names() -> impl Iterator<Item = &'static str> {
+    FORMAT_NAMES
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| protocol::sample_bytes(*i as u8).is_some())
+        .map(|(_, name)| *name)
+}
+
+/// Channel position name (any case) to its wire value.
 pub fn position_by_name(name: &str) -> Option<u8> {
-    const NAMES: [&str; 37] = [
-        "NONE", "NA", "MONO", "FL", "FR", "RL", "RR", "FC", "LFE", "SL", "SR", "RC", "FLC", "FRC",
-        "RLC", "RRC", "FLW", "FRW", "FLH", "FCH", "FRH", "TC", "TFL", "TFR", "TFC", "TRL", "TRR",
-        "TRC", "TFLC", "TFRC", "TSL", "TSR", "LLFE", "RLFE", "BC", "BLC", "BRC",
-    ];
-    NAMES
+    POSITION_NAMES
         .iter()
         .position(|n| n.eq_ignore_ascii_case(name))
         .map(|i| i as u8)
@@ -604,14 +756,29 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
-        Config::parse(&text)
+        Config::parse(&text).map_err(|e| e.in_file(path))
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text)?;
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: None,
+            line: e.span().map(|span| line_of(text, span.start)),
+            message: e.message().trim().to_string(),
+        })?;
         config.complete_chmaps();
-        config.validate()?;
+        config.validate().map_err(|e| e.with_line(text))?;
         Ok(config)
+    }
+
+    /// Every stream of every layout on `backend` (`--backend`); validated again, since a
+    /// backend may need more (the wav backend a `wav_path`).
+    pub fn with_backend(mut self, backend: BackendKind) -> Result<Config, ConfigError> {
+        let vm_streams = self.vms.values_mut().filter_map(|v| v.streams.as_mut());
+        for stream in self.streams.iter_mut().chain(vm_streams.flatten()) {
+            stream.backend = backend;
+        }
+        self.validate()?;
+        Ok(self)
     }
 
     /// Adds the standard layouts for every (hda_fn_nid, direction) that has streams but no
@@ -695,60 +862,89 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |msg: String| Err(ConfigError::Invalid(msg));
-        self.validate_layout()?;
-        if self.limits.lookahead_periods < 2 || self.limits.lookahead_periods > 16 {
-            return bad("limits.lookahead_periods must be 2..=16".into());
+        let top = |table: &str| table.to_string();
+        self.validate_layout(&top)?;
+        let limits = &self.limits;
+        if !(2..=16).contains(&limits.lookahead_periods) {
+            return invalid(
+                "limits.lookahead_periods",
+                format!("{} is out of range (2 to 16)", limits.lookahead_periods),
+            );
         }
-        if self.limits.max_buffer_bytes == 0 || self.limits.max_buffer_bytes > 16 << 20 {
-            return bad("limits.max_buffer_bytes must be 1..=16 MiB".into());
+        if limits.max_buffer_bytes == 0 || limits.max_buffer_bytes > 16 << 20 {
+            return invalid(
+                "limits.max_buffer_bytes",
+                format!(
+                    "{} is out of range (1 to 16 MiB, 16777216)",
+                    limits.max_buffer_bytes
+                ),
+            );
         }
         for (name, vm) in &self.vms {
             // A key no worker could ever claim is a typo.
-            let vm_name =
-                VmName::new(name).map_err(|e| ConfigError::Invalid(format!("vms: {e}")))?;
+            let vm_name = VmName::new(name).map_err(|e| ConfigError::invalid("vms", e))?;
+            let table = format!("vms.{name}");
             if vm.uid.is_some() && vm.user.is_some() {
-                return bad(format!("vms.{name}: give uid or user, not both"));
+                return invalid(&table, "give uid or user, not both");
             }
             if let Some(user) = &vm.user {
                 if user.is_empty() || user.len() > MAX_NAME_LEN || user.contains(['\0', '/', ':']) {
-                    return bad(format!("vms.{name}: user {user:?} is not a user name"));
+                    return invalid(
+                        &format!("{table}.user"),
+                        format!("{user:?} is not a user name"),
+                    );
                 }
             }
-            self.for_vm(&vm_name)
-                .validate_layout()
-                .map_err(|e| match e {
-                    ConfigError::Invalid(why) => ConfigError::Invalid(format!("vms.{name}: {why}")),
-                    other => other,
-                })?;
+            // What the VM gives is under its table; what it leaves out is the top level's.
+            let own = |part: &str| match part {
+                "jacks" => vm.jacks.is_some(),
+                "streams" => vm.streams.is_some(),
+                _ => vm.chmaps.is_some(),
+            };
+            let place = |part: &str| {
+                if own(part) {
+                    format!("{table}.{part}")
+                } else {
+                    part.to_string()
+                }
+            };
+            self.for_vm(&vm_name).validate_layout(&place)?;
         }
         Ok(())
     }
 
-    /// Streams, jacks and channel maps (of one layout).
-    fn validate_layout(&self) -> Result<(), ConfigError> {
-        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+    /// Streams, jacks and channel maps (of one layout); `place` names where a table of it is
+    /// in the file (`streams` or `vms.NAME.streams`), for the errors' field paths.
+    fn validate_layout(&self, place: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let (jacks, streams, chmaps) = (place("jacks"), place("streams"), place("chmaps"));
         if self.streams.is_empty() {
-            return bad("at least one stream is required".into());
+            return invalid(&streams, "at least one stream is required");
         }
-        if self.streams.len() > MAX_STREAMS
-            || self.jacks.len() > MAX_JACKS
-            || self.chmaps.len() > MAX_CHMAPS
-        {
-            return bad(format!(
-                "at most {MAX_STREAMS} streams, {MAX_JACKS} jacks and {MAX_CHMAPS} chmaps"
-            ));
+        for (table, count, max) in [
+            (&streams, self.streams.len(), MAX_STREAMS),
+            (&jacks, self.jacks.len(), MAX_JACKS),
+            (&chmaps, self.chmaps.len(), MAX_CHMAPS),
+        ] {
+            if count > max {
+                return invalid(table, format!("{count} entries, at most {max}"));
+            }
         }
-        for jack in &self.jacks {
-            if jack.name.len() > MAX_NAME_LEN {
-                return bad(format!("jack name too long: {}", jack.name));
+        for (i, jack) in self.jacks.iter().enumerate() {
+            if jack.name.is_empty() || jack.name.len() > MAX_NAME_LEN {
+                return invalid(
+                    &format!("{jacks}[{i}].name"),
+                    format!("{:?} is not 1 to {MAX_NAME_LEN} bytes long", jack.name),
+                );
             }
             if let Some(stream) = &jack.follows {
                 if !self.streams.iter().any(|s| &s.name == stream) {
-                    return bad(format!(
-                        "jack {}: follows {stream:?}, which is no stream of this layout",
-                        jack.name
-                    ));
+                    return invalid(
+                        &format!("{jacks}[{i}].follows"),
+                        format!(
+                            "follows {stream:?}, which is no stream of this layout (streams: {})",
+                            list(self.streams.iter().map(|s| format!("{:?}", s.name)))
+                        ),
+                    );
                 }
             }
         }
@@ -756,57 +952,85 @@ impl Config {
         let repeats = [
             (
                 "stream",
+                &streams,
                 first_repeat(self.streams.iter().map(|s| s.name.as_str())),
             ),
             (
                 "jack",
+                &jacks,
                 first_repeat(self.jacks.iter().map(|j| j.name.as_str())),
             ),
         ];
-        for (what, repeat) in repeats {
+        for (what, table, repeat) in repeats {
             if let Some((i, name)) = repeat {
-                return bad(format!(
-                    "{what}s[{i}].name: {name:?} is already the name of another {what} (names \
-                     must be unique)"
-                ));
+                return invalid(
+                    &format!("{table}[{i}].name"),
+                    format!(
+                        "{name:?} is already the name of another {what} (names must be unique)"
+                    ),
+                );
             }
         }
-        for s in &self.streams {
+        for (i, s) in self.streams.iter().enumerate() {
+            let field = |name: &str| format!("{streams}[{i}].{name}");
             if s.name.is_empty() || s.name.len() > MAX_NAME_LEN {
-                return bad(format!("stream name must be 1..={MAX_NAME_LEN} bytes"));
+                return invalid(
+                    &field("name"),
+                    format!("{:?} is not 1 to {MAX_NAME_LEN} bytes long", s.name),
+                );
             }
-            if s.formats.is_empty() || s.rates.is_empty() {
-                return bad(format!("stream {}: needs formats and rates", s.name));
+            if s.formats.is_empty() {
+                return invalid(&field("formats"), "at least one format is required");
+            }
+            if s.rates.is_empty() {
+                return invalid(&field("rates"), "at least one rate is required");
             }
             for f in &s.formats {
-                match format_by_name(f) {
-                    Some(v) if protocol::sample_bytes(v).is_some() => {}
-                    Some(_) => {
-                        return bad(format!("stream {}: format {f} is not linear PCM", s.name))
-                    }
-                    None => return bad(format!("stream {}: unknown format {f}", s.name)),
+                let linear = format_by_name(f).is_some_and(|v| protocol::sample_bytes(v).is_some());
+                if !linear {
+                    let what = match format_by_name(f) {
+                        Some(_) => "is not linear PCM",
+                        None => "is not a format",
+                    };
+                    return invalid(
+                        &field("formats"),
+                        format!("{f:?} {what} (supported: {})", list(linear_format_names())),
+                    );
                 }
             }
             for &r in &s.rates {
                 if protocol::rate_index(r).is_none() {
-                    return bad(format!("stream {}: unsupported rate {r}", s.name));
+                    let mut rates: Vec<u32> = (0..=protocol::rate::MAX)
+                        .filter_map(protocol::rate_hz)
+                        .collect();
+                    rates.sort_unstable();
+                    return invalid(
+                        &field("rates"),
+                        format!("{r} is not a supported rate (supported: {})", list(rates)),
+                    );
                 }
             }
             if s.channels_min == 0 || s.channels_min > s.channels_max {
-                return bad(format!(
-                    "stream {}: need 1 <= channels_min <= channels_max",
-                    s.name
-                ));
+                return invalid(
+                    &field("channels_min"),
+                    format!(
+                        "{} with channels_max {}: need 1 <= channels_min <= channels_max",
+                        s.channels_min, s.channels_max
+                    ),
+                );
             }
             if s.channels_max as usize > chmap::MAX_SIZE {
-                return bad(format!(
-                    "stream {}: at most {} channels",
-                    s.name,
-                    chmap::MAX_SIZE
-                ));
+                return invalid(
+                    &field("channels_max"),
+                    format!(
+                        "{} is more than {} channels",
+                        s.channels_max,
+                        chmap::MAX_SIZE
+                    ),
+                );
             }
             if s.backend == BackendKind::Wav && s.wav_path.is_none() {
-                return bad(format!("stream {}: the wav backend needs wav_path", s.name));
+                return invalid(&field("wav_path"), "the wav backend needs a wav_path");
             }
             if let Some(path) = &s.wav_path {
                 // A placeholder in a directory would name a directory that does not exist (and
@@ -816,25 +1040,81 @@ impl Config {
                     .map(|d| d.to_string_lossy())
                     .unwrap_or_default();
                 if WAV_PLACEHOLDERS.iter().any(|p| dir.contains(p)) {
-                    return bad(format!(
-                        "stream {}: {{vm}} and {{client}} may only appear in wav_path's file name",
-                        s.name
-                    ));
+                    return invalid(
+                        &field("wav_path"),
+                        format!("{path:?}: {{vm}} and {{client}} may only appear in the file name"),
+                    );
                 }
             }
         }
-        for c in &self.chmaps {
+        for (i, c) in self.chmaps.iter().enumerate() {
+            let field = format!("{chmaps}[{i}].positions");
             if c.positions.is_empty() || c.positions.len() > chmap::MAX_SIZE {
-                return bad(format!("chmap needs 1..={} positions", chmap::MAX_SIZE));
+                return invalid(
+                    &field,
+                    format!(
+                        "{} positions, need 1 to {}",
+                        c.positions.len(),
+                        chmap::MAX_SIZE
+                    ),
+                );
             }
             for p in &c.positions {
                 if position_by_name(p).is_none() {
-                    return bad(format!("unknown channel position {p}"));
+                    return invalid(
+                        &field,
+                        format!(
+                            "{p:?} is not a channel position (positions: {})",
+                            list(POSITION_NAMES)
+                        ),
+                    );
                 }
             }
         }
         Ok(())
     }
+}
+
+/// An [`ConfigError::Invalid`] at `field`.
+fn invalid<T>(field: &str, problem: impl ToString) -> Result<T, ConfigError> {
+    Err(ConfigError::invalid(field, problem))
+}
+
+/// "a, b, c", for the valid values an error lists.
+fn list<T: std::fmt::Display>(values: impl IntoIterator<Item = T>) -> String {
+    values
+        .into_iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What `--check-config` prints for a valid file: each layout's streams (direction and
+/// backend) and jacks, the default one first.
+pub fn summary(path: &Path, config: &Config) -> String {
+    let layout = |c: &Config| {
+        let streams = list(c.streams.iter().map(|s| {
+            let direction = format!("{:?}", s.direction).to_lowercase();
+            format!("{} ({direction}, {})", s.name, s.backend.name())
+        }));
+        match c.jacks.len() {
+            0 => format!("streams {streams}; no jacks"),
+            _ => format!(
+                "streams {streams}; jacks {}",
+                list(c.jacks.iter().map(|j| &j.name))
+            ),
+        }
+    };
+    let mut lines = vec![
+        format!("{}: valid", path.display()),
+        format!("  default layout: {}", layout(config)),
+    ];
+    for name in config.vms.keys() {
+        if let Ok(vm) = VmName::new(name) {
+            lines.push(format!("  vm {name}: {}", layout(&config.for_vm(&vm))));
+        }
+    }
+    lines.join("\n")
 }
 
 /// The first name that repeats an earlier one, with its index.
@@ -1167,14 +1447,17 @@ mod tests {
     fn each_vm_layout_is_validated_like_the_top_level() {
         let vm = |body: &str| format!("[vms.navi]\n{body}");
         for (text, why) in [
-            (vm("streams = []"), "vms.navi: at least one stream"),
+            (
+                vm("streams = []"),
+                "line 2: vms.navi.streams: at least one stream",
+            ),
             (
                 vm("[[vms.navi.streams]]\nname='a'\ndirection='output'\nrates=[12345]"),
-                "vms.navi: stream a: unsupported rate",
+                "line 5: vms.navi.streams[0].rates: 12345 is not a supported rate",
             ),
             (
                 vm("[[vms.navi.chmaps]]\ndirection='output'\npositions=['XX']"),
-                "vms.navi: unknown channel position",
+                "line 4: vms.navi.chmaps[0].positions: \"XX\" is not a channel position",
             ),
             (vm("uid = 1\nuser = 'x'"), "uid or user, not both"),
             (vm("user = 'a/b'"), "not a user name"),
@@ -1188,6 +1471,79 @@ mod tests {
         }
         // Today's files stay valid, and an unknown VM's table is no error.
         Config::parse("[vms.someday]\nuid = 5").unwrap();
+    }
+
+    #[test]
+    fn an_error_names_the_file_line_and_field_with_the_bad_and_the_valid_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsound.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load(&path).unwrap_err().to_string()
+        };
+        let shown = path.display().to_string();
+        let streams = "[[streams]]\nname = \"media\"\ndirection = \"output\"\n";
+        let e = load(&format!("{streams}rates = [48000, 12345]\n"));
+        assert_eq!(
+            e,
+            format!(
+                "{shown}:4: streams[0].rates: 12345 is not a supported rate (supported: 5512, \
+                 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, \
+                 96000, 176400, 192000, 384000)"
+            )
+        );
+        let e = load(&format!("{streams}\n[[streams]]\nname = \"mic\"\ndirection = \"input\"\nformats = [\"S16\", \"IMA_ADPCM\"]\n"));
+        assert!(
+            e.starts_with(&format!(
+                "{shown}:8: streams[1].formats: \"IMA_ADPCM\" is not linear PCM (supported: MU_LAW, A_LAW, S8,"
+            )),
+            "{e}"
+        );
+        // Parse errors (syntax, unknown fields, wrong types) have their line too.
+        let e = load(&format!("{streams}rate = 48000\n"));
+        assert!(
+            e.starts_with(&format!("{shown}:4: unknown field `rate`, expected one of")),
+            "{e}"
+        );
+        let e = load(&format!("{streams}backend = \"gst\"\n"));
+        assert!(
+            e.starts_with(&format!(
+                "{shown}:4: unknown variant `gst`, expected one of `auto`"
+            )),
+            "{e}"
+        );
+        let e = load("[limits]\nlookahead_periods = 40\n");
+        assert_eq!(
+            e,
+            format!("{shown}:2: limits.lookahead_periods: 40 is out of range (2 to 16)")
+        );
+        // A field the text leaves out points at its table.
+        let e = load(&format!("{streams}backend = \"wav\"\n"));
+        assert_eq!(
+            e,
+            format!("{shown}:1: streams[0].wav_path: the wav backend needs a wav_path")
+        );
+    }
+
+    #[test]
+    fn a_backend_override_applies_to_every_layout_and_is_validated() {
+        let config = Config::parse(PER_VM).unwrap();
+        let all_null = config.clone().with_backend(BackendKind::Null).unwrap();
+        assert!(all_null
+            .all_streams()
+            .all(|s| s.backend == BackendKind::Null));
+        assert_eq!(all_null.all_streams().count(), 4);
+        let e = config
+            .with_backend(BackendKind::Wav)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("streams[0].wav_path: the wav backend needs"),
+            "{e}"
+        );
+        assert_eq!("alsa".parse::<BackendKind>(), Ok(BackendKind::Alsa));
+        let e = "jack".parse::<BackendKind>().unwrap_err();
+        assert!(e.contains("`pipewire`") && e.contains("`null`"), "{e}");
     }
 
     #[test]

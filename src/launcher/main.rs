@@ -14,15 +14,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use command_fds::{CommandFdExt, FdMapping};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 
-use vsound_config::VmName;
+use vsound_config::{BackendKind, VmName};
 use vsound_process::listen::{self, SocketKind, SocketPath};
+use vsound_process::sandbox::Mode;
 
 /// The fd a child finds its listening socket on (`--fd 3`).
 const CHILD_LISTEN_FD: i32 = 3;
@@ -60,8 +61,15 @@ enum Cmd {
         #[arg(long)]
         broker_socket: Option<PathBuf>,
         /// Sandbox mode for both processes.
-        #[arg(long, default_value = "strict")]
-        sandbox: String,
+        #[arg(long, value_enum, default_value = "strict")]
+        sandbox: Mode,
+        /// Every stream on this backend, whatever the config says (the broker's `--backend`).
+        #[arg(long, value_name = "BACKEND")]
+        backend: Option<BackendKind>,
+        /// The user the broker becomes when the launcher runs as root (default:
+        /// `vsound-broker` where that user exists, as the package creates it, else `nobody`).
+        #[arg(long, value_name = "USER")]
+        broker_user: Option<String>,
         /// The user the worker becomes when the launcher runs as root.
         #[arg(long, default_value = "nobody")]
         worker_user: String,
@@ -249,12 +257,22 @@ fn let_worker_reconnect(broker_socket: &Path, worker_group: &str) -> Result<(), 
     Ok(())
 }
 
+/// The broker's user when none is given: the package's system user if it exists.
+fn default_broker_user() -> String {
+    match nix::unistd::User::from_name("vsound-broker") {
+        Ok(Some(_)) => "vsound-broker".to_string(),
+        _ => "nobody".to_string(),
+    }
+}
+
 struct RunOptions {
     socket: PathBuf,
     config: Option<PathBuf>,
     vm: VmName,
     broker_socket: Option<PathBuf>,
-    sandbox: String,
+    sandbox: Mode,
+    backend: Option<BackendKind>,
+    broker_user: Option<String>,
     worker_user: String,
     worker_group: String,
 }
@@ -266,6 +284,8 @@ fn run(options: RunOptions) -> Result<(), String> {
         vm,
         broker_socket,
         sandbox,
+        backend,
+        broker_user,
         worker_user,
         worker_group,
     } = options;
@@ -290,6 +310,9 @@ fn run(options: RunOptions) -> Result<(), String> {
         let_worker_reconnect(&broker_socket, &worker_group)?;
     }
 
+    let sandbox = sandbox
+        .to_possible_value()
+        .map_or("strict".to_string(), |v| v.get_name().to_string());
     let mut common: Vec<OsString> = vec!["--sandbox".into(), sandbox.into()];
     if let Some(config) = &config {
         common.extend(["--config".into(), config.into()]);
@@ -304,7 +327,7 @@ fn run(options: RunOptions) -> Result<(), String> {
     if nix::unistd::Uid::effective().is_root() {
         worker_args.extend([
             "--user".into(),
-            worker_user.into(),
+            worker_user.clone().into(),
             "--group".into(),
             worker_group.into(),
         ]);
@@ -327,6 +350,14 @@ fn run(options: RunOptions) -> Result<(), String> {
     };
     let mut broker_args = common;
     broker_args.extend(["--control-socket".into(), control_socket.clone().into()]);
+    if let Some(backend) = backend {
+        broker_args.extend(["--backend".into(), backend.name().into()]);
+    }
+    if nix::unistd::Uid::effective().is_root() {
+        let user = broker_user.unwrap_or_else(default_broker_user);
+        log::info!("the broker runs as {user}, the worker as {worker_user}");
+        broker_args.extend(["--user".into(), user.into()]);
+    }
     let mut children = [
         supervised("broker", "vsound-broker", broker_args, broker_fd),
         supervised("worker", "vsound-worker", worker_args, worker_fd),
@@ -416,6 +447,8 @@ fn main() -> ExitCode {
             vm,
             broker_socket,
             sandbox,
+            backend,
+            broker_user,
             worker_user,
             worker_group,
         } => run(RunOptions {
@@ -424,6 +457,8 @@ fn main() -> ExitCode {
             vm,
             broker_socket,
             sandbox,
+            backend,
+            broker_user,
             worker_user,
             worker_group,
         }),

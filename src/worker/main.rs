@@ -33,14 +33,14 @@ struct Args {
     #[arg(long, value_name = "N", conflicts_with = "socket")]
     fd: Option<RawFd>,
     /// The audio broker's socket.
-    #[arg(long)]
-    broker: PathBuf,
+    #[arg(long, required_unless_present = "check_config")]
+    broker: Option<PathBuf>,
     /// This VM's name (1 to 32 of A-Z a-z 0-9 _ -, starting with a letter or digit): the
     /// broker binds it to this worker's uid, and names the VM's PipeWire nodes and WAV files
     /// after it; its `[vms.NAME]` table in the config, if any, gives the VM's layout. The
     /// shipped unit passes its instance name.
-    #[arg(long, value_name = "NAME")]
-    vm: VmName,
+    #[arg(long, value_name = "NAME", required_unless_present = "check_config")]
+    vm: Option<VmName>,
     /// Device configuration (TOML); the built-in default without it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -53,7 +53,19 @@ struct Args {
     /// Group to become (default: the user's primary group).
     #[arg(long)]
     group: Option<String>,
+    /// Validate FILE (every VM's layout too), print what it describes, and exit.
+    #[arg(long, value_name = "FILE", exclusive = true)]
+    check_config: Option<PathBuf>,
+    /// Print the backend's capabilities as JSON (QEMU's vhost-user backend program
+    /// convention) and exit; every other argument is ignored.
+    #[arg(long)]
+    print_capabilities: bool,
 }
+
+/// What `--print-capabilities` prints: QEMU's `VHostUserBackendCapabilities` (its
+/// docs/interop/vhost-user.json). That schema names no `sound` type yet, and so defines no
+/// features for one.
+const CAPABILITIES: &str = r#"{"type": "sound"}"#;
 
 /// Ends the process on SIGINT/SIGTERM after removing the socket file it bound; runs on a thread
 /// started after the sandbox, so it is confined like every other.
@@ -62,6 +74,7 @@ fn remove_socket_on_stop(stop: SignalFd, socket_path: Arc<SocketPath>) {
         match stop.read_signal() {
             Ok(Some(info)) => {
                 log::info!("worker: stopped by signal {}", info.ssi_signo);
+                vsound_process::notify::stopping();
                 socket_path.remove();
                 std::process::exit(0);
             }
@@ -90,6 +103,9 @@ fn run(args: Args, source: Source, control: Option<RawFd>) -> Result<(), String>
         }
         Source::Fd { .. } => None,
     };
+    let (Some(broker), Some(vm)) = (args.broker.clone(), args.vm) else {
+        return Err("--broker and --vm are required".into());
+    };
     let file = match &args.config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -98,23 +114,21 @@ fn run(args: Args, source: Source, control: Option<RawFd>) -> Result<(), String>
     // streams are not it.
     let own = file
         .vms
-        .get(args.vm.as_str())
+        .get(vm.as_str())
         .is_some_and(|v| v.has_own_layout());
-    let config = file.for_vm(&args.vm);
-    let device = SoundDevice::new(&config, args.vm, &args.broker).map_err(|e| {
+    let config = file.for_vm(&vm);
+    let device = SoundDevice::new(&config, vm, &broker).map_err(|e| {
         format!(
-            "vm {}: cannot start with the broker at {}: {e}",
-            args.vm,
-            args.broker.display()
+            "vm {vm}: cannot start with the broker at {}: {e}",
+            broker.display()
         )
     })?;
     log::info!(
-        "worker: vm {}, broker client {}, {} streams ({})",
-        args.vm,
+        "worker: vm {vm}, broker client {}, {} streams ({})",
         device.broker_client_id(),
         config.streams.len(),
         if own {
-            format!("its own layout from [vms.{}]", args.vm)
+            format!("its own layout from [vms.{vm}]")
         } else {
             "the default layout".to_string()
         }
@@ -162,6 +176,7 @@ fn run(args: Args, source: Source, control: Option<RawFd>) -> Result<(), String>
             .map_err(|e| format!("cannot watch the broker: {e}"))?;
     }
     log::info!("worker: waiting for the VMM on {}", source.describe());
+    vsound_process::notify::ready();
     daemon
         .start(&mut listener)
         .map_err(|e| format!("vhost-user: {e}"))?;
@@ -180,6 +195,7 @@ fn run(args: Args, source: Source, control: Option<RawFd>) -> Result<(), String>
             VhostUserError::Disconnected | VhostUserError::PartialMessage,
         )) => {
             log::info!("worker: VMM disconnected");
+            vsound_process::notify::stopping();
             Ok(())
         }
         Err(e) => Err(format!("vhost-user: {e}")),
@@ -187,5 +203,27 @@ fn run(args: Args, source: Source, control: Option<RawFd>) -> Result<(), String>
 }
 
 fn main() -> ExitCode {
-    vsound_process::daemon::start("worker", |args: &Args| (args.socket.clone(), args.fd), run)
+    // Before parsing: the convention has every other argument ignored, even a missing or bad one.
+    if std::env::args_os()
+        .skip(1)
+        .any(|arg| arg == "--print-capabilities")
+    {
+        println!("{CAPABILITIES}");
+        return ExitCode::SUCCESS;
+    }
+    vsound_process::daemon::start(
+        "worker",
+        |args: &Args| {
+            let path = args.check_config.as_ref()?;
+            Some(
+                Config::load(path)
+                    .map(|config| {
+                        println!("{}", vsound_config::summary(path, &config));
+                    })
+                    .map_err(|e| e.to_string()),
+            )
+        },
+        |args: &Args| (args.socket.clone(), args.fd),
+        run,
+    )
 }
