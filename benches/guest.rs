@@ -252,7 +252,9 @@ fn main() {
         .arg("--broker")
         .arg(&broker_socket)
         .args(["--vm", "vm"]);
-    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
+    cmd.arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info,vsound_worker::stream=debug");
     if nix::unistd::Uid::effective().is_root() {
         cmd.args(["--user", "nobody", "--group", "nogroup"]);
     }

@@ -254,3 +254,98 @@ fn the_broker_and_the_worker_tell_systemd_when_they_serve_and_when_they_stop() {
     let status = wait_exit(&mut broker, Duration::from_secs(10)).expect("the broker exits");
     assert!(status.success(), "{status:?}");
 }
+
+/// Lines of `log` before the first that contains `until` (all of them without one).
+fn lines_before<'a>(log: &'a str, until: &str) -> Vec<&'a str> {
+    log.lines().take_while(|l| !l.contains(until)).collect()
+}
+
+#[test]
+fn default_logs_are_short_readable_and_quiet_about_a_clean_session() {
+    use common::frontend::{FrontendOptions, GuestVm};
+    use common::vsound::{control, pcm, play, prepare, Params};
+    use virtio_snd::protocol as p;
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker_log = dir.path().join("broker.log");
+    let worker_log = dir.path().join("worker.log");
+    let (mut broker, broker_socket) = spawn_broker_with_args(
+        dir.path(),
+        None,
+        &[("RUST_LOG", "info".into())],
+        Some(&broker_log),
+        &["--backend", "null"],
+    );
+    let vm_socket = dir.path().join("vm.sock");
+    let mut worker = Command::new(bins::worker());
+    worker
+        .arg("--socket")
+        .arg(&vm_socket)
+        .arg("--broker")
+        .arg(&broker_socket)
+        .args(["--vm", "vm"])
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&worker_log).unwrap());
+    if nix::unistd::Uid::effective().is_root() {
+        worker.args(["--user", "nobody", "--group", "nogroup"]);
+    }
+    let mut worker = common::vsound::Proc {
+        child: worker.spawn().unwrap(),
+    };
+    common::vsound::wait_for_path(&vm_socket, &mut worker);
+
+    // A clean session: play, drain, stop, release, and the VM goes away.
+    let mut vm = GuestVm::connect(&vm_socket, FrontendOptions::default()).unwrap();
+    let params = Params::s16_48k(0);
+    prepare(&mut vm, &params);
+    play(
+        &mut vm,
+        &params,
+        &vec![0x11u8; params.period_bytes as usize * 10],
+    );
+    assert_eq!(control(&mut vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    drop(vm);
+    assert!(wait_exit(&mut worker, Duration::from_secs(10)).is_some());
+    // The broker logs the worker's end as it happens.
+    std::thread::sleep(Duration::from_millis(300));
+    terminate(broker.pid());
+    assert!(wait_exit(&mut broker, Duration::from_secs(10)).is_some());
+
+    let broker_log = std::fs::read_to_string(&broker_log).unwrap();
+    let worker_log = std::fs::read_to_string(&worker_log).unwrap();
+    eprintln!("--- broker\n{broker_log}--- worker\n{worker_log}");
+    // A handful of lines at start-up, one of them the sandbox's, under the process's name.
+    let start = lines_before(&broker_log, "vm vm connected");
+    assert!(
+        start.len() <= 5,
+        "{} start-up lines:\n{broker_log}",
+        start.len()
+    );
+    let start = lines_before(&worker_log, "waiting for the VMM");
+    assert!(
+        start.len() <= 3,
+        "{} start-up lines:\n{worker_log}",
+        start.len()
+    );
+    for (who, log) in [("broker", &broker_log), ("worker", &worker_log)] {
+        let sandbox = log.lines().filter(|l| l.contains("sandbox")).count();
+        assert_eq!(sandbox, 1, "{who}: one sandbox line:\n{log}");
+        assert!(log.contains(&format!("{who}: sandbox: ")), "{log}");
+        // A clean session warns about nothing (its end included) and counts no xruns.
+        assert!(
+            !log.contains(" WARN ") && !log.contains(" ERROR "),
+            "{who}:\n{log}"
+        );
+        assert!(!log.contains("xrun"), "{who}:\n{log}");
+        assert!(
+            !log.contains("CloneFlags") && !log.contains("format 5"),
+            "{log}"
+        );
+    }
+    assert!(
+        broker_log.contains("prepared: S16 48000 Hz 2 ch"),
+        "{broker_log}"
+    );
+    assert!(broker_log.contains("dropping vm vm"), "{broker_log}");
+}

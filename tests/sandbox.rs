@@ -83,7 +83,7 @@ fn forbidden_actions_are_stopped_inside_the_worker() {
         );
         // The probe runs only after every layer was applied.
         assert!(
-            stderr.contains("seccomp policy policies/worker.json installed"),
+            stderr.contains("worker: sandbox: ") && stderr.contains("seccomp policies/worker.json"),
             "{stderr}"
         );
         eprintln!("worker: {action}: {ended}");
@@ -108,7 +108,7 @@ fn thread_arenas_grow_and_shrink_inside_the_worker() {
     let (ended, stderr) = probe(worker, "arena", &args);
     assert_eq!(ended, "survived", "{stderr}");
     assert!(
-        stderr.contains("seccomp policy policies/worker.json installed"),
+        stderr.contains("worker: sandbox: ") && stderr.contains("seccomp policies/worker.json"),
         "{stderr}"
     );
 

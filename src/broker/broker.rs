@@ -141,6 +141,10 @@ struct BrokerStream {
     timer_slot: Option<usize>,
     running: bool,
     xruns: u64,
+    /// The ring's positions when the last xrun was reported: still the same at STOP, the
+    /// stream ran dry (or full) at the end of what the guest gave and stayed so until it
+    /// stopped, which is how every playback ends (a drain), not an underrun.
+    xrun_positions: Option<(u64, u64)>,
     /// Its volume and mute, read by whichever thread moves its frames.
     gain: Arc<GainCell>,
     params: PcmParams,
@@ -817,8 +821,9 @@ impl Broker {
             let (msg, fds) = match received {
                 Ok(m) => m,
                 Err(IpcError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // A worker ends when its VM does: a normal end, not a fault.
                 Err(IpcError::Closed) => {
-                    self.drop_client(id, &"disconnected");
+                    self.drop_connection(id, &"disconnected", log::Level::Info);
                     return;
                 }
                 Err(e) => {
@@ -1457,6 +1462,7 @@ impl Broker {
                 timer_slot: None,
                 running: false,
                 xruns: 0,
+                xrun_positions: None,
                 gain: opening.gain,
                 params: opening.params,
                 stats: opening.stats,
@@ -1467,10 +1473,10 @@ impl Broker {
             .vm
             .map_or_else(|| format!("connection {id}"), |vm| vm.to_string());
         log::info!(
-            "broker: {who} stream {stream_id} prepared: {} Hz, {} ch, format {}, period {} bytes, {} backend",
+            "broker: {who} stream {stream_id} prepared: {} {} Hz {} ch, period {} bytes, {} backend",
+            vsound_config::format_name(params.format),
             params.rate_hz(),
             params.channels,
-            params.format,
             params.period_bytes,
             opening.backend_name
         );
@@ -1624,6 +1630,7 @@ impl Broker {
         };
         if let Some(stream) = client.streams.get_mut(&stream_id) {
             stream.xruns += 1;
+            stream.xrun_positions = Some(stream.stats.positions());
         }
         if let Err(e) = client.channel.send(&BrokerMsg::Xrun { stream_id }, &[]) {
             log::debug!("broker: cannot report xrun: {e}");
@@ -1908,6 +1915,9 @@ impl Broker {
         }
         let backend_stream = stream.stream.as_mut().ok_or("stream is busy")?;
         stream.running = false;
+        if stream.xrun_positions.take() == Some(stream.stats.positions()) {
+            stream.xruns -= 1;
+        }
         backend_stream
             .stop()
             .map_err(|e| format!("backend stop: {e}"))

@@ -12,8 +12,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use virtio_snd::protocol::D_OUTPUT;
 use vsound_broker::broker::{resolve_pins, Broker};
-use vsound_config::BackendKind;
-use vsound_config::Config;
+use vsound_config::{BackendKind, Config, VmName};
 use vsound_process::listen::{self, SocketKind, Source};
 use vsound_process::sandbox::{self, Mode, PathRule, Role};
 use vsound_shared::ipc::Listener;
@@ -190,22 +189,10 @@ fn run(args: Args, source: Source, activated_control: Option<RawFd>) -> Result<(
     // Dropped when run returns, however it ends: removes the socket file we bound.
     let socket_path = listening.path;
     let listener = Listener::from_fd(listening.fd);
-    for stream in &config.streams {
-        log::info!(
-            "broker: stream {} ({:?}) on the {:?} backend",
-            stream.name,
-            stream.direction,
-            stream.backend
-        );
-    }
+    log::info!("broker: default layout: {}", config.describe());
     for (name, vm) in &config.vms {
-        for stream in vm.streams.iter().flatten() {
-            log::info!(
-                "broker: vm {name}: stream {} ({:?}) on the {:?} backend",
-                stream.name,
-                stream.direction,
-                stream.backend
-            );
+        if let (true, Ok(vm_name)) = (vm.has_own_backends(), VmName::new(name)) {
+            log::info!("broker: vm {name}: {}", config.for_vm(&vm_name).describe());
         }
     }
     // Before the sandbox, which hides the user database.
@@ -256,21 +243,27 @@ fn run(args: Args, source: Source, activated_control: Option<RawFd>) -> Result<(
         );
     }
     let mut broker = Broker::new(config, pins, listener).map_err(|e| e.to_string())?;
-    // Its file is removed when `_control_path` drops, however run ends.
-    let _control_path = match control {
+    // Its file is removed when `control_path` drops, however run ends.
+    let control_path = match control {
         Some((listener, bound)) => {
             broker
                 .serve_admin(listener)
                 .map_err(|e| format!("control socket: {e}"))?;
-            match &args.control_socket {
-                Some(path) => log::info!("broker: host commands on {}", path.display()),
-                None => log::info!("broker: host commands on the activated control socket"),
-            }
             bound
         }
         None => None,
     };
-    log::info!("broker: listening on {}", source.describe());
+    let host_commands = match (&control_path, &args.control_socket) {
+        (_, Some(path)) => format!("host commands on {}", path.display()),
+        (None, None) if activated_control.is_some() => {
+            "host commands on the activated control socket".to_string()
+        }
+        _ => "no host commands (no --control-socket)".to_string(),
+    };
+    log::info!(
+        "broker: listening on {}; {host_commands}",
+        source.describe()
+    );
     vsound_process::notify::ready();
     let served = broker.run(Some(std::os::fd::AsFd::as_fd(&stop)));
     vsound_process::notify::stopping();

@@ -1092,29 +1092,33 @@ fn list<T: std::fmt::Display>(values: impl IntoIterator<Item = T>) -> String {
 /// What `--check-config` prints for a valid file: each layout's streams (direction and
 /// backend) and jacks, the default one first.
 pub fn summary(path: &Path, config: &Config) -> String {
-    let layout = |c: &Config| {
-        let streams = list(c.streams.iter().map(|s| {
-            let direction = format!("{:?}", s.direction).to_lowercase();
-            format!("{} ({direction}, {})", s.name, s.backend.name())
-        }));
-        match c.jacks.len() {
-            0 => format!("streams {streams}; no jacks"),
-            _ => format!(
-                "streams {streams}; jacks {}",
-                list(c.jacks.iter().map(|j| &j.name))
-            ),
-        }
-    };
     let mut lines = vec![
         format!("{}: valid", path.display()),
-        format!("  default layout: {}", layout(config)),
+        format!("  default layout: {}", config.describe()),
     ];
     for name in config.vms.keys() {
         if let Ok(vm) = VmName::new(name) {
-            lines.push(format!("  vm {name}: {}", layout(&config.for_vm(&vm))));
+            lines.push(format!("  vm {name}: {}", config.for_vm(&vm).describe()));
         }
     }
     lines.join("\n")
+}
+
+impl Config {
+    /// One layout in a line: `streams media (output, auto), mic (input, auto); jacks Line Out`.
+    pub fn describe(&self) -> String {
+        let streams = list(self.streams.iter().map(|s| {
+            let direction = format!("{:?}", s.direction).to_lowercase();
+            format!("{} ({direction}, {})", s.name, s.backend.name())
+        }));
+        match self.jacks.len() {
+            0 => format!("streams {streams}; no jacks"),
+            _ => format!(
+                "streams {streams}; jacks {}",
+                list(self.jacks.iter().map(|j| &j.name))
+            ),
+        }
+    }
 }
 
 /// The first name that repeats an earlier one, with its index.

@@ -372,6 +372,11 @@ fn run(options: RunOptions) -> Result<(), String> {
     for child in children.iter_mut().rev() {
         child.stop();
     }
+    // The broker bound it, but as another user it may not remove it from our directory.
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(&control_socket).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(&control_socket);
+    }
     println!("vsound stopped");
     result
 }

@@ -387,7 +387,16 @@ impl SocketPath {
         match identity(&self.path) {
             Ok(found) if found == Some((self.dev, self.ino)) => {
                 match rustix::fs::unlink(&self.path) {
-                    Ok(()) => log::info!("removed {}", self.path.display()),
+                    Ok(()) => log::debug!("removed {}", self.path.display()),
+                    // Expected where the directory is not ours to write (a user switch, a
+                    // service manager's directory): documented, and the next start copes.
+                    Err(e) if matches!(e, rustix::io::Errno::ACCESS | rustix::io::Errno::PERM) => {
+                        log::info!(
+                            "left {} behind ({e}: its directory is not writable for this user); \
+                             the next start replaces it",
+                            self.path.display()
+                        )
+                    }
                     Err(e) => log::warn!("cannot remove {}: {e}", self.path.display()),
                 }
             }

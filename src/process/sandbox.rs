@@ -132,9 +132,12 @@ pub fn apply(options: &Options) -> Result<Report, SandboxError> {
         _ => None,
     };
 
+    // What was applied, for the one line that sums the sandbox up.
+    let mut applied: Vec<String> = Vec::new();
+
     // 1. Not dumpable.
     match nix::sys::prctl::set_dumpable(false) {
-        Ok(()) => log::info!("sandbox: not dumpable"),
+        Ok(()) => applied.push("not dumpable".into()),
         Err(e) => applier.missing("dumpable", e)?,
     }
 
@@ -146,7 +149,18 @@ pub fn apply(options: &Options) -> Result<Report, SandboxError> {
     match unshare(flags) {
         Ok(()) => {
             report.namespaces = true;
-            log::info!("sandbox: new {flags:?} namespaces");
+            let names = [
+                (CloneFlags::CLONE_NEWUSER, "user"),
+                (CloneFlags::CLONE_NEWNET, "network"),
+                (CloneFlags::CLONE_NEWIPC, "IPC"),
+                (CloneFlags::CLONE_NEWNS, "mount"),
+            ];
+            let new: Vec<&str> = names
+                .iter()
+                .filter(|(flag, _)| flags.contains(*flag))
+                .map(|(_, name)| *name)
+                .collect();
+            applied.push(format!("new {} namespaces", new.join(", ")));
         }
         // "Where the kernel allows": a service manager may already have given us private
         // namespaces and forbidden new ones (RestrictNamespaces=); seccomp and Landlock still
@@ -161,32 +175,39 @@ pub fn apply(options: &Options) -> Result<Report, SandboxError> {
     if let Some((uid, gid, name)) = target {
         switch_user(uid, gid).map_err(|e| SandboxError(format!("switching to {name}: {e}")))?;
         report.user_switched = true;
-        log::info!("sandbox: running as {name} (uid {uid}, gid {gid}), no supplementary groups");
+        applied.push(format!(
+            "user {name} (uid {uid}, gid {gid}, no supplementary groups)"
+        ));
     }
     clear_capabilities(&applier)?;
+    applied.push("no capabilities".into());
 
     // 5. No new privileges.
     match nix::sys::prctl::set_no_new_privs() {
-        Ok(()) => log::info!("sandbox: no_new_privs"),
+        Ok(()) => applied.push("no_new_privs".into()),
         Err(e) => applier.missing("no_new_privs", e)?,
     }
 
     // 6. Landlock.
     report.landlock = apply_landlock(&applier, &options.paths)?;
+    if let Some(landlock) = &report.landlock {
+        applied.push(format!("Landlock {landlock}"));
+    }
 
     // 7. Seccomp, last: the layers above need calls the policy forbids.
     let installed = apply_seccomp(options.role)?;
     report.seccomp_filters = installed.len();
-    log::info!(
-        "sandbox: seccomp policy {} installed ({} filters: {}; the last is the allow-list, \
-         default kill-process; the others turn listed calls into an errno)",
-        match options.role {
-            Role::Worker => "policies/worker.json",
-            Role::Broker => "policies/broker.json",
-        },
-        installed.len(),
-        installed.join(", ")
-    );
+    let (role, policy) = match options.role {
+        Role::Worker => ("worker", "policies/worker.json"),
+        Role::Broker => ("broker", "policies/broker.json"),
+    };
+    // The allow-list is the last filter; the others turn listed calls into an errno.
+    log::debug!("{role}: seccomp filters {}", installed.join(", "));
+    applied.push(format!(
+        "seccomp {policy} ({} filters, kill-process by default)",
+        installed.len()
+    ));
+    log::info!("{role}: sandbox: {}", applied.join(", "));
     Ok(report)
 }
 
@@ -221,7 +242,7 @@ fn switch_user(uid: Uid, gid: Gid) -> nix::Result<()> {
 fn drop_bounding_set(applier: &Applier) -> Result<(), SandboxError> {
     let held = caps::read(None, CapSet::Bounding).unwrap_or_default();
     if held.is_empty() {
-        log::info!("sandbox: capability bounding set already empty");
+        log::debug!("sandbox: capability bounding set already empty");
         return Ok(());
     }
     let mut failed = Vec::new();
@@ -231,7 +252,7 @@ fn drop_bounding_set(applier: &Applier) -> Result<(), SandboxError> {
         }
     }
     if failed.is_empty() {
-        log::info!("sandbox: capability bounding set cleared");
+        log::debug!("sandbox: capability bounding set cleared");
         return Ok(());
     }
     // Without CAP_SETPCAP an unprivileged process cannot shrink its bounding set; with no
@@ -264,7 +285,7 @@ fn clear_capabilities(applier: &Applier) -> Result<(), SandboxError> {
             applier.missing("capabilities", format!("{set:?} still holds {left:?}"))?;
         }
     }
-    log::info!("sandbox: no capabilities (effective, permitted, inheritable, ambient)");
+    log::debug!("sandbox: no capabilities (effective, permitted, inheritable, ambient)");
     Ok(())
 }
 
@@ -301,11 +322,14 @@ fn apply_landlock(applier: &Applier, paths: &[PathRule]) -> Result<Option<String
                 Ok(None)
             }
             enforced => {
+                let how = match enforced {
+                    RulesetStatus::FullyEnforced => "fully enforced",
+                    _ => "partly enforced (an older kernel ABI)",
+                };
                 let text = format!(
-                    "{enforced:?} (filesystem: {} rules, no TCP, abstract sockets and signals scoped)",
+                    "{how} ({} path rules, no TCP, abstract sockets and signals scoped)",
                     paths.len()
                 );
-                log::info!("sandbox: landlock {text}");
                 Ok(Some(text))
             }
         },

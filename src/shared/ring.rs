@@ -207,6 +207,14 @@ impl SharedRing {
         write.saturating_sub(read).min(self.capacity)
     }
 
+    /// Both positions (write, read) as the header says now: for statistics only.
+    pub fn positions(&self) -> (u64, u64) {
+        (
+            self.load(OFF_WRITE_POS).unwrap_or(0),
+            self.load(OFF_READ_POS).unwrap_or(0),
+        )
+    }
+
     /// Backend delay in frames, published by the broker (a hint: the worker clamps its use).
     pub fn backend_delay(&self) -> u64 {
         self.load(OFF_BACKEND_DELAY).unwrap_or(0)

@@ -484,6 +484,29 @@ pub fn request_code(bytes: &[u8]) -> Option<u32> {
     read_prefix::<Hdr>(bytes).map(|h| h.code.get())
 }
 
+/// A request code by name (`PCM_SET_PARAMS`, ...), for logs.
+pub fn request_name(code: u32) -> &'static str {
+    match code {
+        R_JACK_INFO => "JACK_INFO",
+        R_JACK_REMAP => "JACK_REMAP",
+        R_PCM_INFO => "PCM_INFO",
+        R_PCM_SET_PARAMS => "PCM_SET_PARAMS",
+        R_PCM_PREPARE => "PCM_PREPARE",
+        R_PCM_RELEASE => "PCM_RELEASE",
+        R_PCM_START => "PCM_START",
+        R_PCM_STOP => "PCM_STOP",
+        R_CHMAP_INFO => "CHMAP_INFO",
+        R_CTL_INFO => "CTL_INFO",
+        R_CTL_ENUM_ITEMS => "CTL_ENUM_ITEMS",
+        R_CTL_READ => "CTL_READ",
+        R_CTL_WRITE => "CTL_WRITE",
+        R_CTL_TLV_READ => "CTL_TLV_READ",
+        R_CTL_TLV_WRITE => "CTL_TLV_WRITE",
+        R_CTL_TLV_COMMAND => "CTL_TLV_COMMAND",
+        _ => "unknown request",
+    }
+}
+
 /// The status a response starts with, by name (`OK`, `BAD_MSG`, ...), for logs.
 pub fn status_name(response: &[u8]) -> &'static str {
     match request_code(response) {

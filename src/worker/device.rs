@@ -292,9 +292,10 @@ impl SoundDevice {
         };
         // Each request and its status at debug; its bytes at trace (how the fuzz corpus's
         // requests from the Linux driver were recorded).
+        let code = p::request_code(&request).unwrap_or(0);
         log::debug!(
-            "control request {:#x}: {}",
-            p::request_code(&request).unwrap_or(0),
+            "control request {} ({code:#x}): {}",
+            p::request_name(code),
             p::status_name(&response)
         );
         log::trace!("control request bytes {}", hex(&request));

@@ -153,7 +153,7 @@ impl TxStats {
         let bytes_per_s = u128::from(params.frame_bytes()) * u128::from(params.rate_hz());
         guest_log!(
             limiter,
-            Level::Info,
+            Level::Debug,
             "stream {stream_id}: {} tx buffers; arrival to completion mean {} us, max {} us; \
              queued ahead on copy (latency_bytes) mean {} us",
             stats.buffers,

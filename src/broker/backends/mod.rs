@@ -210,12 +210,13 @@ pub struct LayoutBackends {
 /// (and the choice is logged); an explicit `pipewire` stream needs the daemon.
 pub fn build(config: &Config) -> Result<LayoutBackends, String> {
     let wants = |kind| config.all_streams().any(|s| s.backend == kind);
+    let mut no_pipewire = None;
     let pipewire_thread = if wants(BackendKind::Pipewire) || wants(BackendKind::Auto) {
         match pipewire::PipewireThread::start() {
             Ok(thread) => Some(thread),
             Err(e) if wants(BackendKind::Pipewire) => return Err(e),
             Err(e) => {
-                log::info!("backends: no PipeWire ({e})");
+                no_pipewire = Some(e);
                 None
             }
         }
@@ -223,15 +224,15 @@ pub fn build(config: &Config) -> Result<LayoutBackends, String> {
         None
     };
     let auto_alsa = pipewire_thread.is_none() && wants(BackendKind::Auto) && alsa::probe("default");
-    let auto = if pipewire_thread.is_some() {
-        "pipewire"
-    } else if auto_alsa {
-        "alsa (default PCM)"
-    } else {
-        "null"
-    };
     if wants(BackendKind::Auto) {
-        log::info!("backends: auto streams use {auto}");
+        let why = no_pipewire.unwrap_or_default();
+        match (pipewire_thread.is_some(), auto_alsa) {
+            (true, _) => log::info!("backends: auto streams use PipeWire"),
+            (false, true) => log::info!("backends: auto streams use ALSA's default PCM ({why})"),
+            (false, false) => log::info!(
+                "backends: auto streams use null ({why}; ALSA's default PCM does not open)"
+            ),
+        }
     }
     let layout = |config: &Config| -> Backends {
         config

@@ -85,6 +85,26 @@ pub struct NodeProps {
 
 /// What a PipeWire client reads once the broker is confined: its plugins and modules (loaded
 /// as streams are created) and its configuration.
+/// The daemon socket libpipewire connects to, as it finds it (`$PIPEWIRE_REMOTE`, default
+/// `pipewire-0`, in `$PIPEWIRE_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR`), for the error that says
+/// what was tried.
+pub fn socket_tried() -> String {
+    let remote = std::env::var("PIPEWIRE_REMOTE").unwrap_or_else(|_| "pipewire-0".into());
+    if remote.starts_with('/') {
+        return remote;
+    }
+    match ["PIPEWIRE_RUNTIME_DIR", "XDG_RUNTIME_DIR"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok().filter(|dir| !dir.is_empty()))
+    {
+        Some(dir) => format!("{dir}/{remote} (is a daemon running for this user?)"),
+        None => format!(
+            "{remote} (neither PIPEWIRE_RUNTIME_DIR nor XDG_RUNTIME_DIR is set: set one to the \
+             daemon's directory)"
+        ),
+    }
+}
+
 pub fn sandbox_read_paths() -> Vec<std::path::PathBuf> {
     let mut paths: Vec<std::path::PathBuf> = Vec::new();
     for var in [
@@ -1187,7 +1207,10 @@ fn run_loop(
     }));
     let supervisor: Rc<RefCell<Option<pw::loop_::TimerSource<'static>>>> = Rc::default();
     if let Err(e) = Session::connect(&session, &context, &supervisor, &connected) {
-        let _ = ready.send(Err(format!("cannot connect to PipeWire: {e}")));
+        let _ = ready.send(Err(format!(
+            "cannot connect to PipeWire at {}: {e}",
+            socket_tried()
+        )));
         return;
     }
     let timer = {
