@@ -213,6 +213,30 @@ fn terminate(pid: u32) {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
 }
 
+/// A worker for the VM `vm` on `DIR/vm.sock`, its command adjusted by `adjust`.
+fn worker_command(
+    dir: &Path,
+    broker_socket: &Path,
+    adjust: impl FnOnce(&mut Command),
+) -> (common::vsound::Proc, std::path::PathBuf) {
+    let vm_socket = dir.join("vm.sock");
+    let mut worker = Command::new(bins::worker());
+    worker
+        .arg("--socket")
+        .arg(&vm_socket)
+        .arg("--broker")
+        .arg(broker_socket)
+        .args(["--vm", "vm"]);
+    if nix::unistd::Uid::effective().is_root() {
+        worker.args(["--user", "nobody", "--group", "nogroup"]);
+    }
+    adjust(&mut worker);
+    let worker = common::vsound::Proc {
+        child: worker.spawn().unwrap(),
+    };
+    (worker, vm_socket)
+}
+
 #[test]
 fn the_broker_and_the_worker_tell_systemd_when_they_serve_and_when_they_stop() {
     let dir = tempfile::tempdir().unwrap();
@@ -227,22 +251,9 @@ fn the_broker_and_the_worker_tell_systemd_when_they_serve_and_when_they_stop() {
     // Sent once it serves its socket, from inside its sandbox.
     assert_eq!(next_state(&manager), "READY=1");
 
-    let vm_socket = dir.path().join("vm.sock");
-    let mut worker = Command::new(bins::worker());
-    worker
-        .arg("--socket")
-        .arg(&vm_socket)
-        .arg("--broker")
-        .arg(&broker_socket)
-        .args(["--vm", "vm"])
-        .env("NOTIFY_SOCKET", &path)
-        .env("RUST_LOG", "warn");
-    if nix::unistd::Uid::effective().is_root() {
-        worker.args(["--user", "nobody", "--group", "nogroup"]);
-    }
-    let mut worker = common::vsound::Proc {
-        child: worker.spawn().unwrap(),
-    };
+    let (mut worker, vm_socket) = worker_command(dir.path(), &broker_socket, |worker| {
+        worker.env("NOTIFY_SOCKET", &path).env("RUST_LOG", "warn");
+    });
     assert_eq!(next_state(&manager), "READY=1");
     assert!(vm_socket.exists(), "ready before its socket was bound");
     terminate(worker.pid());
@@ -276,22 +287,11 @@ fn default_logs_are_short_readable_and_quiet_about_a_clean_session() {
         Some(&broker_log),
         &["--backend", "null"],
     );
-    let vm_socket = dir.path().join("vm.sock");
-    let mut worker = Command::new(bins::worker());
-    worker
-        .arg("--socket")
-        .arg(&vm_socket)
-        .arg("--broker")
-        .arg(&broker_socket)
-        .args(["--vm", "vm"])
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&worker_log).unwrap());
-    if nix::unistd::Uid::effective().is_root() {
-        worker.args(["--user", "nobody", "--group", "nogroup"]);
-    }
-    let mut worker = common::vsound::Proc {
-        child: worker.spawn().unwrap(),
-    };
+    let (mut worker, vm_socket) = worker_command(dir.path(), &broker_socket, |worker| {
+        worker
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&worker_log).unwrap());
+    });
     common::vsound::wait_for_path(&vm_socket, &mut worker);
 
     // A clean session: play, drain, stop, release, and the VM goes away.
