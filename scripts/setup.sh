@@ -16,6 +16,7 @@ PACKAGES=(
   selinux-policy-dev selinux-policy-default  # tests: build the SELinux module, link it into Debian's policy
   strace            # tests/sandbox.rs: glibc's heap-trim open is refused (not killed) in the worker
   dbus-daemon       # tests/sandbox.rs: a private D-Bus system bus for the broker's PipeWire client
+  libvirt-clients libxml2-utils  # tests/examples.rs: virt-xml-validate (xmllint, libvirt's schemas) on the libvirt example
 )
 
 # From bookworm-backports: PipeWire 1.4 (the broker's backend, and the tests' private daemon).

@@ -400,12 +400,14 @@ fn supervise(
         "Host commands: vsound ctl --socket {} list (or set-volume, mute, mute-all)",
         control_socket.display()
     );
+    // vhost-user needs the guest's RAM shared (a memfd backend); QEMU refuses to start unless
+    // `-m` equals the backend's size ("total memory for NUMA nodes ... should equal RAM size").
     // `controls=on` sizes QEMU's config space for the control elements: QEMU passes the
     // worker's VIRTIO_SND_F_CTLS to the guest either way, and without it the guest reads its
     // `controls` count past a 12-byte space (as 0xffffffff) and fails its probe.
-    println!("Attach a VM with these QEMU arguments:");
+    println!("Attach a VM with these QEMU arguments (-m and size= must be equal):");
     println!(
-        "  -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \\\n  -chardev socket,id=vsound,path={} -device vhost-user-snd-pci,chardev=vsound,controls=on",
+        "  -m 512M -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \\\n  -chardev socket,id=vsound,path={} -device vhost-user-snd-pci,chardev=vsound,controls=on",
         socket.display()
     );
     println!("Press Ctrl-C to stop.");

@@ -177,12 +177,13 @@ pub fn spawn_worker(
     (proc, socket)
 }
 
-/// `vsound run` with its stderr in `log`.
+/// `vsound run` with its stderr in `log` and its stdout in `out`.
 pub struct Launcher {
     pub proc: Proc,
     pub socket: PathBuf,
     pub broker_socket: PathBuf,
     pub log: PathBuf,
+    pub out: PathBuf,
 }
 
 /// Stops the launcher with SIGTERM, which stops its children: a SIGKILL (`Proc`'s drop) would
@@ -206,6 +207,7 @@ impl Launcher {
         let socket = dir.join("vm.sock");
         let broker_socket = dir.join("broker.sock");
         let log = dir.join("launcher.log");
+        let out = dir.join("launcher.out");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vsound"));
         cmd.arg("run")
             .arg("--socket")
@@ -216,7 +218,7 @@ impl Launcher {
             .env_remove("XDG_RUNTIME_DIR")
             .env_remove("PIPEWIRE_RUNTIME_DIR")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap());
         let mut proc = Proc {
             child: cmd.spawn().expect("start the launcher"),
@@ -228,11 +230,17 @@ impl Launcher {
             socket,
             broker_socket,
             log,
+            out,
         }
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What the launcher printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
     }
 
     /// The pid of the launcher's running child `name` (waits for it to appear).

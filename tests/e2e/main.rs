@@ -16,7 +16,8 @@
 //! PipeWire node's channelVolumes and mute follow, a muted bus is silence at the sink) and see a
 //! change made on PipeWire's side. `faults` kills the broker and another VM's worker under a playing guest; `matrix` plays and
 //! records across rates, channel counts and period sizes on the wav and null backends, then runs
-//! a long session of PREPARE / RELEASE cycles.
+//! a long session of PREPARE / RELEASE cycles. `pasted` starts QEMU (stopped, no guest) with the
+//! arguments `vsound run` prints and those in the README, as a user pastes them.
 //!
 //! Needs (and fails, not skips, without them): qemu-system-x86 from bookworm-backports,
 //! pipewire, pipewire-bin and wireplumber, and the guest packages build-guest.sh fetches with
@@ -29,6 +30,7 @@ mod controls;
 mod faults;
 mod guest;
 mod matrix;
+mod pasted;
 
 use std::time::{Duration, Instant};
 
