@@ -222,14 +222,23 @@ impl Backend for AlsaBackend {
             open_status(opened.as_ref().map(|_| ()).map_err(|e| *e)),
             Ordering::Release,
         );
-        let pcm = opened.map_err(|e| alsa_err("open", e))?;
+        let pcm = opened.map_err(|e| {
+            alsa_err(
+                "open (the stream's alsa_device; `aplay -L` lists this host's PCMs)",
+                e,
+            )
+        })?;
         let period = i64::from(params.period_frames());
         {
             let hw = HwParams::any(&pcm).map_err(|e| alsa_err("hw params", e))?;
             hw.set_access(Access::RWInterleaved)
                 .map_err(|e| alsa_err("access", e))?;
-            let fmt = alsa_format(params.format)
-                .ok_or_else(|| BackendError::Unsupported(format!("format {}", params.format)))?;
+            let fmt = alsa_format(params.format).ok_or_else(|| {
+                BackendError::Unsupported(format!(
+                    "format {}",
+                    vsound_config::format_name(params.format)
+                ))
+            })?;
             hw.set_format(fmt).map_err(|e| alsa_err("format", e))?;
             hw.set_channels(u32::from(params.channels))
                 .map_err(|e| alsa_err("channels", e))?;

@@ -168,7 +168,10 @@ fn expand(template: &Path, vm: &str, client: u32) -> Result<PathBuf, BackendErro
 fn wav_spec(spec: &StreamSpec) -> Result<(WavSpec, Codec), BackendError> {
     let params = &spec.params;
     let codec = Codec::of(params.format).ok_or_else(|| {
-        BackendError::Unsupported(format!("wav backend: format {}", params.format))
+        BackendError::Unsupported(format!(
+            "wav backend: format {}",
+            vsound_config::format_name(params.format)
+        ))
     })?;
     let (bits_per_sample, sample_format) = codec.wav();
     let wav = WavSpec {
