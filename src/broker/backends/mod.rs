@@ -20,6 +20,7 @@ use vsound_shared::ring::{Consumer, Producer, RingError, SharedRing, WakeSender}
 pub mod alsa;
 pub mod clocked;
 pub mod gain;
+pub mod gstreamer;
 pub mod host_nodes;
 pub mod null;
 pub mod pipewire;
@@ -269,7 +270,20 @@ fn for_stream(
         BackendKind::Auto => BackendKind::Null,
         kind => kind,
     };
+    let layouts = || {
+        config
+            .chmaps
+            .iter()
+            .filter(|c| c.direction == stream.direction && c.hda_fn_nid == stream.hda_fn_nid)
+            .map(|c| c.position_values())
+            .collect()
+    };
     match (kind, pipewire_thread) {
+        (BackendKind::Gstreamer, _) => Arc::new(gstreamer::GstreamerBackend {
+            description: stream.gst_pipeline_or_default().to_string(),
+            stream_name: stream.name.clone(),
+            layouts: layouts(),
+        }),
         (BackendKind::Wav, _) => Arc::new(wav::WavBackend {
             path_template: stream.wav_path.clone().unwrap_or_default(),
         }),
@@ -281,12 +295,7 @@ fn for_stream(
             stream.direction.wire(),
         )),
         (BackendKind::Pipewire, Some(thread)) => {
-            let layouts = config
-                .chmaps
-                .iter()
-                .filter(|c| c.direction == stream.direction && c.hda_fn_nid == stream.hda_fn_nid)
-                .map(|c| c.position_values())
-                .collect();
+            let layouts = layouts();
             Arc::new(pipewire::PipewireBackend {
                 thread: thread.clone(),
                 props: pipewire::NodeProps {
