@@ -142,6 +142,47 @@ struct Channels {
     guest_order: Option<Vec<Position>>,
 }
 
+impl Channels {
+    /// For each channel of GStreamer's order, the guest's channel it is (`None`: the same
+    /// order).
+    fn guest_to_gstreamer(&self) -> Option<Vec<usize>> {
+        let (canonical, guest) = (self.canonical.as_ref()?, self.guest_order.as_ref()?);
+        canonical
+            .iter()
+            .map(|p| guest.iter().position(|g| g == p))
+            .collect()
+    }
+
+    /// For each channel of the guest's order, GStreamer's channel it is.
+    fn gstreamer_to_guest(&self) -> Option<Vec<usize>> {
+        let (canonical, guest) = (self.canonical.as_ref()?, self.guest_order.as_ref()?);
+        guest
+            .iter()
+            .map(|p| canonical.iter().position(|c| c == p))
+            .collect()
+    }
+}
+
+/// Reorders the interleaved frames of `data` in place: channel `i` of each frame becomes its
+/// channel `source[i]` (no allocation: a frame is at most 18 channels of 8 bytes). GStreamer's
+/// own `gst_audio_reorder_channels` is not used: its Rust binding checks the length against the
+/// sample width in bits, not bytes, and refuses most buffer sizes.
+fn reorder_frames(data: &mut [u8], sample_bytes: usize, source: &[usize]) {
+    const MAX_FRAME: usize = 18 * 8;
+    let frame_bytes = sample_bytes * source.len();
+    if frame_bytes == 0 || frame_bytes > MAX_FRAME {
+        return;
+    }
+    let mut frame = [0u8; MAX_FRAME];
+    for chunk in data.chunks_exact_mut(frame_bytes) {
+        frame[..frame_bytes].copy_from_slice(chunk);
+        for (i, &from) in source.iter().enumerate() {
+            let (to, from) = (i * sample_bytes, from * sample_bytes);
+            chunk[to..to + sample_bytes].copy_from_slice(&frame[from..from + sample_bytes]);
+        }
+    }
+}
+
 fn channels_for(count: u8, layouts: &[Vec<u8>]) -> Channels {
     let unpositioned = Channels {
         canonical: None,
@@ -416,6 +457,11 @@ impl Backend for GstreamerBackend {
             return Err(failed("GStreamer was not initialised at start-up".into()));
         }
         let label = format!("vm {} stream {}", spec.vm, self.stream_name);
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
         let built = Built::new(&self.description, spec, &self.layouts, &label).map_err(failed)?;
         built.prepare().map_err(|e| {
             let _ = built.pipeline.set_state(gst::State::Null);
@@ -434,12 +480,8 @@ impl Backend for GstreamerBackend {
             wake,
             kick,
         });
-        let pacer = Pacer::new(built, port, shared.clone(), spec, label).map_err(|e| {
-            BackendError::Io(io::Error::other(format!(
-                "gstreamer stream {}: {e}",
-                self.stream_name
-            )))
-        })?;
+        // From here on the pacer owns the pipeline: its drop stops it, wherever it happens.
+        let pacer = Pacer::new(built, port, shared.clone(), spec, label, timer);
         PIPELINES.fetch_add(1, Ordering::AcqRel);
         let spawned = std::thread::Builder::new()
             .name("vsound-gst".into())
@@ -545,7 +587,6 @@ struct Built {
     pipeline: gst::Pipeline,
     io: Io,
     channels: Channels,
-    format: gst_audio::AudioFormat,
 }
 
 impl Built {
@@ -556,9 +597,8 @@ impl Built {
         label: &str,
     ) -> Result<Built, String> {
         let params = &spec.params;
-        let format = gst_format(params.format)
-            .ok_or_else(|| format!("format {} has no GStreamer equivalent", params.format))?;
         let channels = channels_for(params.channels, layouts);
+        // Refuses a format GStreamer has no raw equivalent of.
         let caps = caps_for(params, &channels)?;
         let bin = gst::parse::bin_from_description(description, true)
             .map_err(|e| format!("gst_pipeline {description:?}: {e}"))?;
@@ -633,7 +673,6 @@ impl Built {
             pipeline,
             io,
             channels,
-            format,
         })
     }
 
@@ -734,8 +773,10 @@ struct Pacer {
     params: PcmParams,
     rate: u64,
     frame_bytes: u64,
-    format: gst_audio::AudioFormat,
-    channels: Channels,
+    sample_bytes: usize,
+    /// Channel `i` of what goes to the ring or the pipeline is channel `reorder[i]` of what
+    /// came (see [`Channels`]); `None`: the same order.
+    reorder: Option<Vec<usize>>,
     timing: Timing,
     stall_limit: Duration,
     timer: TimerFd,
@@ -766,8 +807,17 @@ struct Pacer {
     ended: bool,
     xrun: XrunEdge,
     log_limit: LogLimiter,
-    /// One chunk, for capture's reordering and gain and playback's drops.
+    /// One chunk, for capture's reordering and gain and for capture's silence.
     scratch: Vec<u8>,
+    /// The pipeline's latency was queried since it last started playing.
+    latency_known: bool,
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        // After `close` a no-op; otherwise (a pacer that never ran) its elements stop here.
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
 }
 
 impl Pacer {
@@ -777,15 +827,12 @@ impl Pacer {
         shared: Arc<Shared>,
         spec: &StreamSpec,
         label: String,
-    ) -> io::Result<Pacer> {
+        timer: TimerFd,
+    ) -> Pacer {
         let params = spec.params;
         let timing = Timing::of(&params);
-        let timer = TimerFd::new(
-            ClockId::CLOCK_MONOTONIC,
-            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
-        )?;
         let frame_bytes = u64::from(params.frame_bytes().max(1));
-        Ok(Pacer {
+        Pacer {
             label,
             pipeline: built.pipeline,
             io: built.io,
@@ -794,8 +841,12 @@ impl Pacer {
             params,
             rate: u64::from(params.rate_hz().max(1)),
             frame_bytes,
-            format: built.format,
-            channels: built.channels,
+            sample_bytes: virtio_snd::protocol::sample_bytes(params.format).unwrap_or(1) as usize,
+            reorder: if spec.direction == D_OUTPUT {
+                built.channels.guest_to_gstreamer()
+            } else {
+                built.channels.gstreamer_to_guest()
+            },
             timing,
             stall_limit: stall_limit(&params),
             timer,
@@ -815,7 +866,8 @@ impl Pacer {
             xrun: XrunEdge::default(),
             log_limit: LogLimiter::named("gstreamer", 4, Duration::from_secs(10)),
             scratch: vec![0; (timing.chunk_frames * frame_bytes) as usize],
-        })
+            latency_known: false,
+        }
     }
 
     fn playback(&self) -> bool {
@@ -881,6 +933,7 @@ impl Pacer {
 
     fn on_start(&mut self) {
         self.running = true;
+        self.latency_known = false;
         self.pause_at = None;
         self.last_progress = Instant::now();
         self.last_running_time = None;
@@ -1059,6 +1112,11 @@ impl Pacer {
         };
         if running_frames.is_some() {
             self.last_running_time = running_frames;
+            if !self.latency_known {
+                // Configured by the time it plays (a LATENCY message updates it later).
+                self.latency_known = true;
+                self.query_latency();
+            }
         }
         let result = if self.playback() {
             if progressed {
@@ -1206,56 +1264,24 @@ impl Pacer {
                     // The pipeline takes nothing (a sink that blocks): the stream's audio is
                     // dropped at the clock's pace rather than piled up.
                     consumer.skip(bytes as u64)?;
-                } else {
-                    let mut buffer = pool
-                        .acquire_buffer(None)
-                        .or_else(|_| {
-                            gst::Buffer::with_size(bytes).map_err(|_| gst::FlowError::Error)
-                        })
-                        .ok();
-                    let pushed = match buffer.as_mut().and_then(|b| b.get_mut()) {
-                        Some(b) => {
-                            b.set_size(bytes);
-                            if let Ok(mut map) = b.map_writable() {
-                                consumer.pop(&mut map[..bytes])?;
-                                gain::apply(self.params.format, gain, &mut map[..bytes]);
-                            } else {
-                                consumer.skip(bytes as u64)?;
-                            }
-                            if let Some(from) = &self.channels.guest_order {
-                                if let Some(to) = &self.channels.canonical {
-                                    let _ = gst_audio::buffer_reorder_channels(
-                                        b,
-                                        self.format,
-                                        u32::from(self.params.channels),
-                                        from,
-                                        to,
-                                    );
-                                }
-                            }
-                            b.set_pts(gst::ClockTime::from_nseconds(ns_of(
-                                self.position,
-                                self.rate,
-                            )));
-                            b.set_duration(gst::ClockTime::from_nseconds(ns_of(take, self.rate)));
-                            if self.discont {
-                                b.set_flags(gst::BufferFlags::DISCONT);
-                            }
-                            true
-                        }
-                        None => {
-                            consumer.skip(bytes as u64)?;
-                            false
-                        }
-                    };
-                    if let (true, Some(buffer)) = (pushed, buffer) {
-                        self.discont = false;
-                        if appsrc.push_buffer(buffer).is_err()
-                            && !self.shared.closing.load(Ordering::Acquire)
-                        {
-                            // Flushing or gone: the bus says why on the next tick.
+                } else if let Some(mut buffer) = buffer_from_ring(pool, consumer, bytes, |data| {
+                    gain::apply(self.params.format, gain, data);
+                    if let Some(source) = &self.reorder {
+                        reorder_frames(data, self.sample_bytes, source);
+                    }
+                })? {
+                    if let Some(b) = buffer.get_mut() {
+                        b.set_pts(gst::ClockTime::from_nseconds(ns_of(
+                            self.position,
+                            self.rate,
+                        )));
+                        b.set_duration(gst::ClockTime::from_nseconds(ns_of(take, self.rate)));
+                        if std::mem::take(&mut self.discont) {
+                            b.set_flags(gst::BufferFlags::DISCONT);
                         }
                     }
+                    // Refused only while flushing or after its end: the bus says why.
+                    let _ = appsrc.push_buffer(buffer);
                 }
             }
             if take < frames {
@@ -1313,28 +1339,16 @@ impl Pacer {
 
     /// Capture: hands the ring what the pipeline captured, no further than the running time.
     fn release_captured(&mut self, running_frames: u64) -> Result<(), RingError> {
-        let Io::Capture { appsink } = &self.io else {
-            return Ok(());
-        };
         let limit = running_frames + self.capture_offset;
         let mut budget = limit.saturating_sub(self.position);
         let gain = self.port.gain.load();
-        let StreamRing::Capture(producer) = &mut self.port.ring else {
-            return Ok(());
-        };
         let mut short = false;
         while budget > 0 {
             if self.pending.is_none() {
-                let Some(sample) = appsink.try_pull_sample(gst::ClockTime::ZERO) else {
+                self.pull();
+                if self.pending.is_none() {
                     break;
-                };
-                self.last_progress = Instant::now();
-                if let Some(buffer) = sample.buffer_owned() {
-                    if let Ok(map) = buffer.into_mapped_buffer_readable() {
-                        self.pending = Some((map, 0));
-                    }
                 }
-                continue;
             }
             let Some((map, offset)) = self.pending.as_mut() else {
                 break;
@@ -1351,16 +1365,13 @@ impl Pacer {
             let chunk = &mut self.scratch[..bytes];
             chunk.copy_from_slice(&map[*offset..*offset + bytes]);
             *offset += bytes;
-            if let (Some(from), Some(to)) = (&self.channels.canonical, &self.channels.guest_order) {
-                let _ = gst_audio::reorder_channels(
-                    chunk,
-                    self.format,
-                    u32::from(self.params.channels),
-                    from,
-                    to,
-                );
+            if let Some(source) = &self.reorder {
+                reorder_frames(chunk, self.sample_bytes, source);
             }
             gain::apply(self.params.format, gain, chunk);
+            let StreamRing::Capture(producer) = &mut self.port.ring else {
+                return Ok(());
+            };
             let free = producer.free()? / self.frame_bytes * self.frame_bytes;
             let keep = (bytes as u64).min(free) as usize;
             if keep > 0 {
@@ -1370,6 +1381,8 @@ impl Pacer {
             short |= keep < bytes;
             self.position += frames;
             budget -= frames;
+            // A large buffer is released over several ticks: that is progress too.
+            self.last_progress = Instant::now();
         }
         if self.xrun.update(short) {
             self.report_xrun();
@@ -1443,6 +1456,43 @@ impl Pacer {
         }
         log::debug!("gstreamer: {}: pipeline closed", self.label);
     }
+}
+
+/// `bytes` of the ring (then `process`ed) in a buffer of the pool (memory the pipeline handed back), or a new
+/// one if the pool cannot give one; `None` (the bytes dropped) if no buffer can be had.
+fn buffer_from_ring(
+    pool: &gst::BufferPool,
+    consumer: &mut vsound_shared::ring::Consumer,
+    bytes: usize,
+    process: impl FnOnce(&mut [u8]),
+) -> Result<Option<gst::Buffer>, RingError> {
+    let buffer = pool
+        .acquire_buffer(None)
+        .ok()
+        .or_else(|| gst::Buffer::with_size(bytes).ok());
+    let Some(mut buffer) = buffer else {
+        consumer.skip(bytes as u64)?;
+        return Ok(None);
+    };
+    let filled = match buffer.get_mut() {
+        Some(b) if b.maxsize() >= bytes => {
+            b.set_size(bytes);
+            match b.map_writable() {
+                Ok(mut map) => {
+                    consumer.pop(&mut map[..bytes])?;
+                    process(&mut map[..bytes]);
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+        _ => false,
+    };
+    if !filled {
+        consumer.skip(bytes as u64)?;
+        return Ok(None);
+    }
+    Ok(Some(buffer))
 }
 
 fn ns_of(frames: u64, rate: u64) -> u64 {
@@ -1523,6 +1573,42 @@ mod tests {
             channels_for(2, &[vec![chmap::RLC, chmap::RRC]]).canonical,
             None
         );
+    }
+
+    #[test]
+    fn a_guest_layout_in_another_order_is_reordered_both_ways() {
+        gst::init().unwrap();
+        let alsa_51 = vec![
+            chmap::FL,
+            chmap::FR,
+            chmap::RL,
+            chmap::RR,
+            chmap::FC,
+            chmap::LFE,
+        ];
+        let channels = channels_for(6, &[alsa_51]);
+        let (Some(guest_to_gstreamer), Some(gstreamer_to_guest)) =
+            (channels.guest_to_gstreamer(), channels.gstreamer_to_guest())
+        else {
+            panic!("not reordered: {channels:?}");
+        };
+        // Three frames (any length of whole frames), each sample its guest channel's index.
+        let frames: Vec<u8> = (0..3)
+            .flat_map(|_| (0..6i16).flat_map(|c| c.to_le_bytes()))
+            .collect();
+        let mut data = frames.clone();
+        reorder_frames(&mut data, 2, &guest_to_gstreamer);
+        let got: Vec<i16> = data
+            .chunks_exact(2)
+            .map(|s| i16::from_le_bytes([s[0], s[1]]))
+            .collect();
+        // GStreamer's order: FL FR FC LFE RL RR.
+        assert_eq!(got[..6], [0, 1, 4, 5, 2, 3]);
+        assert_eq!(got[6..12], got[..6]);
+        reorder_frames(&mut data, 2, &gstreamer_to_guest);
+        assert_eq!(data, frames);
+        // The guest's order is GStreamer's: nothing to do.
+        assert_eq!(channels_for(2, &[]).guest_to_gstreamer(), None);
     }
 
     #[test]
