@@ -86,6 +86,10 @@ impl Drop for GstRig {
 /// pipeline's end of stream, which the broker's pipeline reaches on its own thread after
 /// RELEASE.
 fn finished_wav(path: &Path, expect_bytes: usize) -> Vec<u8> {
+    finished_wav_of(path, expect_bytes, 2)
+}
+
+fn finished_wav_of(path: &Path, expect_bytes: usize, channels: u16) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         // Until then its RIFF size is a placeholder, not the file's.
@@ -98,7 +102,7 @@ fn finished_wav(path: &Path, expect_bytes: usize) -> Vec<u8> {
             let spec = reader.spec();
             assert_eq!(
                 (spec.channels, spec.sample_rate, spec.bits_per_sample),
-                (2, 48000, 16)
+                (channels, 48000, 16)
             );
             return wav_s16_bytes(path);
         }
@@ -292,6 +296,51 @@ fn a_pipeline_that_fails_to_play_keeps_its_stream_at_the_real_time_pace() {
         log.contains("vm vm stream failing") && log.contains("in silence"),
         "{log}"
     );
+    rig.assert_broker_alive();
+}
+
+const SURROUND: &str = r#"
+[[streams]]
+name = "surround"
+direction = "output"
+backend = "gstreamer"
+gst_pipeline = "wavenc ! filesink location=$DIR/surround.wav"
+formats = ["S16"]
+rates = [48000]
+channels_min = 6
+channels_max = 6
+"#;
+
+#[test]
+fn a_5_1_stream_reaches_wavenc_in_gstreamers_channel_order() {
+    let mut rig = GstRig::start(SURROUND, |_| {});
+    // The guest's 5.1 is ALSA's order (the default channel map): FL FR RL RR FC LFE.
+    let params = Params {
+        channels: 6,
+        period_bytes: 480 * 12,
+        ..Params::s16_48k(0)
+    };
+    prepare(&mut rig.vm, &params);
+    let count = 30;
+    let data = known_signal(params.period_bytes as usize * count, 19);
+    let (started, done) = play(&mut rig.vm, &params, &data);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    assert_paced(started, &done, params.period());
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    // WAV's (and GStreamer's) order: FL FR FC LFE RL RR; nothing else changes.
+    let expected: Vec<u8> = data
+        .chunks_exact(12)
+        .flat_map(|frame| {
+            [0, 1, 4, 5, 2, 3]
+                .into_iter()
+                .flat_map(move |c| frame[2 * c..2 * c + 2].to_vec())
+        })
+        .collect();
+    let played = finished_wav_of(&rig.path("surround.wav"), data.len(), 6);
+    if let Some(difference) = first_difference(&played, &expected) {
+        panic!("the 5.1 WAV file differs from the guest's frames reordered: {difference}");
+    }
     rig.assert_broker_alive();
 }
 
