@@ -76,7 +76,8 @@ impl GstRig {
 
 impl Drop for GstRig {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // VSOUND_TEST_SHOW_LOG=1 shows it for passing tests too.
+        if std::thread::panicking() || std::env::var_os("VSOUND_TEST_SHOW_LOG").is_some() {
             eprintln!("--- broker log ---\n{}", self.log_text());
         }
     }
@@ -204,6 +205,31 @@ fn playback_reaches_wavenc_sample_for_sample_no_faster_than_real_time() {
     let played = finished_wav(&rig.path("played.wav"), data.len());
     if let Some(difference) = first_difference(&played, &data) {
         panic!("the WAV file differs from what the guest played: {difference}");
+    }
+    rig.assert_broker_alive();
+}
+
+#[test]
+fn a_stream_stopped_past_its_tail_and_started_again_plays_on_intact() {
+    let mut rig = GstRig::start(PLAYBACK, |_| {});
+    let params = Params::s16_48k(0);
+    prepare(&mut rig.vm, &params);
+    let first = known_signal(params.period_bytes as usize * 20, 20);
+    let second = known_signal(params.period_bytes as usize * 30, 21);
+    let (_, done) = play(&mut rig.vm, &params, &first);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    // Past the tail (latency, lead and 50 ms): the pipeline pauses.
+    std::thread::sleep(Duration::from_millis(300));
+    let (started, done) = play(&mut rig.vm, &params, &second);
+    assert!(done.iter().all(|c| c.status == 0x8000));
+    assert_paced(started, &done, params.period());
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
+    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    let both = [first, second].concat();
+    let played = finished_wav(&rig.path("played.wav"), both.len());
+    if let Some(difference) = first_difference(&played, &both) {
+        panic!("the WAV file differs from both parts: {difference}");
     }
     rig.assert_broker_alive();
 }

@@ -875,13 +875,6 @@ impl Pacer {
     }
 
     fn run(mut self) {
-        let interval = TimeSpec::from_duration(self.timing.tick);
-        if let Err(e) = self
-            .timer
-            .set(Expiration::Interval(interval), TimerSetTimeFlags::empty())
-        {
-            self.fail(format!("pacer timer: {e}"));
-        }
         loop {
             self.wait();
             if self.shared.closing.load(Ordering::Acquire) {
@@ -934,6 +927,7 @@ impl Pacer {
     fn on_start(&mut self) {
         self.running = true;
         self.latency_known = false;
+        self.arm_ticks();
         self.pause_at = None;
         self.last_progress = Instant::now();
         self.last_running_time = None;
@@ -957,6 +951,7 @@ impl Pacer {
         self.silence = None;
         self.port.ring.shared().set_backend_delay(0);
         if self.failed.is_some() {
+            let _ = self.timer.unset();
             return;
         }
         if self.playback() {
@@ -973,9 +968,22 @@ impl Pacer {
 
     fn pause(&mut self) {
         self.pause_at = None;
+        // Nothing to do until the next START (or the close): no ticks meanwhile.
+        let _ = self.timer.unset();
         if self.pipeline.set_state(gst::State::Paused).is_err() {
             let error = self.bus_error().unwrap_or_default();
             self.fail(format!("the pipeline does not pause: {error}"));
+        }
+    }
+
+    /// Ticks from now on, while the stream runs and a playback tail plays.
+    fn arm_ticks(&mut self) {
+        let interval = TimeSpec::from_duration(self.timing.tick);
+        if let Err(e) = self
+            .timer
+            .set(Expiration::Interval(interval), TimerSetTimeFlags::empty())
+        {
+            self.fail(format!("pacer timer: {e}"));
         }
     }
 
