@@ -66,6 +66,25 @@ impl GstRig {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// STOP and RELEASE of `stream`, both answered OK.
+    fn stop_and_release(&mut self, stream: u32) {
+        assert_eq!(control(&mut self.vm, &pcm(p::R_PCM_STOP, stream)), 0x8000);
+        assert_eq!(
+            control(&mut self.vm, &pcm(p::R_PCM_RELEASE, stream)),
+            0x8000
+        );
+    }
+
+    /// The WAV file `name` (of `channels`), once finished, holds `expected` sample for sample;
+    /// and the broker still runs.
+    fn assert_wav(&mut self, name: &str, channels: u16, expected: &[u8]) {
+        let played = finished_wav_of(&self.path(name), expected.len(), channels);
+        if let Some(difference) = first_difference(&played, expected) {
+            panic!("{name} differs from what it should hold: {difference}");
+        }
+        self.assert_broker_alive();
+    }
+
     /// The broker still runs (a system call its seccomp policy lacks would have killed it).
     fn assert_broker_alive(&mut self) {
         if let Ok(Some(status)) = self.broker.child.try_wait() {
@@ -86,10 +105,6 @@ impl Drop for GstRig {
 /// A WAV file's data once its writer finished it: `wavenc` writes the header's sizes at the
 /// pipeline's end of stream, which the broker's pipeline reaches on its own thread after
 /// RELEASE.
-fn finished_wav(path: &Path, expect_bytes: usize) -> Vec<u8> {
-    finished_wav_of(path, expect_bytes, 2)
-}
-
 fn finished_wav_of(path: &Path, expect_bytes: usize, channels: u16) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -115,6 +130,15 @@ fn finished_wav_of(path: &Path, expect_bytes: usize, channels: u16) -> Vec<u8> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Bytes of silence (whole S16 stereo frames) before `captured`'s first sound.
+fn leading_silence(captured: &[u8]) -> usize {
+    captured
+        .chunks_exact(4)
+        .take_while(|frame| frame.iter().all(|&b| b == 0))
+        .count()
+        * 4
 }
 
 /// Where two S16 signals first differ, sample by sample (`None`: equal).
@@ -147,6 +171,43 @@ fn assert_paced(started: Instant, done: &[Completion], period: Duration) {
             "buffer {i} completed at {at:?}, before its audio ended at {end:?} less the lead"
         );
     }
+}
+
+/// PREPAREs `params`' stream and plays `data` as the driver does: every buffer completes OK,
+/// none before its audio's end less the lead. Returns the completions.
+fn play_paced(vm: &mut GuestVm, params: &Params, data: &[u8]) -> Vec<Completion> {
+    prepare(vm, params);
+    play_more_paced(vm, params, data)
+}
+
+/// [`play_paced`] on a stream already prepared.
+fn play_more_paced(vm: &mut GuestVm, params: &Params, data: &[u8]) -> Vec<Completion> {
+    let (started, done) = play(vm, params, data);
+    eprintln!(
+        "{} periods of {:?} played in {:?}",
+        done.len(),
+        params.period(),
+        done.last().map(|c| c.at - started)
+    );
+    assert!(done.iter().all(|c| c.status == 0x8000), "tx statuses OK");
+    assert_paced(started, &done, params.period());
+    done
+}
+
+/// PREPAREs `params`' stream and records `count` periods: every buffer completes OK, none
+/// before its audio's end less the lead. Returns what was captured.
+fn record_paced(vm: &mut GuestVm, params: &Params, count: usize) -> Vec<u8> {
+    prepare(vm, params);
+    let (started, done) = record(vm, params, count);
+    eprintln!(
+        "{count} periods of {:?} captured in {:?}",
+        params.period(),
+        done.last().map(|c| c.at - started)
+    );
+    assert!(done.iter().all(|c| c.status == 0x8000), "rx statuses OK");
+    // Released on the pipeline's clock: never ahead of what real time has captured.
+    assert_paced(started, &done, params.period());
+    done.iter().flat_map(|c| c.data.iter().copied()).collect()
 }
 
 const PLAYBACK: &str = r#"
@@ -183,55 +244,30 @@ channels_max = 2
 fn playback_reaches_wavenc_sample_for_sample_no_faster_than_real_time() {
     let mut rig = GstRig::start(PLAYBACK, |_| {});
     let params = Params::s16_48k(0);
-    prepare(&mut rig.vm, &params);
-    let count = 100;
-    let data = known_signal(params.period_bytes as usize * count, 14);
-    let (started, done) = play(&mut rig.vm, &params, &data);
-    let elapsed = done.last().unwrap().at - started;
-    eprintln!(
-        "{count} periods of {:?} completed in {elapsed:?}",
-        params.period()
-    );
-    assert_eq!(done.len(), count);
-    assert!(done.iter().all(|c| c.status == 0x8000), "tx statuses OK");
-    assert_paced(started, &done, params.period());
+    let data = known_signal(params.period_bytes as usize * 100, 14);
+    let done = play_paced(&mut rig.vm, &params, &data);
     // The delay after the ring: what is pushed ahead of the clock (filesink's pipeline has no
     // latency of its own), at most the lead and a buffer.
     let most = done.iter().map(|c| c.latency_bytes).max().unwrap();
     eprintln!("largest latency_bytes {most}");
     assert!(most <= 6 * params.period_bytes, "latency_bytes {most}");
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
-    let played = finished_wav(&rig.path("played.wav"), data.len());
-    if let Some(difference) = first_difference(&played, &data) {
-        panic!("the WAV file differs from what the guest played: {difference}");
-    }
-    rig.assert_broker_alive();
+    rig.stop_and_release(0);
+    rig.assert_wav("played.wav", 2, &data);
 }
 
 #[test]
 fn a_stream_stopped_past_its_tail_and_started_again_plays_on_intact() {
     let mut rig = GstRig::start(PLAYBACK, |_| {});
     let params = Params::s16_48k(0);
-    prepare(&mut rig.vm, &params);
     let first = known_signal(params.period_bytes as usize * 20, 20);
     let second = known_signal(params.period_bytes as usize * 30, 21);
-    let (_, done) = play(&mut rig.vm, &params, &first);
-    assert!(done.iter().all(|c| c.status == 0x8000));
+    play_paced(&mut rig.vm, &params, &first);
     assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
     // Past the tail (latency, lead and 50 ms): the pipeline pauses.
     std::thread::sleep(Duration::from_millis(300));
-    let (started, done) = play(&mut rig.vm, &params, &second);
-    assert!(done.iter().all(|c| c.status == 0x8000));
-    assert_paced(started, &done, params.period());
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
-    let both = [first, second].concat();
-    let played = finished_wav(&rig.path("played.wav"), both.len());
-    if let Some(difference) = first_difference(&played, &both) {
-        panic!("the WAV file differs from both parts: {difference}");
-    }
-    rig.assert_broker_alive();
+    play_more_paced(&mut rig.vm, &params, &second);
+    rig.stop_and_release(0);
+    rig.assert_wav("played.wav", 2, &[first, second].concat());
 }
 
 #[test]
@@ -277,12 +313,9 @@ fn a_description_that_does_not_parse_fails_prepare_while_another_stream_plays() 
     }
     assert!(done.iter().all(|c| c.status == 0x8000));
     assert_paced(started, &done, params.period());
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
-    let played = finished_wav(&rig.path("played.wav"), data.len());
-    if let Some(difference) = first_difference(&played, &data) {
-        panic!("the other stream's audio was disturbed: {difference}");
-    }
+    rig.stop_and_release(0);
+    // The other stream's audio is undisturbed.
+    rig.assert_wav("played.wav", 2, &data);
     // The broker says which stream and what GStreamer said.
     let log = rig.log_text();
     assert!(
@@ -296,18 +329,11 @@ fn a_description_that_does_not_parse_fails_prepare_while_another_stream_plays() 
 fn a_pipeline_that_fails_to_play_keeps_its_stream_at_the_real_time_pace() {
     let mut rig = GstRig::start(PLAYBACK, |_| {});
     let params = Params::s16_48k(2);
-    // Its elements open (PREPARE succeeds); the sink refuses PLAYING at START.
-    prepare(&mut rig.vm, &params);
-    let count = 40;
-    let data = known_signal(params.period_bytes as usize * count, 16);
-    let (started, done) = play(&mut rig.vm, &params, &data);
-    let elapsed = done.last().unwrap().at - started;
-    eprintln!("{count} periods in silence completed in {elapsed:?}");
-    assert_eq!(done.len(), count);
-    assert!(done.iter().all(|c| c.status == 0x8000));
-    // Not early (the monotonic clock paces the silence) and not hung (the guest waited at
-    // most the stall limit, within its patience, for each).
-    assert_paced(started, &done, params.period());
+    let data = known_signal(params.period_bytes as usize * 40, 16);
+    // Its elements open (PREPARE succeeds); the sink refuses PLAYING at START. Not early (the
+    // monotonic clock paces the silence) and not hung (the guest waited at most the stall
+    // limit, within its patience, for each).
+    let done = play_paced(&mut rig.vm, &params, &data);
     for pair in done.windows(2) {
         let gap = pair[1].at - pair[0].at;
         assert!(
@@ -315,8 +341,7 @@ fn a_pipeline_that_fails_to_play_keeps_its_stream_at_the_real_time_pace() {
             "a completion waited {gap:?}"
         );
     }
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 2)), 0x8000);
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 2)), 0x8000);
+    rig.stop_and_release(2);
     let log = rig.log_text();
     assert!(
         log.contains("vm vm stream failing") && log.contains("in silence"),
@@ -346,14 +371,9 @@ fn a_5_1_stream_reaches_wavenc_in_gstreamers_channel_order() {
         period_bytes: 480 * 12,
         ..Params::s16_48k(0)
     };
-    prepare(&mut rig.vm, &params);
-    let count = 30;
-    let data = known_signal(params.period_bytes as usize * count, 19);
-    let (started, done) = play(&mut rig.vm, &params, &data);
-    assert!(done.iter().all(|c| c.status == 0x8000));
-    assert_paced(started, &done, params.period());
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 0)), 0x8000);
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 0)), 0x8000);
+    let data = known_signal(params.period_bytes as usize * 30, 19);
+    play_paced(&mut rig.vm, &params, &data);
+    rig.stop_and_release(0);
     // WAV's (and GStreamer's) order: FL FR FC LFE RL RR; nothing else changes.
     let expected: Vec<u8> = data
         .chunks_exact(12)
@@ -363,11 +383,7 @@ fn a_5_1_stream_reaches_wavenc_in_gstreamers_channel_order() {
                 .flat_map(move |c| frame[2 * c..2 * c + 2].to_vec())
         })
         .collect();
-    let played = finished_wav_of(&rig.path("surround.wav"), data.len(), 6);
-    if let Some(difference) = first_difference(&played, &expected) {
-        panic!("the 5.1 WAV file differs from the guest's frames reordered: {difference}");
-    }
-    rig.assert_broker_alive();
+    rig.assert_wav("surround.wav", 6, &expected);
 }
 
 const CAPTURE: &str = r#"
@@ -395,27 +411,12 @@ fn capture_from_wavparse_arrives_sample_for_sample_at_the_real_time_pace() {
     let mut rig = GstRig::start(CAPTURE, |dir| {
         write_wav_s16(&dir.join("source.wav"), 2, 48000, &source)
     });
-    prepare(&mut rig.vm, &params);
-    let (started, done) = record(&mut rig.vm, &params, count);
-    let elapsed = done.last().unwrap().at - started;
-    eprintln!(
-        "{count} periods of {:?} captured in {elapsed:?}",
-        params.period()
-    );
-    assert!(done.iter().all(|c| c.status == 0x8000));
-    // Released on the pipeline's clock: never ahead of what real time has captured.
-    assert_paced(started, &done, params.period());
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
-    let captured: Vec<u8> = done.iter().flat_map(|c| c.data.iter().copied()).collect();
+    let captured = record_paced(&mut rig.vm, &params, count);
+    rig.stop_and_release(1);
     assert_eq!(captured.len(), params.period_bytes as usize * count);
     // Silence may only lead (a pipeline that started later than the stall limit), in whole
     // frames; then the file's signal from its first sample on.
-    let lead = captured
-        .chunks_exact(4)
-        .take_while(|frame| frame.iter().all(|&b| b == 0))
-        .count()
-        * 4;
+    let lead = leading_silence(&captured);
     eprintln!("{} frames of leading silence", lead / 4);
     assert!(
         lead <= params.period_bytes as usize * 10,
@@ -440,20 +441,8 @@ fn capture_past_the_end_of_the_file_is_silence_at_the_real_time_pace() {
     let mut rig = GstRig::start(CAPTURE, |dir| {
         write_wav_s16(&dir.join("source.wav"), 2, 48000, &source)
     });
-    prepare(&mut rig.vm, &params);
-    let (started, done) = record(&mut rig.vm, &params, count);
-    eprintln!(
-        "{count} periods captured in {:?}",
-        done.last().unwrap().at - started
-    );
-    assert!(done.iter().all(|c| c.status == 0x8000));
-    assert_paced(started, &done, params.period());
-    let captured: Vec<u8> = done.iter().flat_map(|c| c.data.iter().copied()).collect();
-    let lead = captured
-        .chunks_exact(4)
-        .take_while(|frame| frame.iter().all(|&b| b == 0))
-        .count()
-        * 4;
+    let captured = record_paced(&mut rig.vm, &params, count);
+    let lead = leading_silence(&captured);
     let signal = &captured[lead..lead + source.len()];
     if let Some(difference) = first_difference(signal, &source) {
         panic!("the file's end was not captured whole: {difference}");
@@ -463,7 +452,6 @@ fn capture_past_the_end_of_the_file_is_silence_at_the_real_time_pace() {
         "not silence after the file's end"
     );
     assert!(rig.log_text().contains("the source ended"));
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_STOP, 1)), 0x8000);
-    assert_eq!(control(&mut rig.vm, &pcm(p::R_PCM_RELEASE, 1)), 0x8000);
+    rig.stop_and_release(1);
     rig.assert_broker_alive();
 }

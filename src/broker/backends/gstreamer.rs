@@ -28,7 +28,8 @@
 //!   real-time pace and a live source at its own.
 //!
 //! A pipeline that fails (an error on its bus, a state change refused) or whose clock stops
-//! (no running time progress for [`stall_limit`]) never hangs the guest: the stream goes on in
+//! (no running time progress for as long as the guest waits for a completion, less a
+//! margin: the PipeWire backend's `stall_limit`) never hangs the guest: the stream goes on in
 //! silence at the real-time pace of the monotonic clock (playback is consumed and dropped,
 //! capture gets silence), with an xrun and a rate-limited log naming the stream and the
 //! GStreamer error. A clock that runs again takes over; a failed pipeline stays failed until
@@ -266,19 +267,6 @@ impl Timing {
 
 fn frames_in(d: Duration, rate: u64) -> u64 {
     u64::try_from(d.as_nanos() * u128::from(rate) / 1_000_000_000).unwrap_or(u64::MAX)
-}
-
-/// How long a running stream's pipeline may show no progress (its running time, or captured
-/// buffers) before the stream goes on in silence: as long as the guest waits for a
-/// completion, max(100 ms, 1.1 x its buffer), less 30 ms for the tick and the way to the
-/// guest (as the PipeWire backend's watchdog).
-fn stall_limit(params: &PcmParams) -> Duration {
-    const GUEST_MIN_WAIT: Duration = Duration::from_millis(100);
-    const MARGIN: Duration = Duration::from_millis(30);
-    let buffer_frames = u64::from(params.buffer_bytes / params.frame_bytes().max(1));
-    let buffer =
-        Duration::from_nanos(buffer_frames * 1_100_000_000 / u64::from(params.rate_hz().max(1)));
-    buffer.max(GUEST_MIN_WAIT).saturating_sub(MARGIN)
 }
 
 /// After a STOP, how long a playback pipeline keeps playing (what it holds reaches the sink)
@@ -547,16 +535,12 @@ impl BackendStream for GstreamerStream {
     }
 
     fn on_wake(&mut self) -> Result<Wake, RingError> {
-        let mut counter = [0u8; 8];
-        let _ = rustix::io::read(&self.shared.wake, &mut counter);
-        if self.shared.violation.load(Ordering::Acquire) {
-            return Err(RingError::Access(
-                "the worker broke the ring protocol".into(),
-            ));
-        }
-        let xruns = self.shared.xruns.load(Ordering::Acquire);
-        let xrun = xruns != self.xruns_seen;
-        self.xruns_seen = xruns;
+        let xrun = super::take_thread_report(
+            &self.shared.wake,
+            &self.shared.violation,
+            &self.shared.xruns,
+            &mut self.xruns_seen,
+        )?;
         Ok(Wake { xrun, gain: None })
     }
 }
@@ -848,7 +832,8 @@ impl Pacer {
                 built.channels.gstreamer_to_guest()
             },
             timing,
-            stall_limit: stall_limit(&params),
+            // As long as the guest waits for a completion, less a margin (as PipeWire's).
+            stall_limit: super::pipewire::stall_limit(&params),
             timer,
             latency_frames: 0,
             position: 0,
@@ -1512,6 +1497,16 @@ mod tests {
     use super::*;
     use virtio_snd::protocol::rate;
 
+    /// ALSA's (and the default channel map's) 5.1.
+    const ALSA_51: [u8; 6] = [
+        chmap::FL,
+        chmap::FR,
+        chmap::RL,
+        chmap::RR,
+        chmap::FC,
+        chmap::LFE,
+    ];
+
     fn params(period: u32, periods: u32, channels: u8) -> PcmParams {
         let frame = 2 * u32::from(channels);
         PcmParams {
@@ -1554,15 +1549,7 @@ mod tests {
         );
         assert_eq!(stereo.guest_order, None);
         // ALSA's 5.1 order is reordered to GStreamer's.
-        let alsa_51 = vec![
-            chmap::FL,
-            chmap::FR,
-            chmap::RL,
-            chmap::RR,
-            chmap::FC,
-            chmap::LFE,
-        ];
-        let surround = channels_for(6, &[alsa_51]);
+        let surround = channels_for(6, &[ALSA_51.to_vec()]);
         assert_eq!(
             surround.canonical,
             Some(vec![
@@ -1586,15 +1573,7 @@ mod tests {
     #[test]
     fn a_guest_layout_in_another_order_is_reordered_both_ways() {
         gst::init().unwrap();
-        let alsa_51 = vec![
-            chmap::FL,
-            chmap::FR,
-            chmap::RL,
-            chmap::RR,
-            chmap::FC,
-            chmap::LFE,
-        ];
-        let channels = channels_for(6, &[alsa_51]);
+        let channels = channels_for(6, &[ALSA_51.to_vec()]);
         let (Some(guest_to_gstreamer), Some(gstreamer_to_guest)) =
             (channels.guest_to_gstreamer(), channels.gstreamer_to_guest())
         else {
@@ -1646,11 +1625,5 @@ mod tests {
                 .channels(),
             4
         );
-    }
-
-    #[test]
-    fn the_stall_limit_is_within_the_guests_patience() {
-        assert_eq!(stall_limit(&params(480, 4, 2)), Duration::from_millis(70));
-        assert_eq!(stall_limit(&params(7680, 2, 2)), Duration::from_millis(322));
     }
 }

@@ -113,6 +113,29 @@ pub struct Wake {
     pub gain: Option<virtio_snd::ctl::Gain>,
 }
 
+/// What a backend with a thread of its own (PipeWire, GStreamer) reported through its eventfd
+/// `wake`: clears it, fails on a ring violation, and tells whether xruns were counted since
+/// `seen` (which it updates).
+fn take_thread_report(
+    wake: &std::os::fd::OwnedFd,
+    violation: &std::sync::atomic::AtomicBool,
+    xruns: &std::sync::atomic::AtomicU64,
+    seen: &mut u64,
+) -> Result<bool, RingError> {
+    use std::sync::atomic::Ordering;
+    let mut counter = [0u8; 8];
+    let _ = rustix::io::read(wake, &mut counter);
+    if violation.load(Ordering::Acquire) {
+        return Err(RingError::Access(
+            "the worker broke the ring protocol".into(),
+        ));
+    }
+    let now = xruns.load(Ordering::Acquire);
+    let xrun = now != *seen;
+    *seen = now;
+    Ok(xrun)
+}
+
 /// Turns "the ring ran short this tick" into xrun reports: one per episode, on its first tick.
 #[derive(Debug, Clone, Copy)]
 pub struct XrunEdge {
