@@ -10,6 +10,10 @@ PACKAGES=(
   binutils          # readelf: the linkage test reads the worker's ELF dynamic section
   libclang-dev      # bindgen, for the PipeWire bindings
   libasound2-dev    # the broker's ALSA backend links libasound
+  libgstreamer1.0-dev               # the broker's GStreamer backend links libgstreamer-1.0 (1.22)
+  libgstreamer-plugins-base1.0-dev  # ... and libgstapp and libgstaudio (appsrc/appsink, audio caps)
+  gstreamer1.0-plugins-base   # the GStreamer backend's audioconvert and audioresample (appsrc, appsink)
+  gstreamer1.0-plugins-good   # autoaudiosink/autoaudiosrc (its defaults); tests/gstreamer.rs: wavenc, wavparse
   systemd           # tests: systemd-analyze verify/security of the shipped units
   systemd-container # tests: systemd-nspawn boots this machine's systemd to run the units for real
   python3           # tests: check-policies.sh (syscall sets, WAV files, a VMM stand-in)

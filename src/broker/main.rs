@@ -11,6 +11,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use virtio_snd::protocol::D_OUTPUT;
+use vsound_broker::backends::gstreamer;
 use vsound_broker::broker::{resolve_pins, Broker};
 use vsound_config::{BackendKind, Config, VmName};
 use vsound_process::listen::{self, SocketKind, Source};
@@ -47,7 +48,8 @@ struct Args {
     #[arg(long, value_name = "GROUP", requires = "control_socket")]
     admin_group: Option<String>,
     /// Every stream of every layout on this backend, whatever the config says: auto,
-    /// pipewire, alsa, null or wav (which needs each stream's `wav_path` from the config).
+    /// pipewire, alsa, gstreamer (each stream's `gst_pipeline`, default autoaudiosink or
+    /// autoaudiosrc), null or wav (which needs each stream's `wav_path` from the config).
     #[arg(long, value_name = "BACKEND")]
     backend: Option<BackendKind>,
     /// Validate FILE (every VM's layout, and what its backends need of the host, such as
@@ -123,9 +125,27 @@ fn bind_control_socket(
 }
 
 /// What the backends of every layout (the default's, each VM's) need of the filesystem once the
-/// broker is confined.
-fn backend_paths(config: &Config) -> Vec<PathRule> {
+/// broker is confined (`gst`: what the GStreamer descriptions' elements name).
+fn backend_paths(config: &Config, gst: &gstreamer::Prepared) -> Vec<PathRule> {
     let mut rules = Vec::new();
+    if config
+        .all_streams()
+        .any(|s| s.backend == BackendKind::Gstreamer)
+    {
+        rules.extend(
+            gstreamer::sandbox_read_paths()
+                .into_iter()
+                .map(PathRule::Read),
+        );
+        // An autoaudiosink or autoaudiosrc may choose ALSA's devices.
+        rules.extend(
+            vsound_broker::backends::alsa::sandbox_device_paths()
+                .into_iter()
+                .map(PathRule::ReadWrite),
+        );
+        rules.extend(gst.read.iter().cloned().map(PathRule::Read));
+        rules.extend(gst.write.iter().cloned().map(PathRule::ReadWrite));
+    }
     if config
         .all_streams()
         .any(|s| matches!(s.backend, BackendKind::Pipewire | BackendKind::Auto))
@@ -214,7 +234,10 @@ fn run(args: Args, source: Source, activated_control: Option<RawFd>) -> Result<(
         }
         (None, None) => None,
     };
-    let mut paths = backend_paths(&config);
+    // Before the sandbox: GStreamer's registry (and its scanner) and the files its
+    // descriptions name.
+    let gst = gstreamer::init_before_sandbox(&config)?;
+    let mut paths = backend_paths(&config, &gst);
     if let Some(socket_path) = &socket_path {
         paths.push(PathRule::RemoveFiles(socket_path.directory()));
     }
@@ -265,9 +288,15 @@ fn run(args: Args, source: Source, activated_control: Option<RawFd>) -> Result<(
         source.describe()
     );
     vsound_process::notify::ready();
-    let served = broker.run(Some(std::os::fd::AsFd::as_fd(&stop)));
+    let result = broker
+        .run(Some(std::os::fd::AsFd::as_fd(&stop)))
+        .map_err(|e| e.to_string());
     vsound_process::notify::stopping();
-    served.map_err(|e| e.to_string())
+    // Its streams close with it; released GStreamer playback finishes its pipeline (a file
+    // sink's last buffers and header) on threads of its own.
+    drop(broker);
+    gstreamer::wait_for_pipelines(std::time::Duration::from_secs(4));
+    result
 }
 
 fn main() -> ExitCode {

@@ -23,6 +23,11 @@ pub const MAX_CHMAPS: usize = MAX_STREAMS * STANDARD_LAYOUTS.len();
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest VM name (`--vm`, `[vms.NAME]`).
 pub const MAX_VM_NAME_LEN: usize = 32;
+/// Longest `gst_pipeline` description, in bytes.
+pub const MAX_GST_PIPELINE_LEN: usize = 4096;
+/// The `gst_pipeline` a stream gets when it gives none.
+pub const DEFAULT_GST_PLAYBACK: &str = "autoaudiosink";
+pub const DEFAULT_GST_CAPTURE: &str = "autoaudiosrc";
 /// Placeholders a `wav_path` may hold, in its file name only.
 pub const WAV_PLACEHOLDERS: [&str; 2] = ["{vm}", "{client}"];
 
@@ -244,6 +249,7 @@ impl BackendKind {
             BackendKind::Alsa => "alsa",
             BackendKind::Null => "null",
             BackendKind::Wav => "wav",
+            BackendKind::Gstreamer => "gstreamer",
         }
     }
 }
@@ -272,6 +278,10 @@ pub enum BackendKind {
     Null,
     /// Writes playback to a WAV file and reads capture from one, at the real-time rate.
     Wav,
+    /// A GStreamer pipeline per virtio stream (`gst_pipeline`, default `autoaudiosink` for
+    /// output and `autoaudiosrc` for input), fed by an appsrc or drained by an appsink,
+    /// paced by the pipeline's clock. In the broker only.
+    Gstreamer,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -341,6 +351,13 @@ pub struct StreamConfig {
     /// ALSA: the PCM name (default `default`).
     #[serde(default)]
     pub alsa_device: Option<String>,
+    /// GStreamer: the pipeline description (gst-launch syntax) the stream's audio goes to
+    /// (output: it gets an unlinked sink pad, fed raw audio in the guest's format) or comes
+    /// from (input: an unlinked src pad of raw audio); default `autoaudiosink` /
+    /// `autoaudiosrc`. The broker converts format, rate and channels only where the
+    /// description does not take the guest's (audioconvert and audioresample pass through).
+    #[serde(default)]
+    pub gst_pipeline: Option<String>,
     /// Whether the guest gets this stream's volume and switch controls (VIRTIO_SND_F_CTLS).
     #[serde(default = "yes")]
     pub controls: bool,
@@ -518,6 +535,7 @@ fn default_streams() -> Vec<StreamConfig> {
         target_object: None,
         capture_sink: false,
         alsa_device: None,
+        gst_pipeline: None,
         controls: true,
     };
     vec![
@@ -622,6 +640,16 @@ pub fn position_by_name(name: &str) -> Option<u8> {
 }
 
 impl StreamConfig {
+    /// The GStreamer pipeline description of a `gstreamer` stream: the configured one, else
+    /// the default for its direction.
+    pub fn gst_pipeline_or_default(&self) -> &str {
+        match (&self.gst_pipeline, self.direction) {
+            (Some(description), _) => description,
+            (None, Direction::Output) => DEFAULT_GST_PLAYBACK,
+            (None, Direction::Input) => DEFAULT_GST_CAPTURE,
+        }
+    }
+
     /// Bitmask of configured formats (validated at load).
     pub fn format_mask(&self) -> u64 {
         self.formats
@@ -1029,6 +1057,11 @@ impl Config {
                     ),
                 );
             }
+            if let Some(description) = &s.gst_pipeline {
+                if let Err(why) = check_gst_pipeline(description) {
+                    return invalid(&field("gst_pipeline"), why);
+                }
+            }
             if s.backend == BackendKind::Wav && s.wav_path.is_none() {
                 return invalid(&field("wav_path"), "the wav backend needs a wav_path");
             }
@@ -1119,6 +1152,28 @@ impl Config {
             ),
         }
     }
+}
+
+/// What can be checked of a GStreamer pipeline description without GStreamer (the worker
+/// reads this file too and links no audio library): the broker parses it at start-up and at
+/// every PREPARE.
+fn check_gst_pipeline(description: &str) -> Result<(), String> {
+    if description.trim().is_empty() {
+        return Err("an empty pipeline description (leave it out for the default)".into());
+    }
+    if description.len() > MAX_GST_PIPELINE_LEN {
+        return Err(format!(
+            "{} bytes, longer than {MAX_GST_PIPELINE_LEN}",
+            description.len()
+        ));
+    }
+    if let Some(c) = description
+        .chars()
+        .find(|c| c.is_control() && !c.is_whitespace())
+    {
+        return Err(format!("control character {c:?} in the description"));
+    }
+    Ok(())
 }
 
 /// The first name that repeats an earlier one, with its index.
@@ -1560,6 +1615,55 @@ mod tests {
             let e = Config::parse(&stream(path)).unwrap_err().to_string();
             assert!(e.contains("file name"), "{path}: {e}");
         }
+    }
+
+    #[test]
+    fn gstreamer_streams_take_a_bounded_pipeline_description() {
+        let text = r#"
+[[streams]]
+name = "media"
+direction = "output"
+backend = "gstreamer"
+gst_pipeline = "wavenc ! filesink location=/tmp/out.wav"
+[[streams]]
+name = "mic"
+direction = "input"
+backend = "gstreamer"
+"#;
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.streams[0].backend, BackendKind::Gstreamer);
+        assert_eq!(
+            c.streams[0].gst_pipeline_or_default(),
+            "wavenc ! filesink location=/tmp/out.wav"
+        );
+        assert_eq!(c.streams[1].gst_pipeline_or_default(), "autoaudiosrc");
+        let output = Config::parse(&text.replace(
+            "gst_pipeline = \"wavenc ! filesink location=/tmp/out.wav\"\n",
+            "",
+        ))
+        .unwrap();
+        assert_eq!(output.streams[0].gst_pipeline_or_default(), "autoaudiosink");
+        let with = |description: &str| {
+            format!(
+                "[[streams]]\nname='a'\ndirection='output'\n[[streams]]\nname='b'\n\
+                 direction='output'\nbackend='gstreamer'\ngst_pipeline={}\n",
+                toml::Value::String(description.to_string())
+            )
+        };
+        for (description, why) in [
+            ("", "empty"),
+            ("  ", "empty"),
+            ("fakesink\u{1}", "control character"),
+            (&"x".repeat(MAX_GST_PIPELINE_LEN + 1), "longer than 4096"),
+        ] {
+            let e = Config::parse(&with(description)).unwrap_err().to_string();
+            assert!(
+                e.contains("streams[1].gst_pipeline") && e.contains(why),
+                "{description:?}: {e}"
+            );
+        }
+        // Line breaks and tabs are whitespace to gst-launch syntax.
+        Config::parse(&with("wavenc !\n\tfakesink")).unwrap();
     }
 
     #[test]

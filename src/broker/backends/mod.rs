@@ -20,6 +20,7 @@ use vsound_shared::ring::{Consumer, Producer, RingError, SharedRing, WakeSender}
 pub mod alsa;
 pub mod clocked;
 pub mod gain;
+pub mod gstreamer;
 pub mod host_nodes;
 pub mod null;
 pub mod pipewire;
@@ -110,6 +111,29 @@ pub struct Wake {
     pub xrun: bool,
     /// The host changed the stream's volume or mute (PipeWire's node props).
     pub gain: Option<virtio_snd::ctl::Gain>,
+}
+
+/// What a backend with a thread of its own (PipeWire, GStreamer) reported through its eventfd
+/// `wake`: clears it, fails on a ring violation, and tells whether xruns were counted since
+/// `seen` (which it updates).
+fn take_thread_report(
+    wake: &std::os::fd::OwnedFd,
+    violation: &std::sync::atomic::AtomicBool,
+    xruns: &std::sync::atomic::AtomicU64,
+    seen: &mut u64,
+) -> Result<bool, RingError> {
+    use std::sync::atomic::Ordering;
+    let mut counter = [0u8; 8];
+    let _ = rustix::io::read(wake, &mut counter);
+    if violation.load(Ordering::Acquire) {
+        return Err(RingError::Access(
+            "the worker broke the ring protocol".into(),
+        ));
+    }
+    let now = xruns.load(Ordering::Acquire);
+    let xrun = now != *seen;
+    *seen = now;
+    Ok(xrun)
 }
 
 /// Turns "the ring ran short this tick" into xrun reports: one per episode, on its first tick.
@@ -270,7 +294,20 @@ fn for_stream(
         BackendKind::Auto => BackendKind::Null,
         kind => kind,
     };
+    let layouts = || {
+        config
+            .chmaps
+            .iter()
+            .filter(|c| c.direction == stream.direction && c.hda_fn_nid == stream.hda_fn_nid)
+            .map(|c| c.position_values())
+            .collect()
+    };
     match (kind, pipewire_thread) {
+        (BackendKind::Gstreamer, _) => Arc::new(gstreamer::GstreamerBackend {
+            description: stream.gst_pipeline_or_default().to_string(),
+            stream_name: stream.name.clone(),
+            layouts: layouts(),
+        }),
         (BackendKind::Wav, _) => Arc::new(wav::WavBackend {
             path_template: stream.wav_path.clone().unwrap_or_default(),
         }),
@@ -282,12 +319,7 @@ fn for_stream(
             stream.direction.wire(),
         )),
         (BackendKind::Pipewire, Some(thread)) => {
-            let layouts = config
-                .chmaps
-                .iter()
-                .filter(|c| c.direction == stream.direction && c.hda_fn_nid == stream.hda_fn_nid)
-                .map(|c| c.position_values())
-                .collect();
+            let layouts = layouts();
             Arc::new(pipewire::PipewireBackend {
                 thread: thread.clone(),
                 props: pipewire::NodeProps {

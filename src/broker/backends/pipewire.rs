@@ -583,7 +583,7 @@ const WATCH_MIN_WAIT: Duration = Duration::from_millis(1);
 /// of that is left for the watchdog's tick and the completion's way to the guest. A cycle that
 /// is merely late (a new node being linked, a quantum change: 20-100 ms seen here) is left
 /// alone, so its audio is not dropped.
-fn stall_limit(params: &PcmParams) -> Duration {
+pub(super) fn stall_limit(params: &PcmParams) -> Duration {
     const GUEST_MIN_WAIT: Duration = Duration::from_millis(100);
     const MARGIN: Duration = Duration::from_millis(30);
     let buffer_frames = u64::from(params.buffer_bytes / params.frame_bytes().max(1));
@@ -1863,16 +1863,12 @@ impl BackendStream for PipewireStream {
     }
 
     fn on_wake(&mut self) -> Result<Wake, RingError> {
-        let mut counter = [0u8; 8];
-        let _ = rustix::io::read(&self.shared.wake, &mut counter);
-        if self.shared.violation.load(Ordering::Acquire) {
-            return Err(RingError::Access(
-                "the worker broke the ring protocol".into(),
-            ));
-        }
-        let xruns = self.shared.xruns.load(Ordering::Acquire);
-        let xrun = xruns != self.xruns_seen;
-        self.xruns_seen = xruns;
+        let xrun = super::take_thread_report(
+            &self.shared.wake,
+            &self.shared.violation,
+            &self.shared.xruns,
+            &mut self.xruns_seen,
+        )?;
         let gain = self
             .shared
             .host_gain_changed
