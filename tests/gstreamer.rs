@@ -51,8 +51,9 @@ impl GstRig {
         };
         let log = rig.log_text();
         assert!(
-            log.contains("seccomp policy policies/broker.json installed")
-                && log.contains("sandbox: landlock"),
+            log.contains("broker: sandbox: ")
+                && log.contains("seccomp policies/broker.json")
+                && log.contains("Landlock "),
             "the broker is not under its strict sandbox:\n{log}"
         );
         rig
