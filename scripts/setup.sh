@@ -21,6 +21,7 @@ PACKAGES=(
   strace            # tests/sandbox.rs: glibc's heap-trim open is refused (not killed) in the worker
   dbus-daemon       # tests/sandbox.rs: a private D-Bus system bus for the broker's PipeWire client
   libvirt-clients libxml2-utils  # tests/examples.rs: virt-xml-validate (xmllint, libvirt's schemas) on the libvirt example
+  man-db groff-base # tests/package.rs: the packaged man pages render (man -l, groff warnings)
 )
 
 # From bookworm-backports: PipeWire 1.4 (the broker's backend, and the tests' private daemon).
@@ -89,6 +90,14 @@ for component in fmt clippy; do
     exit 1
   fi
 done
+
+# scripts/package.sh (and tests/package.rs) build the Debian package with cargo-deb: this version,
+# installed (about a minute) where it is missing or another version is there.
+CARGO_DEB_VERSION=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+  echo "setup: installing cargo-deb $CARGO_DEB_VERSION"
+  cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION" --quiet
+fi
 
 # scripts/fuzz.sh needs cargo-fuzz, on a nightly toolchain: installed (quietly) only where
 # nightly is there, and never a reason for setup to fail.

@@ -112,3 +112,19 @@ fn the_workers_package_depends_on_no_audio_crate() {
         assert!(!spec.iter().any(|c| c == io), "virtio-snd depends on {io}");
     }
 }
+
+/// The man page generator (clap_mangen, `examples: manpages`) is a development tool: no shipped
+/// binary's package depends on it, the worker's least of all.
+#[test]
+fn no_shipped_binary_depends_on_the_man_page_generator() {
+    for package in ["vsound-worker", "vsound-broker", "vsound"] {
+        let tree = dependency_tree(package);
+        assert!(tree.iter().any(|c| c == "clap"), "not {package}'s tree");
+        for generator in ["clap_mangen", "roff"] {
+            assert!(
+                !tree.iter().any(|c| c == generator),
+                "{package} depends on {generator}"
+            );
+        }
+    }
+}

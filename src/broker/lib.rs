@@ -6,5 +6,6 @@
 pub mod admin;
 pub mod backends;
 pub mod broker;
+pub mod cli;
 pub mod opener;
 pub mod realtime;

@@ -3,60 +3,19 @@
 #![forbid(unsafe_code)]
 
 use std::os::fd::RawFd;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use virtio_snd::protocol::D_OUTPUT;
 use vsound_broker::backends::gstreamer;
 use vsound_broker::broker::{resolve_pins, Broker};
+use vsound_broker::cli::Args;
 use vsound_config::{BackendKind, Config, VmName};
 use vsound_process::listen::{self, SocketKind, Source};
-use vsound_process::sandbox::{self, Mode, PathRule, Role};
+use vsound_process::sandbox::{self, PathRule, Role};
 use vsound_shared::ipc::Listener;
-
-#[derive(Parser)]
-#[command(version, about = "vsound audio broker")]
-struct Args {
-    /// Socket the workers connect to: bound here, and removed at exit. Without it (or --fd),
-    /// the socket comes from systemd socket activation (LISTEN_FDS).
-    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
-    socket: Option<PathBuf>,
-    /// An inherited listening SOCK_SEQPACKET unix socket to serve instead of binding a path.
-    #[arg(long, value_name = "N", conflicts_with = "socket")]
-    fd: Option<RawFd>,
-    /// Device configuration (TOML), the same file the workers read.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// `strict` refuses to start if any sandbox layer cannot be applied.
-    #[arg(long, value_enum, default_value = "strict")]
-    sandbox: Mode,
-    /// When started as root: the unprivileged user to become (optional for the broker).
-    #[arg(long)]
-    user: Option<String>,
-    /// Group to become (default: the user's primary group).
-    #[arg(long)]
-    group: Option<String>,
-    /// The host command's control socket (`vsound ctl`): bound here (mode 0660), removed at
-    /// exit. Without it the broker takes no host commands.
-    #[arg(long, value_name = "PATH")]
-    control_socket: Option<PathBuf>,
-    /// The group whose members may use the control socket besides root (its file's group).
-    #[arg(long, value_name = "GROUP", requires = "control_socket")]
-    admin_group: Option<String>,
-    /// Every stream of every layout on this backend, whatever the config says: auto,
-    /// pipewire, alsa, gstreamer (each stream's `gst_pipeline`, default autoaudiosink or
-    /// autoaudiosrc), null or wav (which needs each stream's `wav_path` from the config).
-    #[arg(long, value_name = "BACKEND")]
-    backend: Option<BackendKind>,
-    /// Validate FILE (every VM's layout, and what its backends need of the host, such as
-    /// the WAV files' directories), print what it describes, and exit.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket", "fd", "control_socket"])]
-    check_config: Option<PathBuf>,
-}
 
 /// The config the broker serves: `path`'s (the built-in default without one), on `backend`
 /// if given, with what its backends need of the host checked now rather than at a PREPARE.

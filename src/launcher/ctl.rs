@@ -4,29 +4,8 @@
 
 use std::path::PathBuf;
 
-use clap::Subcommand;
+use crate::cli::Action;
 use vsound_admin::{Reply, Request, VmStatus};
-
-#[derive(Subcommand)]
-pub enum Action {
-    /// Every connected VM and its streams: state, xruns, latency, volume, mute, host end.
-    List,
-    /// Sets a bus's volume on the guest's control scale: 0..=100 (0.5 dB steps from -50 dB;
-    /// 100 is 0 dB), with or without a `%`.
-    SetVolume {
-        vm: String,
-        bus: String,
-        volume: String,
-    },
-    /// Mutes a bus.
-    Mute { vm: String, bus: String },
-    /// Unmutes a bus.
-    Unmute { vm: String, bus: String },
-    /// Mutes every output bus of a VM at once.
-    MuteAll { vm: String },
-    /// Unmutes every output bus of a VM.
-    UnmuteAll { vm: String },
-}
 
 pub fn run(socket: PathBuf, json: bool, action: Action) -> Result<(), String> {
     let request = match action {

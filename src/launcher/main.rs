@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod cli;
 mod ctl;
 
 use std::ffi::OsString;
@@ -14,13 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, ValueEnum};
 use command_fds::{CommandFdExt, FdMapping};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 
+use cli::{Args, Cmd};
 use vsound_config::{BackendKind, VmName};
 use vsound_process::listen::{self, SocketKind, SocketPath};
 use vsound_process::sandbox::Mode;
@@ -31,65 +33,6 @@ const CHILD_LISTEN_FD: i32 = 3;
 const QUICK_EXIT: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-#[derive(Parser)]
-#[command(
-    version,
-    about = "vsound launcher: a broker plus one worker, for development"
-)]
-struct Args {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run a broker and a worker serving one VM's vhost-user socket, restarting them as needed.
-    Run {
-        /// vhost-user socket for the VMM (the launcher binds it and removes it at exit).
-        #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
-        socket: PathBuf,
-        /// Device configuration (TOML).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The VM's name, passed to the worker (`vsound-worker --vm`): its node and file names,
-        /// and its `[vms.NAME]` layout if the config has one. Checked here, so that a bad one
-        /// stops the launcher instead of failing every worker it starts.
-        #[arg(long, value_name = "NAME", default_value = "vm")]
-        vm: VmName,
-        /// Where the broker's socket goes (default: beside the vhost-user socket).
-        #[arg(long)]
-        broker_socket: Option<PathBuf>,
-        /// Sandbox mode for both processes.
-        #[arg(long, value_enum, default_value = "strict")]
-        sandbox: Mode,
-        /// Every stream on this backend, whatever the config says (the broker's `--backend`).
-        #[arg(long, value_name = "BACKEND")]
-        backend: Option<BackendKind>,
-        /// The user the broker becomes when the launcher runs as root (default:
-        /// `vsound-broker` where that user exists, as the package creates it, else `nobody`).
-        #[arg(long, value_name = "USER")]
-        broker_user: Option<String>,
-        /// The user the worker becomes when the launcher runs as root.
-        #[arg(long, default_value = "nobody")]
-        worker_user: String,
-        /// The worker's group when the launcher runs as root.
-        #[arg(long, default_value = "nogroup")]
-        worker_group: String,
-    },
-    /// The host command: list the broker's VMs and streams, set a VM's bus volume or mute.
-    Ctl {
-        /// The broker's control socket (`vsound-broker --control-socket`; `vsound run` puts
-        /// it beside the broker's socket).
-        #[arg(long, value_name = "PATH", default_value = vsound_admin::DEFAULT_SOCKET)]
-        socket: PathBuf,
-        /// The broker's reply as JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        #[command(subcommand)]
-        action: ctl::Action,
-    },
-}
 
 fn sibling_binary(name: &str) -> PathBuf {
     std::env::current_exe()

@@ -2,6 +2,7 @@
 //! parses every guest request with `virtio_snd`, and moves PCM to and from the broker through
 //! `vsound_shared`'s rings. Depends on no audio crate: the manifest is the proof.
 //!
+//! - `cli`: the command line (the binary's and its man page's);
 //! - `device`: the vhost-user backend: queues, events, the broker link's ups and downs;
 //! - `stream`: one stream's state and data path (pacing, ring, local clock);
 //! - `pcm_host`: what PCM control requests do to a stream's data path;
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod broker_link;
+pub mod cli;
 mod completion;
 pub mod device;
 mod local_clock;

@@ -4,11 +4,9 @@
 #![forbid(unsafe_code)]
 
 use std::os::fd::RawFd;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
 
-use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vhost::vhost_user::Listener;
@@ -16,51 +14,11 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
-use vsound_config::{Config, VmName};
+use vsound_config::Config;
 use vsound_process::listen::{self, SocketKind, SocketPath, Source};
-use vsound_process::sandbox::{self, Mode, PathRule, Role};
+use vsound_process::sandbox::{self, PathRule, Role};
+use vsound_worker::cli::Args;
 use vsound_worker::device::{GuestMemory, SoundDevice, DEVICE_EVENT};
-
-#[derive(Parser)]
-#[command(version, about = "vhost-user virtio-sound worker (one per VM)")]
-struct Args {
-    /// vhost-user socket the VMM connects to: bound here, removed once the VMM connected (or
-    /// at exit). Without it (or --fd), the socket comes from systemd socket activation.
-    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
-    socket: Option<PathBuf>,
-    /// An inherited listening SOCK_STREAM unix socket to accept the VMM on (QEMU's
-    /// backend-program convention); whoever passed it keeps it across worker restarts.
-    #[arg(long, value_name = "N", conflicts_with = "socket")]
-    fd: Option<RawFd>,
-    /// The audio broker's socket.
-    #[arg(long, required_unless_present = "check_config")]
-    broker: Option<PathBuf>,
-    /// This VM's name (1 to 32 of A-Z a-z 0-9 _ -, starting with a letter or digit): the
-    /// broker binds it to this worker's uid, and names the VM's PipeWire nodes and WAV files
-    /// after it; its `[vms.NAME]` table in the config, if any, gives the VM's layout. The
-    /// shipped unit passes its instance name.
-    #[arg(long, value_name = "NAME", required_unless_present = "check_config")]
-    vm: Option<VmName>,
-    /// Device configuration (TOML); the built-in default without it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// `strict` refuses to start if any sandbox layer cannot be applied.
-    #[arg(long, value_enum, default_value = "strict")]
-    sandbox: Mode,
-    /// When started as root: the unprivileged user to become.
-    #[arg(long)]
-    user: Option<String>,
-    /// Group to become (default: the user's primary group).
-    #[arg(long)]
-    group: Option<String>,
-    /// Validate FILE (every VM's layout too), print what it describes, and exit.
-    #[arg(long, value_name = "FILE", exclusive = true)]
-    check_config: Option<PathBuf>,
-    /// Print the backend's capabilities as JSON (QEMU's vhost-user backend program
-    /// convention) and exit; every other argument is ignored.
-    #[arg(long)]
-    print_capabilities: bool,
-}
 
 /// What `--print-capabilities` prints: QEMU's `VHostUserBackendCapabilities` (its
 /// docs/interop/vhost-user.json). That schema names no `sound` type yet, and so defines no
