@@ -188,9 +188,20 @@ fn check_control(deb: &Path) {
         .split(',')
         .map(|d| d.split_whitespace().next().unwrap_or_default())
         .collect();
-    for needed in ["libc6", "libpipewire-0.3-0", "libasound2", "systemd"] {
+    for needed in [
+        "libc6",
+        "libpipewire-0.3-0",
+        "libasound2",
+        "libgstreamer1.0-0",
+        "systemd",
+    ] {
         assert!(names.contains(&needed), "Depends: {depends} lacks {needed}");
     }
+    let recommends = field(deb, "Recommends");
+    assert!(
+        recommends.contains("gstreamer1.0-plugins-base"),
+        "Recommends: {recommends}"
+    );
     let description = field(deb, "Description");
     assert!(
         description.contains("No unit is enabled on installation."),
