@@ -15,4 +15,4 @@ cargo build --workspace --bins
 if [ -w /dev/cpu_dma_latency ] && exec 9>/dev/cpu_dma_latency; then
   printf '\0\0\0\0' >&9
 fi
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets --no-fail-fast
