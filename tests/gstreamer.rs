@@ -456,3 +456,29 @@ fn capture_past_the_end_of_the_file_is_silence_at_the_real_time_pace() {
     rig.stop_and_release(1);
     rig.assert_broker_alive();
 }
+
+const CONVERTING: &str = r#"
+[[streams]]
+name = "converted"
+direction = "output"
+backend = "gstreamer"
+gst_pipeline = "capsfilter caps=audio/x-raw,format=F32LE,rate=44100 ! volume volume=0.5 ! fakesink sync=true"
+formats = ["S16"]
+rates = [48000]
+channels_min = 2
+channels_max = 2
+"#;
+
+/// A description that makes audioconvert, audioresample and volume really work (S16 48 kHz to
+/// F32 44.1 kHz, a gain): ORC would compile their kernels into executable memory, which the
+/// broker's seccomp policy kills; with its C fallbacks the stream plays at its pace under the
+/// strict sandbox.
+#[test]
+fn a_converting_pipeline_plays_at_its_pace_under_the_strict_sandbox() {
+    let mut rig = GstRig::start(CONVERTING, |_| {});
+    let params = Params::s16_48k(0);
+    let data = known_signal(params.period_bytes as usize * 30, 3);
+    play_paced(&mut rig.vm, &params, &data);
+    rig.stop_and_release(0);
+    rig.assert_broker_alive();
+}

@@ -143,7 +143,8 @@ struct BrokerStream {
     xruns: u64,
     /// The ring's positions when the last xrun was reported: still the same at STOP, the
     /// stream ran dry (or full) at the end of what the guest gave and stayed so until it
-    /// stopped, which is how every playback ends (a drain), not an underrun.
+    /// stopped. That is how every playback ends (a drain) and is not counted; a guest that
+    /// underran and then stopped looks the same, and goes uncounted too.
     xrun_positions: Option<(u64, u64)>,
     /// Its volume and mute, read by whichever thread moves its frames.
     gain: Arc<GainCell>,
@@ -1500,6 +1501,7 @@ impl Broker {
             .start()
             .map_err(|e| format!("backend start: {e}"))?;
         stream.running = true;
+        stream.xrun_positions = None;
         if backend_stream.timer_driven() {
             self.hand_to_timer_thread(id, stream_id)?;
         }
@@ -1628,7 +1630,8 @@ impl Broker {
         let Some(client) = self.clients.get_mut(&id) else {
             return;
         };
-        if let Some(stream) = client.streams.get_mut(&stream_id) {
+        // One noticed after its STOP (a backend thread's late report) is no xrun of a run.
+        if let Some(stream) = client.streams.get_mut(&stream_id).filter(|s| s.running) {
             stream.xruns += 1;
             stream.xrun_positions = Some(stream.stats.positions());
         }
@@ -1916,7 +1919,7 @@ impl Broker {
         let backend_stream = stream.stream.as_mut().ok_or("stream is busy")?;
         stream.running = false;
         if stream.xrun_positions.take() == Some(stream.stats.positions()) {
-            stream.xruns -= 1;
+            stream.xruns = stream.xruns.saturating_sub(1);
         }
         backend_stream
             .stop()

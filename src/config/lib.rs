@@ -1066,6 +1066,14 @@ impl Config {
                 return invalid(&field("wav_path"), "the wav backend needs a wav_path");
             }
             if let Some(path) = &s.wav_path {
+                // Relative to the broker's working directory (`/` under systemd) it would name
+                // a file nobody meant, and its directory would become a Landlock rule.
+                if !path.is_absolute() {
+                    return invalid(
+                        &field("wav_path"),
+                        format!("{path:?} is not an absolute path"),
+                    );
+                }
                 // A placeholder in a directory would name a directory that does not exist (and
                 // that the broker's Landlock rules, made from the directory, do not cover).
                 let dir = path
@@ -1603,6 +1611,16 @@ mod tests {
         assert_eq!("alsa".parse::<BackendKind>(), Ok(BackendKind::Alsa));
         let e = "jack".parse::<BackendKind>().unwrap_err();
         assert!(e.contains("`pipewire`") && e.contains("`null`"), "{e}");
+    }
+
+    #[test]
+    fn a_relative_wav_path_is_refused() {
+        let text = "[[streams]]\nname='a'\ndirection='output'\nbackend='wav'\nwav_path='out.wav'";
+        let e = Config::parse(text).unwrap_err().to_string();
+        assert!(
+            e.contains("streams[0].wav_path: \"out.wav\" is not an absolute path"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -298,7 +298,15 @@ fn run(options: RunOptions) -> Result<(), String> {
     }
     if nix::unistd::Uid::effective().is_root() {
         let user = broker_user.unwrap_or_else(default_broker_user);
-        log::info!("the broker runs as {user}, the worker as {worker_user}");
+        if user == worker_user {
+            log::warn!(
+                "the broker and the worker both run as {user}: the broker cannot tell the \
+                 worker's uid from its own (create the user vsound-broker, or pass \
+                 --broker-user)"
+            );
+        } else {
+            log::info!("the broker runs as {user}, the worker as {worker_user}");
+        }
         broker_args.extend(["--user".into(), user.into()]);
     }
     let mut children = [

@@ -8,7 +8,7 @@
 //! policies allow. Without `$NOTIFY_SOCKET` (not started by systemd) every call does nothing.
 
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::OnceLock;
@@ -18,10 +18,11 @@ use nix::sys::socket::{sendmsg, MsgFlags, UnixAddr};
 static NOTIFY: OnceLock<OwnedFd> = OnceLock::new();
 
 /// Connects to `$NOTIFY_SOCKET` (a path, or `@name` for an abstract socket) and unsets it, so
-/// nothing this process starts inherits it. Call once, before the sandbox; returns the fd to
-/// keep open, if there is one.
-pub fn connect_from_env() -> Option<RawFd> {
-    let target = std::env::var_os("NOTIFY_SOCKET")?;
+/// nothing this process starts inherits it. Call once, before the sandbox.
+pub fn connect_from_env() {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     std::env::remove_var("NOTIFY_SOCKET");
     let target = target.to_string_lossy().into_owned();
     let address = match target.strip_prefix('@') {
@@ -35,15 +36,9 @@ pub fn connect_from_env() -> Option<RawFd> {
     });
     match connected {
         Ok(socket) => {
-            let fd = OwnedFd::from(socket);
-            let raw = fd.as_raw_fd();
-            NOTIFY.set(fd).ok()?;
-            Some(raw)
+            let _ = NOTIFY.set(OwnedFd::from(socket));
         }
-        Err(e) => {
-            log::warn!("cannot reach the service manager's notify socket {target}: {e}");
-            None
-        }
+        Err(e) => log::warn!("cannot reach the service manager's notify socket {target}: {e}"),
     }
 }
 
@@ -76,7 +71,7 @@ mod tests {
         let path = dir.path().join("notify");
         let manager = UnixDatagram::bind(&path).unwrap();
         std::env::set_var("NOTIFY_SOCKET", &path);
-        assert!(connect_from_env().is_some());
+        connect_from_env();
         assert!(std::env::var_os("NOTIFY_SOCKET").is_none());
         ready();
         stopping();

@@ -348,6 +348,11 @@ pub fn init_before_sandbox(config: &Config) -> Result<Prepared, String> {
         return Ok(prepared);
     }
     let threads_before = thread_count();
+    // ORC compiles audioconvert's and volume's kernels at run time into a file it maps
+    // executable, or else into anonymous executable memory: the first is outside the broker's
+    // Landlock rules, the second is what its seccomp policy kills. Its portable C fallbacks
+    // need neither.
+    std::env::set_var("ORC_CODE", "backup");
     gst::init().map_err(|e| format!("cannot initialise GStreamer: {e}"))?;
     log::info!("gstreamer: {} initialised", gst::version_string());
     for stream in streams {
@@ -392,7 +397,11 @@ pub fn init_before_sandbox(config: &Config) -> Result<Prepared, String> {
     Ok(prepared)
 }
 
-/// The directory of an element's `location` file, if it names one.
+/// What the broker's Landlock rules grant for an element's `location` file, if it names one:
+/// its directory (a sink may create the file), or the file alone where the directory is one a
+/// rule must never cover (`/`, `/dev`, `/proc`, `/sys`: `location=/dev/null` grants no other
+/// device; `/dev/shm` is no device directory). A relative location is refused: it would be relative to whatever the working
+/// directory is (`/` under systemd), so it gets no rule and its element cannot open it.
 fn location_dir(element: &gst::Element) -> Option<PathBuf> {
     let property = element.find_property("location")?;
     if property.value_type() != String::static_type() {
@@ -400,9 +409,24 @@ fn location_dir(element: &gst::Element) -> Option<PathBuf> {
     }
     let location: Option<String> = element.property("location");
     let path = PathBuf::from(location?);
+    if !path.is_absolute() {
+        log::error!(
+            "gstreamer: element {}: location {} is not an absolute path: the broker grants it no \
+             access",
+            element.name(),
+            path.display()
+        );
+        return None;
+    }
     let dir = path.parent()?;
-    Some(if dir.as_os_str().is_empty() {
-        PathBuf::from(".")
+    // Path::starts_with compares whole components; /dev/shm is shared memory, not devices.
+    let never_whole = dir == std::path::Path::new("/")
+        || (["/dev", "/proc", "/sys"]
+            .iter()
+            .any(|top| dir.starts_with(top))
+            && !dir.starts_with("/dev/shm"));
+    Some(if never_whole {
+        path.clone()
     } else {
         dir.to_path_buf()
     })
