@@ -945,7 +945,8 @@ fn config() -> Vec<Seed> {
     let valid = [
         ("empty", String::new()),
         ("e2e", E2E_CONFIG.to_string()),
-        ("wav", WAV_CONFIG.to_string()),
+        // The tests replace $DIR with their directory; a seed needs an absolute path too.
+        ("wav", WAV_CONFIG.replace("$DIR", "/var/lib/vsound")),
         (
             "buses",
             "[[streams]]\nname = \"media\"\ndirection = \"output\"\nhda_fn_nid = 0\n\
