@@ -83,6 +83,7 @@ echo "@@E2E navigation-end $(up)"
 
 #[test]
 fn eight_aaos_buses_each_a_device_two_at_once_bit_exact_at_their_sinks() {
+    let _one = crate::guest::one_guest_test_at_a_time();
     require_qemu();
     let cache = cache_dir();
     build_guest(&cache);

@@ -101,6 +101,7 @@ echo "@@E2E jack-unplugged $(jack)"
 
 #[test]
 fn guest_mixer_controls_set_the_pipewire_node_and_see_its_changes() {
+    let _one = crate::guest::one_guest_test_at_a_time();
     require_qemu();
     let cache = cache_dir();
     build_guest(&cache);

@@ -83,6 +83,7 @@ echo "@@E2E after-end $(up)"
 
 #[test]
 fn broker_killed_mid_aplay_then_the_next_aplay_arrives_bit_exact() {
+    let _one = crate::guest::one_guest_test_at_a_time();
     let s = setup();
     let (long_wav, _) = write_signal(s.dir.path(), "long.wav", 6.0, 31);
     let (after_wav, after) = write_signal(s.dir.path(), "after.wav", 2.0, 32);
@@ -169,6 +170,7 @@ echo "@@E2E play-end $(up)"
 
 #[test]
 fn a_vm_whose_worker_is_killed_leaves_the_other_vms_audio_without_a_gap() {
+    let _one = crate::guest::one_guest_test_at_a_time();
     let s = setup();
     let (b_wav, b_signal) = write_signal(s.dir.path(), "b.wav", 6.0, 41);
     let (mut broker, broker_socket) =

@@ -51,6 +51,17 @@ pub fn cache_dir() -> PathBuf {
         .join("e2e-cache")
 }
 
+/// Held by each real-guest test for its whole run: a TCG guest keeps a core busy, and with two
+/// tests' guests on this 2-core machine each one's timing (the driver's 100 ms period timeout,
+/// the pace checks) measured the other's load, not vsound.
+pub fn one_guest_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static GUESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A failed test poisons it; the next test's guest is unaffected.
+    GUESTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub fn require_qemu() {
     let qemu = std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
     let out = Command::new(&qemu).args(["-device", "help"]).output();

@@ -98,6 +98,7 @@ echo "@@E2E record-end $(up)"
 
 #[test]
 fn guest_plays_and_records_through_pipewire() {
+    let _one = guest::one_guest_test_at_a_time();
     let test_started = Instant::now();
     require_qemu();
     let cache = cache_dir();

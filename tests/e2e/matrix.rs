@@ -131,6 +131,7 @@ echo "@@E2E session-end $(up) $n"
 
 #[test]
 fn every_rate_channel_count_and_period_size_keeps_time() {
+    let _one = crate::guest::one_guest_test_at_a_time();
     require_qemu();
     let cache = cache_dir();
     build_guest(&cache);

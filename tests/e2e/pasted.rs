@@ -18,6 +18,7 @@ const VIRTIO_SOUND_PCI_ID: u64 = 0x1059;
 
 #[test]
 fn qemu_starts_with_the_arguments_vsound_run_and_the_readme_print() {
+    let _one = crate::guest::one_guest_test_at_a_time();
     require_qemu();
     let dir = tempfile::tempdir().unwrap();
     let launcher = Launcher::start(dir.path());
